@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# A throwaway local PostgreSQL for development, tests and the benchmark.
+#
+#   scripts/pg.sh start DIR PORT [postgres -c options...]   init DIR if needed, start, wait
+#   scripts/pg.sh stop DIR                                   fast shutdown, wait
+#   scripts/pg.sh bin                                        print the server's bin directory
+#
+# Installs Debian's postgresql package when its binaries are missing and we are root.
+# PostgreSQL refuses to run as root, so as root the server runs as the "postgres" user
+# (created by the package) or, failing that, a "pgsidecar" system user created here.
+set -euo pipefail
+
+pg_bindir() {
+  local d
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+  if [ -z "$d" ] && command -v pg_ctl >/dev/null 2>&1; then
+    d=$(dirname "$(readlink -f "$(command -v pg_ctl)")")
+  fi
+  if [ -z "$d" ] || [ ! -x "$d/pg_ctl" ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+      echo "pg.sh: installing PostgreSQL from Debian packages" >&2
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq >&2
+      apt-get install -y -qq postgresql postgresql-contrib >&2
+      d=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+    else
+      echo "pg.sh: PostgreSQL server binaries not found; install the 'postgresql' package (or run as root to let this script do it)" >&2
+      exit 1
+    fi
+  fi
+  echo "$d"
+}
+
+run_user() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo ""
+  elif id postgres >/dev/null 2>&1; then
+    echo postgres
+  else
+    id pgsidecar >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin pgsidecar
+    echo pgsidecar
+  fi
+}
+
+# as_db_user CMD...: runs CMD as the server's user (ourselves when not root).
+as_db_user() {
+  local u
+  u=$(run_user)
+  if [ -z "$u" ]; then "$@"; else runuser -u "$u" -- "$@"; fi
+}
+
+cmd=${1:-}
+case "$cmd" in
+  bin)
+    pg_bindir
+    ;;
+  start)
+    dir=${2:?usage: pg.sh start DIR PORT [options]}
+    port=${3:?usage: pg.sh start DIR PORT [options]}
+    shift 3
+    bin=$(pg_bindir)
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    u=$(run_user)
+    [ -n "$u" ] && chown "$u" "$dir"
+    chmod 700 "$dir"
+    if [ ! -f "$dir/PG_VERSION" ]; then
+      as_db_user "$bin/initdb" -D "$dir" -U postgres -A trust -E UTF8 --locale=C.UTF-8 --no-sync >"$dir.initdb.log" 2>&1 \
+        || { cat "$dir.initdb.log" >&2; exit 1; }
+    fi
+    if as_db_user "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+      exit 0
+    fi
+    opts="-p $port -k $dir -c listen_addresses=127.0.0.1"
+    for o in "$@"; do opts="$opts $o"; done
+    as_db_user "$bin/pg_ctl" -D "$dir" -o "$opts" -l "$dir/server.log" -w -t 60 start >/dev/null \
+      || { tail -n 30 "$dir/server.log" >&2; exit 1; }
+    ;;
+  stop)
+    dir=${2:?usage: pg.sh stop DIR}
+    bin=$(pg_bindir)
+    [ -f "$dir/PG_VERSION" ] || exit 0
+    as_db_user "$bin/pg_ctl" -D "$dir" -m fast -w -t 60 stop >/dev/null 2>&1 || true
+    ;;
+  *)
+    echo "usage: pg.sh start DIR PORT [options] | stop DIR | bin" >&2
+    exit 2
+    ;;
+esac

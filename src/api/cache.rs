@@ -1,0 +1,197 @@
+//! `/v1/cache`: get, put with TTL and tags, delete, batch get, prefix and tag invalidation.
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{AppState, Body, PARAM_KEY, PathParam, QueryParams, parse_json};
+use crate::config::MAX_TTL_SECONDS;
+use crate::error::ApiError;
+use crate::store::CacheKey;
+use crate::store::cache::{CachePut, Tag};
+
+/// Most keys one `_mget` may ask for.
+pub const MAX_MGET_KEYS: usize = 1000;
+/// Most tags one `_invalidate` may name.
+pub const MAX_INVALIDATE_TAGS: usize = 100;
+
+fn key(raw: String) -> Result<CacheKey, ApiError> {
+    CacheKey::parse(raw).map_err(|why| ApiError::bad_request("invalid_key", why))
+}
+
+fn tag(raw: String) -> Result<Tag, ApiError> {
+    Tag::parse(raw).map_err(|why| ApiError::bad_request("invalid_tag", why))
+}
+
+/// `GET /v1/cache/{key}`: the stored JSON as the body, expiry in `Expires`.
+pub async fn get(State(s): State<AppState>, PathParam(raw): PathParam<PARAM_KEY>) -> Result<Response, ApiError> {
+    let key = key(raw)?;
+    let entry = s.store.cache_get(key).await?.ok_or(ApiError::NotFound("no such key, or it expired"))?;
+    let mut resp = entry.value.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let expires = httpdate::fmt_http_date(entry.expires_at.into());
+    if let Ok(v) = HeaderValue::from_str(&expires) {
+        h.insert(header::EXPIRES, v);
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+pub struct PutParams {
+    ttl_seconds: Option<String>,
+    tags: Option<String>,
+}
+
+/// Parses a TTL given as text (query string) into 1..=one year.
+pub fn parse_ttl(raw: Option<&str>, default: u32) -> Result<u32, ApiError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.parse::<u32>() {
+        Ok(v) if (1..=MAX_TTL_SECONDS).contains(&v) => Ok(v),
+        _ => Err(ApiError::bad_request(
+            "invalid_ttl",
+            format!("ttl_seconds must be an integer from 1 to {MAX_TTL_SECONDS}"),
+        )),
+    }
+}
+
+/// Checks that `body` is exactly one JSON value and returns it as text, trimmed.
+fn json_text(body: &[u8]) -> Result<String, ApiError> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not a JSON value: {e}")))?;
+    let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("invalid_json", "the body is not UTF-8"))?;
+    Ok(text.trim_matches([' ', '\t', '\r', '\n']).to_string())
+}
+
+/// `PUT /v1/cache/{key}?ttl_seconds=N&tags=a,b`: create or replace.
+pub async fn put(
+    State(s): State<AppState>,
+    PathParam(raw): PathParam<PARAM_KEY>,
+    QueryParams(q): QueryParams<PutParams>,
+    Body(body): Body,
+) -> Result<StatusCode, ApiError> {
+    let key = key(raw)?;
+    let ttl_seconds = parse_ttl(q.ttl_seconds.as_deref(), s.limits.cache_default_ttl)?;
+    let tags = match q.tags.as_deref() {
+        None | Some("") => Vec::new(),
+        Some(list) => {
+            let mut tags = Vec::new();
+            for t in list.split(',') {
+                let t = tag(t.to_string())?;
+                if !tags.contains(&t) {
+                    tags.push(t);
+                }
+            }
+            if tags.len() > Tag::MAX_PER_ENTRY {
+                return Err(ApiError::bad_request("invalid_tag", format!("at most {} tags per entry", Tag::MAX_PER_ENTRY)));
+            }
+            tags
+        }
+    };
+    if body.len() > s.limits.cache_max_value_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the value is larger than cache.max_value_bytes ({})",
+            s.limits.cache_max_value_bytes
+        )));
+    }
+    let value = json_text(&body)?;
+    s.store
+        .cache_put(CachePut {
+            key,
+            value,
+            ttl_seconds,
+            tags,
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/cache/{key}`: 204 whether or not it existed.
+pub async fn delete(State(s): State<AppState>, PathParam(raw): PathParam<PARAM_KEY>) -> Result<StatusCode, ApiError> {
+    let key = key(raw)?;
+    s.store.cache_delete(&key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MgetBody {
+    keys: Vec<String>,
+}
+
+/// `POST /v1/cache/_mget`: `{"hits": {key: value}, "misses": [key]}`.
+pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
+    let req: MgetBody = parse_json(&body)?;
+    if req.keys.is_empty() || req.keys.len() > MAX_MGET_KEYS {
+        return Err(ApiError::bad_request("invalid_keys", format!("keys must hold 1 to {MAX_MGET_KEYS} keys")));
+    }
+    let mut keys = Vec::with_capacity(req.keys.len());
+    let mut seen = std::collections::HashSet::new();
+    for raw in req.keys {
+        let k = key(raw)?;
+        if seen.insert(k.clone()) {
+            keys.push(k);
+        }
+    }
+    let entries = s.store.cache_mget(keys.clone()).await?;
+    // Values are stored, validated JSON: splice them in as they are instead of re-encoding.
+    let mut hits = Vec::new();
+    let mut misses = Vec::new();
+    for (k, e) in keys.iter().zip(entries) {
+        match e {
+            Some(e) => hits.push((k, e.value)),
+            None => misses.push(k.as_str()),
+        }
+    }
+    let mut out = Vec::with_capacity(64 + hits.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>());
+    out.extend_from_slice(b"{\"hits\":{");
+    for (i, (k, v)) in hits.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, k.as_str()).map_err(|_| ApiError::Internal)?;
+        out.push(b':');
+        out.extend_from_slice(v);
+    }
+    out.extend_from_slice(b"},\"misses\":");
+    serde_json::to_writer(&mut out, &misses).map_err(|_| ApiError::Internal)?;
+    out.push(b'}');
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], out).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct PrefixParams {
+    prefix: Option<String>,
+}
+
+/// `DELETE /v1/cache?prefix=P`: `{"deleted": n}`.
+pub async fn delete_prefix(State(s): State<AppState>, QueryParams(q): QueryParams<PrefixParams>) -> Result<Response, ApiError> {
+    let prefix = q.prefix.unwrap_or_default();
+    if prefix.is_empty() || prefix.len() > CacheKey::MAX_BYTES || prefix.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_prefix",
+            "prefix must be 1 to 512 bytes without control characters (deleting everything needs an explicit prefix)",
+        ));
+    }
+    let deleted = s.store.cache_delete_prefix(&prefix).await?;
+    Ok(axum::Json(json!({"deleted": deleted})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvalidateBody {
+    tags: Vec<String>,
+}
+
+/// `POST /v1/cache/_invalidate`: drop every entry carrying any of the tags.
+pub async fn invalidate(State(s): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
+    let req: InvalidateBody = parse_json(&body)?;
+    if req.tags.is_empty() || req.tags.len() > MAX_INVALIDATE_TAGS {
+        return Err(ApiError::bad_request("invalid_tags", format!("tags must hold 1 to {MAX_INVALIDATE_TAGS} tags")));
+    }
+    let tags = req.tags.into_iter().map(tag).collect::<Result<Vec<_>, _>>()?;
+    let deleted = s.store.cache_invalidate(&tags).await?;
+    Ok(axum::Json(json!({"deleted": deleted})).into_response())
+}

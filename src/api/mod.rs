@@ -1,0 +1,167 @@
+//! The data API (`/v1/...`): HTTP only. Handlers parse and validate into small types, call the
+//! store, and map its answers; they never build SQL.
+
+pub mod cache;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
+
+use crate::config::{Secret, Settings};
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::store::Store;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub limits: Arc<Limits>,
+}
+
+/// Input limits, from the settings.
+#[derive(Debug)]
+pub struct Limits {
+    pub session_default_ttl: u32,
+    pub session_max_data_bytes: usize,
+    pub cache_default_ttl: u32,
+    pub cache_max_value_bytes: usize,
+}
+
+/// Builds the data router with its guards: auth, load shedding, request timeout, body limit.
+pub fn router(store: Store, settings: &Settings) -> Router {
+    let state = AppState {
+        store,
+        limits: Arc::new(Limits {
+            session_default_ttl: settings.sessions.default_ttl_seconds,
+            session_max_data_bytes: settings.sessions.max_data_bytes,
+            cache_default_ttl: settings.cache.default_ttl_seconds,
+            cache_max_value_bytes: settings.cache.max_value_bytes,
+        }),
+    };
+    let guard = Arc::new(Guard {
+        permits: Arc::new(Semaphore::new(settings.server.max_concurrent_requests)),
+        timeout: settings.request_timeout(),
+        token: settings.server.auth_token.clone(),
+    });
+    let routes = Router::new()
+        .route("/v1/sessions", post(sessions::create))
+        .route(
+            "/v1/sessions/{token}",
+            get(sessions::validate).patch(sessions::update).delete(sessions::revoke),
+        )
+        .route("/v1/users/{user_id}/sessions", get(sessions::list).delete(sessions::revoke_all))
+        .route("/v1/cache", axum::routing::delete(cache::delete_prefix))
+        .route("/v1/cache/_mget", post(cache::mget))
+        .route("/v1/cache/_invalidate", post(cache::invalidate))
+        .route("/v1/cache/{key}", get(cache::get).put(cache::put).delete(cache::delete))
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(guard, guard_request))
+        .layer(axum::extract::DefaultBodyLimit::max(settings.server.max_body_bytes));
+    crate::http::finish_router(routes, "data")
+}
+
+struct Guard {
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+    token: Secret,
+}
+
+/// Auth first, then a concurrency permit (or 503 at once: shedding beats queueing without
+/// bound), then the request under its timeout.
+async fn guard_request(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    if !g.token.is_empty() && !authorized(&req, &g.token) {
+        return ApiError::Unauthorized.into_response();
+    }
+    let Ok(_permit) = g.permits.clone().try_acquire_owned() else {
+        metrics::counter!(m::HTTP_SHED).increment(1);
+        return ApiError::Overloaded.into_response();
+    };
+    let in_flight = metrics::gauge!(m::HTTP_IN_FLIGHT);
+    in_flight.increment(1.0);
+    let resp = match tokio::time::timeout(g.timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Timeout.into_response(),
+    };
+    in_flight.decrement(1.0);
+    resp
+}
+
+/// `Authorization: Bearer <secret>`, compared in constant time.
+fn authorized(req: &Request, secret: &Secret) -> bool {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else { return false };
+    let Some(given) = value.as_bytes().strip_prefix(b"Bearer ") else { return false };
+    given.ct_eq(secret.expose().as_bytes()).into()
+}
+
+/// The raw request body, with a too-large body mapped to our 413.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(req, state).await.map(Body).map_err(|e: BytesRejection| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge("request body is larger than server.max_body_bytes".into())
+            } else {
+                ApiError::bad_request("invalid_body", "could not read the request body")
+            }
+        })
+    }
+}
+
+/// A JSON body parsed into `T`; malformed JSON is 400 `invalid_json`.
+pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request("invalid_json", format!("request body is not valid JSON for this route: {e}")))
+}
+
+/// A single path parameter, percent-decoded; undecodable input is `code`.
+pub struct PathParam<const CODE: u8>(pub String);
+
+/// Codes for [`PathParam`] rejections.
+pub const PARAM_KEY: u8 = 0;
+pub const PARAM_TOKEN: u8 = 1;
+pub const PARAM_USER: u8 = 2;
+
+impl<S: Send + Sync, const CODE: u8> FromRequestParts<S> for PathParam<CODE> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(s)) => Ok(Self(s)),
+            Err(_) => Err(match CODE {
+                PARAM_KEY => ApiError::bad_request("invalid_key", "the key in the path is not valid percent-encoded UTF-8"),
+                PARAM_USER => ApiError::bad_request("invalid_user_id", "the user id in the path is not valid percent-encoded UTF-8"),
+                // A token that cannot even be decoded is simply unknown.
+                _ => ApiError::NotFound("session not found"),
+            }),
+        }
+    }
+}
+
+/// Query parameters; a malformed query string is 400 `invalid_query`.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|axum::extract::Query(t)| QueryParams(t))
+            .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+    }
+}

@@ -1,0 +1,560 @@
+//! Settings: layered loading (defaults < file < environment), validation and redaction.
+//!
+//! `config/default.toml` is compiled into the binary and is the one place that lists every
+//! key with its default. A file given with `--config` or `PGSIDECAR_CONFIG` is layered on top,
+//! then `PGSIDECAR_<SECTION>__<KEY>` variables, then `DATABASE_URL`. The rest of the code reads
+//! only the typed [`Settings`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The defaults, embedded so the binary runs with no file at all.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A configuration problem: which key, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A string that must never be printed: `Debug` and `Serialize` show a placeholder.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"[redacted]\"" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "[redacted]" })
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        lenient_string(d).map(Secret)
+    }
+}
+
+/// Environment values are parsed as TOML-ish scalars by figment, so a secret of `12345` arrives
+/// as a number: accept any scalar where a string is expected.
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
+}
+
+/// The database URL; shown with its password replaced.
+#[derive(Clone, Deserialize)]
+pub struct DatabaseUrl(#[serde(deserialize_with = "lenient_string")] String);
+
+impl DatabaseUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL with any password replaced by `[redacted]`, safe for logs.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl Serialize for DatabaseUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host/...` and any `password=` query value.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| rest_start + i);
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                let start = rest_start + colon + 1;
+                out.replace_range(start..rest_start + at, "[redacted]");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (base, query) = out.split_at(q + 1);
+        let redacted: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=[redacted]"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out = format!("{base}{}", redacted.join("&"));
+    }
+    out
+}
+
+/// Where a listener binds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if let Some(path) = raw.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix socket path is empty".into());
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        raw.parse::<SocketAddr>()
+            .map(Self::Tcp)
+            .map_err(|_| format!("{raw:?} is not host:port (an IP address and a port) or unix:/path"))
+    }
+
+    /// True for addresses only this machine can reach.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Self::Tcp(addr) => addr.ip().is_loopback(),
+            Self::Unix(_) => true,
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl From<ListenAddr> for String {
+    fn from(a: ListenAddr) -> String {
+        a.to_string()
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = lenient_string(d)?;
+        Self::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub batch: BatchSettings,
+    pub sessions: SessionSettings,
+    pub cache: CacheSettings,
+    pub cleanup: CleanupSettings,
+    pub health: HealthSettings,
+    pub shutdown: ShutdownSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub data_listen: ListenAddr,
+    pub ops_listen: ListenAddr,
+    pub auth_token: Secret,
+    pub request_timeout_ms: u64,
+    pub max_body_bytes: usize,
+    pub header_read_timeout_ms: u64,
+    pub max_concurrent_requests: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: DatabaseUrl,
+    pub max_connections: u32,
+    pub min_connections: u32,
+    pub idle_timeout_seconds: u64,
+    pub connect_timeout_seconds: u64,
+    pub acquire_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+    pub schema: String,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSettings {
+    pub max_size: usize,
+    pub max_in_flight: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    pub default_ttl_seconds: u32,
+    pub update_age_seconds: u32,
+    pub max_data_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    pub default_ttl_seconds: u32,
+    pub max_value_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CleanupSettings {
+    pub enabled: bool,
+    pub interval_seconds: u64,
+    pub batch_size: u32,
+    pub lease_seconds: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    pub interval_ms: u64,
+    pub check_timeout_ms: u64,
+    pub memory_warn_percent: f64,
+    pub cpu_warn_percent: f64,
+    pub disk_warn_percent: f64,
+    pub disk_paths: Vec<PathBuf>,
+    pub upstreams: Vec<UpstreamSettings>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    pub name: String,
+    pub url: String,
+    #[serde(default = "default_upstream_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_true")]
+    pub critical: bool,
+}
+
+fn default_upstream_timeout_ms() -> u64 {
+    1000
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    pub drain_seconds: u64,
+    pub grace_seconds: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub level: String,
+}
+
+/// The longest TTL anyone may ask for: one year.
+pub const MAX_TTL_SECONDS: u32 = 31_536_000;
+
+impl Settings {
+    /// Loads defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, &env)
+    }
+
+    /// Like [`Settings::load`] with an explicit environment, so tests need not mutate the process.
+    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("{} does not exist or is not a file", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // Only PGSIDECAR_<SECTION>__<KEY> names are keys; PGSIDECAR_CONFIG names the file.
+        // Values are parsed like TOML scalars ("20" is a number, "true" a bool).
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("PGSIDECAR_") else { continue };
+            if !rest.contains("__") {
+                continue;
+            }
+            let key = rest.to_ascii_lowercase().replace("__", ".");
+            let parsed = value
+                .parse::<figment::value::Value>()
+                .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
+            figment = figment.merge(Serialized::default(&key, parsed));
+        }
+        if let Some((_, url)) = env.iter().find(|(k, _)| k == "DATABASE_URL") {
+            figment = figment.merge(("database.url", url.as_str()));
+        }
+        let settings: Settings = figment.extract().map_err(|e| {
+            let key = e.path.join(".");
+            let key = if key.is_empty() { "config".to_string() } else { key };
+            ConfigError::new(&key, e.kind.to_string())
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if !s.data_listen.is_local() && s.auth_token.is_empty() {
+            return Err(ConfigError::new(
+                "server.data_listen",
+                format!(
+                    "{} is not a loopback address; set server.auth_token to expose the data API beyond this host",
+                    s.data_listen
+                ),
+            ));
+        }
+        if matches!(s.ops_listen, ListenAddr::Unix(_)) {
+            return Err(ConfigError::new("server.ops_listen", "must be host:port (load balancers and Prometheus connect over TCP)"));
+        }
+        if !s.auth_token.is_empty() && s.auth_token.expose().len() < 16 {
+            return Err(ConfigError::new("server.auth_token", "must be at least 16 characters when set"));
+        }
+        positive("server.request_timeout_ms", s.request_timeout_ms)?;
+        positive("server.header_read_timeout_ms", s.header_read_timeout_ms)?;
+        positive("server.max_concurrent_requests", s.max_concurrent_requests as u64)?;
+        if s.max_body_bytes < 1024 {
+            return Err(ConfigError::new("server.max_body_bytes", "must be at least 1024"));
+        }
+
+        let d = &self.database;
+        let url = d.url.expose();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::new("database.url", "must start with postgres:// or postgresql://"));
+        }
+        if url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .is_err()
+        {
+            return Err(ConfigError::new("database.url", "is not a valid PostgreSQL URL"));
+        }
+        if d.max_connections == 0 || d.max_connections > 1000 {
+            return Err(ConfigError::new("database.max_connections", "must be between 1 and 1000"));
+        }
+        if d.min_connections > d.max_connections {
+            return Err(ConfigError::new("database.min_connections", "must not exceed database.max_connections"));
+        }
+        positive("database.connect_timeout_seconds", d.connect_timeout_seconds)?;
+        positive("database.acquire_timeout_ms", d.acquire_timeout_ms)?;
+        positive("database.statement_timeout_ms", d.statement_timeout_ms)?;
+        if !is_identifier(&d.schema) {
+            return Err(ConfigError::new(
+                "database.schema",
+                "must be a lower-case SQL identifier (a-z, 0-9, _; not starting with a digit; at most 63 bytes)",
+            ));
+        }
+
+        if !(1..=10_000).contains(&self.batch.max_size) {
+            return Err(ConfigError::new("batch.max_size", "must be between 1 and 10000"));
+        }
+        if self.batch.max_in_flight == 0 || self.batch.max_in_flight > d.max_connections as usize {
+            return Err(ConfigError::new("batch.max_in_flight", "must be between 1 and database.max_connections"));
+        }
+
+        ttl("sessions.default_ttl_seconds", self.sessions.default_ttl_seconds)?;
+        positive("sessions.max_data_bytes", self.sessions.max_data_bytes as u64)?;
+        ttl("cache.default_ttl_seconds", self.cache.default_ttl_seconds)?;
+        positive("cache.max_value_bytes", self.cache.max_value_bytes as u64)?;
+        if self.cache.max_value_bytes > s.max_body_bytes {
+            return Err(ConfigError::new("cache.max_value_bytes", "must not exceed server.max_body_bytes"));
+        }
+
+        positive("cleanup.interval_seconds", self.cleanup.interval_seconds)?;
+        if !(1..=100_000).contains(&self.cleanup.batch_size) {
+            return Err(ConfigError::new("cleanup.batch_size", "must be between 1 and 100000"));
+        }
+        positive("cleanup.lease_seconds", self.cleanup.lease_seconds as u64)?;
+
+        let h = &self.health;
+        if h.interval_ms < 100 {
+            return Err(ConfigError::new("health.interval_ms", "must be at least 100"));
+        }
+        positive("health.check_timeout_ms", h.check_timeout_ms)?;
+        for (key, v) in [
+            ("health.memory_warn_percent", h.memory_warn_percent),
+            ("health.cpu_warn_percent", h.cpu_warn_percent),
+            ("health.disk_warn_percent", h.disk_warn_percent),
+        ] {
+            if !(0.0..=100.0).contains(&v) {
+                return Err(ConfigError::new(key, "must be between 0 and 100"));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, u) in h.upstreams.iter().enumerate() {
+            let key = format!("health.upstreams[{i}]");
+            if u.name.is_empty() || !u.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(ConfigError::new(&format!("{key}.name"), "must be non-empty and use only a-z, A-Z, 0-9, -, _, ."));
+            }
+            if !names.insert(u.name.clone()) {
+                return Err(ConfigError::new(&format!("{key}.name"), format!("{:?} is used twice", u.name)));
+            }
+            if !u.url.starts_with("http://") || u.url.parse::<hyper::Uri>().is_err() {
+                return Err(ConfigError::new(&format!("{key}.url"), "must be a plain http:// URL"));
+            }
+            positive(&format!("{key}.timeout_ms"), u.timeout_ms)?;
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::new("log.level", format!("{:?} is not a level or tracing filter", self.log.level)));
+        }
+        Ok(())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+
+    /// The effective settings as JSON with every secret redacted, for the start-up line and `check-config`.
+    pub fn redacted_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::new(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn ttl(key: &str, v: u32) -> Result<(), ConfigError> {
+    if !(1..=MAX_TTL_SECONDS).contains(&v) {
+        return Err(ConfigError::new(key, format!("must be between 1 and {MAX_TTL_SECONDS}")));
+    }
+    Ok(())
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::load_from(None, &[]).expect("defaults are valid");
+        assert_eq!(s.database.max_connections, 20);
+        assert_eq!(s.database.idle_timeout_seconds, 30);
+        assert_eq!(s.database.connect_timeout_seconds, 10);
+        assert_eq!(s.server.data_listen.to_string(), "127.0.0.1:7070");
+    }
+
+    #[test]
+    fn env_overrides_single_keys() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("PGSIDECAR_SERVER__DATA_LISTEN", "127.0.0.1:0"),
+                ("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "7"),
+                ("PGSIDECAR_CONFIG", "/nonexistent-but-ignored-here"),
+                ("DATABASE_URL", "postgres://u:hunter2@db:5432/app"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.data_listen.to_string(), "127.0.0.1:0");
+        assert_eq!(s.database.max_connections, 7);
+        assert_eq!(s.database.url.redacted(), "postgres://u:[redacted]@db:5432/app");
+        assert!(!s.redacted_json().to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn numeric_secret_from_env_is_a_string() {
+        let s = Settings::load_from(None, &env(&[("PGSIDECAR_SERVER__AUTH_TOKEN", "12345678901234567890")])).unwrap();
+        assert_eq!(s.server.auth_token.expose(), "12345678901234567890");
+        assert!(!s.redacted_json().to_string().contains("1234567890"));
+    }
+
+    #[test]
+    fn public_data_listener_needs_a_secret() {
+        let e = Settings::load_from(None, &env(&[("PGSIDECAR_SERVER__DATA_LISTEN", "0.0.0.0:7070")])).unwrap_err();
+        assert_eq!(e.key, "server.data_listen");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = Settings::load_from(None, &env(&[("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "many")])).unwrap_err();
+        assert_eq!(e.key, "database.max_connections");
+        let e = Settings::load_from(None, &env(&[("PGSIDECAR_DATABASE__SCHEMA", "Robert'); drop")])).unwrap_err();
+        assert_eq!(e.key, "database.schema");
+        let e = Settings::load_from(None, &env(&[("PGSIDECAR_SERVER__NOPE", "1")])).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        assert_eq!(redact_url("postgres://a:b@h/d"), "postgres://a:[redacted]@h/d");
+        assert_eq!(redact_url("postgres://a@h/d"), "postgres://a@h/d");
+        assert_eq!(redact_url("postgres://h/d?user=a&password=s3"), "postgres://h/d?user=a&password=[redacted]");
+        assert_eq!(redact_url("postgres://a:p%40ss@h:1/d"), "postgres://a:[redacted]@h:1/d");
+    }
+}

@@ -1,0 +1,117 @@
+//! `ApiError`: every error a client can see, mapped to a status and a JSON body in one place.
+//!
+//! Bodies are always `{"error":{"code":"snake_case","message":"..."}}`. Internal causes are
+//! logged once, here, and never sent to the client.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::store::DbError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Input the client can fix: 400 with a code naming what is wrong.
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("authorization required")]
+    Unauthorized,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("content type must be application/json")]
+    UnsupportedMediaType,
+    #[error("the sidecar is overloaded")]
+    Overloaded,
+    #[error("the request took longer than the configured timeout")]
+    Timeout,
+    #[error("the sidecar is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Overloaded | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Db(DbError::Unavailable(_)) | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. } => code,
+            Self::NotFound(_) => "not_found",
+            Self::Unauthorized => "unauthorized",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Overloaded => "overloaded",
+            Self::Timeout => "request_timeout",
+            Self::ShuttingDown => "shutting_down",
+            Self::Db(DbError::Unavailable(_)) => "database_unavailable",
+            Self::Db(DbError::Timeout) => "database_timeout",
+            Self::Db(DbError::Other(_)) | Self::Internal => "internal",
+        }
+    }
+
+    /// The text sent to the client: never an internal cause.
+    fn public_message(&self) -> String {
+        match self {
+            Self::Db(DbError::Unavailable(_)) => "the database is unavailable; retry shortly".into(),
+            Self::Db(DbError::Timeout) => "the database did not answer in time; retry shortly".into(),
+            Self::Db(DbError::Other(_)) | Self::Internal => "internal error".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Self::Db(e) = &self {
+            // The one place a database failure behind a client error is logged.
+            match e {
+                DbError::Other(cause) => tracing::error!(error = %cause, "database error"),
+                DbError::Unavailable(cause) => tracing::warn!(error = %cause, "database unavailable"),
+                DbError::Timeout => tracing::warn!("database statement timed out"),
+            }
+        }
+        let body = json!({"error": {"code": self.code(), "message": self.public_message()}});
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// A JSON error body for a status produced outside our handlers (panic, unknown route).
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+}

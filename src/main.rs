@@ -1,0 +1,167 @@
+//! The `pgsidecar` command: parses the CLI, loads settings, starts logging, runs. The only place
+//! that exits; exit code 64 (EX_USAGE) means a bad configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pgsidecar::app::{Application, Telemetry};
+use pgsidecar::config::{ListenAddr, Settings};
+use pgsidecar::shutdown::Lifecycle;
+use pgsidecar::store::Store;
+
+const EX_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "pgsidecar", version, about = "Sessions, cache, health and metrics for stateless app containers, on PostgreSQL")]
+struct Cli {
+    /// Configuration file layered over the defaults (also PGSIDECAR_CONFIG).
+    #[arg(long, global = true, env = "PGSIDECAR_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar (the default).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print the effective configuration, secrets redacted, and exit.
+    CheckConfig,
+    /// Ask the local ops listener; exit 0 when it answers 200 (for Docker HEALTHCHECK).
+    Probe {
+        #[arg(value_enum, default_value = "live")]
+        what: ProbeKind,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProbeKind {
+    Live,
+    Ready,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pgsidecar: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => {
+            println!("{}", serde_json::to_string_pretty(&settings.redacted_json()).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Command::Probe { what } => probe(&settings, what),
+        Command::Migrate => migrate(settings),
+        Command::Serve => serve(settings),
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+fn serve(settings: Settings) -> ExitCode {
+    let log = pgsidecar::telemetry::init(&settings.log.level, std::io::stdout());
+    let prometheus = match pgsidecar::metrics::install() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the metrics recorder");
+            None
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = match Application::bind(settings) {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            drop(log);
+            return ExitCode::FAILURE;
+        }
+    };
+    let telemetry = Telemetry {
+        prometheus,
+        log_dropped: Some(log.dropped_counter()),
+    };
+    let result = rt.block_on(app.run_until_stopped(Lifecycle::new(), telemetry));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let code = match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "stopped with an error");
+            ExitCode::FAILURE
+        }
+    };
+    // Dropping the guard flushes every queued log line.
+    drop(log);
+    code
+}
+
+fn migrate(settings: Settings) -> ExitCode {
+    let log = pgsidecar::telemetry::init(&settings.log.level, std::io::stdout());
+    let Ok(rt) = runtime() else { return ExitCode::FAILURE };
+    let code = rt.block_on(async {
+        let store = match Store::new(&settings) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot configure the database pool");
+                return ExitCode::FAILURE;
+            }
+        };
+        let timeout = Duration::from_secs(settings.database.connect_timeout_seconds);
+        match tokio::time::timeout(timeout, store.migrate(&settings.database.schema)).await {
+            Ok(Ok(())) => {
+                tracing::info!(schema = %settings.database.schema, database = %settings.database.url.redacted(), "migrations applied");
+                ExitCode::SUCCESS
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %pgsidecar::config::redact_url(&e.to_string()), "migration failed");
+                ExitCode::FAILURE
+            }
+            Err(_) => {
+                tracing::error!("database did not answer within database.connect_timeout_seconds");
+                ExitCode::FAILURE
+            }
+        }
+    });
+    drop(log);
+    code
+}
+
+/// A minimal HTTP/1.0 GET on the local ops port: no client library, no shell, no curl needed.
+fn probe(settings: &Settings, what: ProbeKind) -> ExitCode {
+    use std::io::{Read, Write};
+    let ListenAddr::Tcp(mut addr) = settings.server.ops_listen.clone() else { return ExitCode::FAILURE };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let path = match what {
+        ProbeKind::Live => "/live",
+        ProbeKind::Ready => "/ready",
+    };
+    let timeout = Duration::from_secs(2);
+    let ok = (|| -> std::io::Result<bool> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
+    })()
+    .unwrap_or(false);
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}

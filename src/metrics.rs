@@ -1,0 +1,65 @@
+//! Metric names, defined once, with their help text and the Prometheus recorder.
+//!
+//! Latencies are histograms with explicit buckets (so quantiles aggregate across a fleet).
+//! Label values are route templates, operation names and check names: never a key, a token or
+//! a raw path.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const HTTP_REQUESTS: &str = "pgsidecar_http_requests_total";
+pub const HTTP_DURATION: &str = "pgsidecar_http_request_duration_seconds";
+pub const HTTP_IN_FLIGHT: &str = "pgsidecar_http_requests_in_flight";
+pub const HTTP_SHED: &str = "pgsidecar_http_requests_shed_total";
+pub const DB_QUERY_DURATION: &str = "pgsidecar_db_query_duration_seconds";
+pub const DB_ERRORS: &str = "pgsidecar_db_errors_total";
+pub const DB_POOL_CONNECTIONS: &str = "pgsidecar_db_pool_connections";
+pub const DB_POOL_MAX: &str = "pgsidecar_db_pool_max_connections";
+pub const BATCH_SIZE: &str = "pgsidecar_db_batch_size";
+pub const HEALTH_CHECK_UP: &str = "pgsidecar_health_check_up";
+pub const LOG_DROPPED: &str = "pgsidecar_log_lines_dropped_total";
+pub const BUILD_INFO: &str = "pgsidecar_build_info";
+pub const CACHE_REQUESTS: &str = "pgsidecar_cache_requests_total";
+pub const SESSION_VALIDATIONS: &str = "pgsidecar_session_validations_total";
+pub const SESSIONS_CREATED: &str = "pgsidecar_sessions_created_total";
+pub const SESSIONS_REVOKED: &str = "pgsidecar_sessions_revoked_total";
+pub const EXPIRED_ROWS_DELETED: &str = "pgsidecar_expired_rows_deleted_total";
+
+/// From 100 µs (a batched read on loopback) to 10 s (past every timeout).
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Installs the global recorder and describes every metric. Call once per process.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &BATCH_BUCKETS))
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe();
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by listener, method, route template and status.");
+    describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request latency, by listener, method and route template.");
+    describe_gauge!(HTTP_IN_FLIGHT, "Data API requests being handled right now.");
+    describe_counter!(HTTP_SHED, "Data API requests refused with 503 because max_concurrent_requests were in flight.");
+    describe_histogram!(DB_QUERY_DURATION, Unit::Seconds, "Database statement latency (one batch counts once), by operation.");
+    describe_counter!(DB_ERRORS, "Database statements that failed, by operation.");
+    describe_gauge!(DB_POOL_CONNECTIONS, "Open pooled database connections, by state (idle or in_use).");
+    describe_gauge!(DB_POOL_MAX, "Most database connections the pool may open.");
+    describe_histogram!(BATCH_SIZE, "Requests served by one coalesced database statement, by operation.");
+    describe_gauge!(HEALTH_CHECK_UP, "1 when the health check passed (or only warned) at the last probe, else 0.");
+    describe_counter!(LOG_DROPPED, "Log lines dropped because stdout could not keep up.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
+    describe_counter!(CACHE_REQUESTS, "Cache keys looked up, by operation (get, mget) and result (hit, miss).");
+    describe_counter!(SESSION_VALIDATIONS, "Session validations, by result (valid, not_found).");
+    describe_counter!(SESSIONS_CREATED, "Sessions created.");
+    describe_counter!(SESSIONS_REVOKED, "Live sessions revoked (one by one or per user).");
+    describe_counter!(EXPIRED_ROWS_DELETED, "Expired rows deleted by the background cleanup, by table.");
+}

@@ -1,0 +1,269 @@
+//! Health: a background probe loop and the snapshot that `/health`, `/ready` and `/api/*` read.
+//!
+//! Probes run every `health.interval_ms`, each with its own timeout, so an ops request never
+//! waits on Postgres or an upstream: it answers from the last snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{SecondsFormat, Utc};
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+use super::system::SystemProbe;
+use crate::config::{HealthSettings, UpstreamSettings};
+use crate::metrics as m;
+use crate::shutdown::Lifecycle;
+use crate::store::Store;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One entry of the `checks` object (draft-inadarei-api-health-check).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckEntry {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub component_id: Option<String>,
+    pub component_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_unit: Option<&'static str>,
+    pub status: Status,
+    pub time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+/// The results of one probe round.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub status: Status,
+    pub checks: BTreeMap<String, Vec<CheckEntry>>,
+    /// Postgres answered the last probe.
+    pub postgres_ok: bool,
+    /// The sidecar's tables are present.
+    pub tables_ok: bool,
+    /// Names of critical upstreams that failed.
+    pub failed_critical: Vec<String>,
+}
+
+impl Snapshot {
+    fn initial() -> Self {
+        let mut checks = BTreeMap::new();
+        checks.insert(
+            "postgres:responseTime".to_string(),
+            vec![CheckEntry {
+                component_id: None,
+                component_type: "datastore",
+                observed_value: None,
+                observed_unit: None,
+                status: Status::Fail,
+                time: now(),
+                output: Some("not probed yet".into()),
+            }],
+        );
+        Self {
+            status: Status::Fail,
+            checks,
+            postgres_ok: false,
+            tables_ok: false,
+            failed_critical: Vec::new(),
+        }
+    }
+}
+
+/// The shared health state.
+pub struct Health {
+    snapshot: RwLock<Arc<Snapshot>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            snapshot: RwLock::new(Arc::new(Snapshot::initial())),
+        }
+    }
+}
+
+impl Health {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn publish(&self, s: Snapshot) {
+        match self.snapshot.write() {
+            Ok(mut guard) => *guard = Arc::new(s),
+            Err(p) => *p.into_inner() = Arc::new(s),
+        }
+    }
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Runs the checks and publishes a snapshot; one round.
+pub struct Prober {
+    store: Store,
+    settings: HealthSettings,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    system: SystemProbe,
+}
+
+impl Prober {
+    pub fn new(store: Store, settings: HealthSettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Self {
+            store,
+            system: SystemProbe::new(&settings),
+            settings,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    /// One probe round: every check, concurrently, each bounded by its own timeout.
+    pub async fn round(&mut self) -> Snapshot {
+        let timeout = Duration::from_millis(self.settings.check_timeout_ms);
+        let store = self.store.clone();
+        let pg = async move {
+            let start = Instant::now();
+            let r = tokio::time::timeout(timeout, store.probe()).await;
+            (r, start.elapsed())
+        };
+        let upstreams = futures_util::future::join_all(self.settings.upstreams.iter().map(|u| self.check_upstream(u)));
+        let ((pg_result, elapsed), upstream_results) = tokio::join!(pg, upstreams);
+
+        let t = now();
+        let mut checks = BTreeMap::new();
+        let (postgres_ok, tables_ok, pg_output) = match pg_result {
+            Ok(Ok(present)) => (true, present, None),
+            Ok(Err(e)) => (false, false, Some(e.to_string())),
+            Err(_) => (false, false, Some(format!("no answer within {} ms", timeout.as_millis()))),
+        };
+        self.store.status().reachable.store(postgres_ok, Ordering::Release);
+        checks.insert(
+            "postgres:responseTime".to_string(),
+            vec![CheckEntry {
+                component_id: None,
+                component_type: "datastore",
+                observed_value: postgres_ok.then(|| (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
+                observed_unit: postgres_ok.then_some("ms"),
+                status: if postgres_ok { Status::Pass } else { Status::Fail },
+                time: t.clone(),
+                output: pg_output.map(|o| crate::config::redact_url(&o)),
+            }],
+        );
+        checks.insert(
+            "postgres:tables".to_string(),
+            vec![CheckEntry {
+                component_id: None,
+                component_type: "datastore",
+                observed_value: None,
+                observed_unit: None,
+                status: if tables_ok { Status::Pass } else { Status::Fail },
+                time: t.clone(),
+                output: (!tables_ok).then(|| {
+                    if postgres_ok { "sidecar tables missing: migrations not applied" } else { "postgres unreachable" }.to_string()
+                }),
+            }],
+        );
+        let mut failed_critical = Vec::new();
+        for (u, (status, ms, output)) in self.settings.upstreams.iter().zip(upstream_results) {
+            if status == Status::Fail && u.critical {
+                failed_critical.push(u.name.clone());
+            }
+            // A non-critical upstream's failure only warns.
+            let status = if status == Status::Fail && !u.critical { Status::Warn } else { status };
+            checks.insert(
+                format!("upstream:{}", u.name),
+                vec![CheckEntry {
+                    component_id: Some(u.name.clone()),
+                    component_type: "component",
+                    observed_value: ms,
+                    observed_unit: ms.map(|_| "ms"),
+                    status,
+                    time: t.clone(),
+                    output,
+                }],
+            );
+        }
+        for (name, entries) in self.system.check(&self.settings) {
+            checks.insert(name.to_string(), entries);
+        }
+
+        let status = checks.values().flatten().map(|c| c.status).max().unwrap_or(Status::Pass);
+        for (name, entries) in &checks {
+            let up = entries.iter().all(|c| c.status != Status::Fail);
+            metrics::gauge!(m::HEALTH_CHECK_UP, "check" => name.clone()).set(if up { 1.0 } else { 0.0 });
+        }
+        Snapshot {
+            status,
+            checks,
+            postgres_ok,
+            tables_ok,
+            failed_critical,
+        }
+    }
+
+    async fn check_upstream(&self, u: &UpstreamSettings) -> (Status, Option<f64>, Option<String>) {
+        let uri = match u.url.parse::<hyper::Uri>() {
+            Ok(uri) => uri,
+            Err(e) => return (Status::Fail, None, Some(e.to_string())),
+        };
+        let start = Instant::now();
+        let timeout = Duration::from_millis(u.timeout_ms);
+        match tokio::time::timeout(timeout, self.client.get(uri)).await {
+            Ok(Ok(resp)) => {
+                let ms = (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0;
+                if resp.status().is_success() {
+                    (Status::Pass, Some(ms), None)
+                } else {
+                    (Status::Fail, Some(ms), Some(format!("answered HTTP {}", resp.status().as_u16())))
+                }
+            }
+            Ok(Err(e)) => (Status::Fail, None, Some(format!("request failed: {e}"))),
+            Err(_) => (Status::Fail, None, Some(format!("no answer within {} ms", u.timeout_ms))),
+        }
+    }
+}
+
+/// The probe loop: a round at once, then one per interval, until shutdown.
+pub async fn run(health: Arc<Health>, mut prober: Prober, interval: Duration, lifecycle: Lifecycle, metrics: Option<metrics_exporter_prometheus::PrometheusHandle>) {
+    let mut last_status = None;
+    loop {
+        let snapshot = prober.round().await;
+        if last_status != Some(snapshot.status) {
+            let failing: Vec<&str> = snapshot
+                .checks
+                .iter()
+                .filter(|(_, e)| e.iter().any(|c| c.status != Status::Pass))
+                .map(|(n, _)| n.as_str())
+                .collect();
+            tracing::info!(status = ?snapshot.status, failing = ?failing, "health status changed");
+            last_status = Some(snapshot.status);
+        }
+        health.publish(snapshot);
+        if let Some(h) = &metrics {
+            // Drains histogram buffers; the exporter needs this called periodically.
+            h.run_upkeep();
+        }
+        tokio::select! {
+            _ = lifecycle.stopped() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

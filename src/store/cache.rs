@@ -1,0 +1,291 @@
+//! The shared cache table: batched reads and upserts, deletes by key, prefix and tag.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::batch::{BatchOp, Batcher};
+use super::{DbError, Store, timed};
+use crate::metrics as m;
+
+/// A cache key: 1 to 512 bytes of UTF-8, no control characters, not starting with `_`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey(String);
+
+impl CacheKey {
+    pub const MAX_BYTES: usize = 512;
+
+    pub fn parse(raw: String) -> Result<Self, &'static str> {
+        if raw.is_empty() || raw.len() > Self::MAX_BYTES {
+            return Err("a key is 1 to 512 bytes");
+        }
+        if raw.starts_with('_') {
+            return Err("keys starting with '_' are reserved");
+        }
+        if raw.chars().any(char::is_control) {
+            return Err("a key must not contain control characters");
+        }
+        Ok(Self(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A tag: 1 to 256 bytes, no commas or control characters.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Tag(String);
+
+impl Tag {
+    pub const MAX_BYTES: usize = 256;
+    /// Most tags one entry may carry.
+    pub const MAX_PER_ENTRY: usize = 64;
+
+    pub fn parse(raw: String) -> Result<Self, &'static str> {
+        if raw.is_empty() || raw.len() > Self::MAX_BYTES {
+            return Err("a tag is 1 to 256 bytes");
+        }
+        if raw.contains(',') || raw.chars().any(char::is_control) {
+            return Err("a tag must not contain commas or control characters");
+        }
+        Ok(Self(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A cached value as stored: validated JSON text, passed through without re-parsing.
+#[derive(Clone, Debug)]
+pub struct CacheEntry {
+    pub value: Bytes,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One write: the value must already be validated JSON.
+#[derive(Debug)]
+pub struct CachePut {
+    pub key: CacheKey,
+    pub value: String,
+    pub ttl_seconds: u32,
+    pub tags: Vec<Tag>,
+}
+
+pub(crate) struct CacheBatchers {
+    reads: Batcher<ReadBatch>,
+    writes: Batcher<WriteBatch>,
+}
+
+impl CacheBatchers {
+    pub fn new(pool: PgPool, max_size: usize, max_in_flight: usize) -> Self {
+        Self {
+            reads: Batcher::spawn(ReadBatch { pool: pool.clone() }, max_size, max_in_flight),
+            writes: Batcher::spawn(WriteBatch { pool }, max_size, max_in_flight),
+        }
+    }
+}
+
+/// Reads of one or more keys, served by one `key = ANY($1)` query per batch. A key asked for by
+/// several callers in the same batch is fetched once (single flight).
+struct ReadBatch {
+    pool: PgPool,
+}
+
+impl BatchOp for ReadBatch {
+    type Item = Vec<CacheKey>;
+    type Output = Vec<Option<CacheEntry>>;
+    const NAME: &'static str = "cache_get";
+
+    async fn run(&self, items: Vec<Self::Item>) -> Result<Vec<Self::Output>, DbError> {
+        let mut unique: Vec<&str> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for key in items.iter().flatten() {
+            if seen.insert(key.as_str()) {
+                unique.push(key.as_str());
+            }
+        }
+        let rows: Vec<(String, String, DateTime<Utc>)> = timed(
+            Self::NAME,
+            sqlx::query_as("SELECT key, value, expires_at FROM cache WHERE key = ANY($1) AND expires_at > now()")
+                .bind(&unique)
+                .fetch_all(&self.pool),
+        )
+        .await?;
+        let found: HashMap<String, CacheEntry> = rows
+            .into_iter()
+            .map(|(k, v, expires_at)| (k, CacheEntry { value: Bytes::from(v), expires_at }))
+            .collect();
+        Ok(items
+            .iter()
+            .map(|keys| keys.iter().map(|k| found.get(k.as_str()).cloned()).collect())
+            .collect())
+    }
+}
+
+/// Upserts, written with one multi-row `INSERT ... SELECT FROM UNNEST ... ON CONFLICT` per
+/// batch. Within a batch the last write of a key wins (Postgres refuses to update one row twice
+/// in a statement); every caller is answered only after the statement commits.
+struct WriteBatch {
+    pool: PgPool,
+}
+
+impl BatchOp for WriteBatch {
+    type Item = CachePut;
+    type Output = ();
+    const NAME: &'static str = "cache_put";
+
+    async fn run(&self, items: Vec<Self::Item>) -> Result<Vec<()>, DbError> {
+        let n = items.len();
+        let mut last: HashMap<&str, usize> = HashMap::with_capacity(n);
+        for (i, item) in items.iter().enumerate() {
+            last.insert(item.key.as_str(), i);
+        }
+        let mut keys = Vec::with_capacity(last.len());
+        let mut values = Vec::with_capacity(last.len());
+        let mut tags = Vec::with_capacity(last.len());
+        let mut ttls = Vec::with_capacity(last.len());
+        for (i, item) in items.iter().enumerate() {
+            if last.get(item.key.as_str()) != Some(&i) {
+                continue;
+            }
+            keys.push(item.key.as_str());
+            values.push(item.value.as_str());
+            // Tags cannot contain commas, so one comma-joined string per row carries the list.
+            tags.push(item.tags.iter().map(Tag::as_str).collect::<Vec<_>>().join(","));
+            ttls.push(item.ttl_seconds as i32);
+        }
+        timed(
+            Self::NAME,
+            sqlx::query(
+                "INSERT INTO cache (key, value, tags, expires_at) \
+                 SELECT k, v, CASE WHEN t = '' THEN '{}'::text[] ELSE string_to_array(t, ',') END, \
+                        now() + make_interval(secs => s) \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[]) AS u(k, v, t, s) \
+                 ON CONFLICT (key) DO UPDATE \
+                 SET value = EXCLUDED.value, tags = EXCLUDED.tags, expires_at = EXCLUDED.expires_at, updated_at = now()",
+            )
+            .bind(&keys)
+            .bind(&values)
+            .bind(&tags)
+            .bind(&ttls)
+            .execute(&self.pool),
+        )
+        .await?;
+        Ok(vec![(); n])
+    }
+}
+
+/// Escapes LIKE wildcards so a prefix matches literally (`\` is Postgres' default LIKE escape).
+fn like_prefix(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+fn count_hits(operation: &'static str, hits: usize, misses: usize) {
+    if hits > 0 {
+        metrics::counter!(m::CACHE_REQUESTS, "operation" => operation, "result" => "hit").increment(hits as u64);
+    }
+    if misses > 0 {
+        metrics::counter!(m::CACHE_REQUESTS, "operation" => operation, "result" => "miss").increment(misses as u64);
+    }
+}
+
+impl Store {
+    pub async fn cache_get(&self, key: CacheKey) -> Result<Option<CacheEntry>, DbError> {
+        self.ensure_available()?;
+        let entry = self.cache.reads.call(vec![key]).await?.pop().flatten();
+        count_hits("get", entry.is_some() as usize, entry.is_none() as usize);
+        Ok(entry)
+    }
+
+    /// Reads many keys; the answer has one slot per key asked, in order.
+    pub async fn cache_mget(&self, keys: Vec<CacheKey>) -> Result<Vec<Option<CacheEntry>>, DbError> {
+        self.ensure_available()?;
+        let entries = self.cache.reads.call(keys).await?;
+        let hits = entries.iter().filter(|e| e.is_some()).count();
+        count_hits("mget", hits, entries.len() - hits);
+        Ok(entries)
+    }
+
+    pub async fn cache_put(&self, put: CachePut) -> Result<(), DbError> {
+        self.ensure_available()?;
+        self.cache.writes.call(put).await
+    }
+
+    pub async fn cache_delete(&self, key: &CacheKey) -> Result<(), DbError> {
+        self.ensure_available()?;
+        timed(
+            "cache_delete",
+            sqlx::query("DELETE FROM cache WHERE key = $1").bind(key.as_str()).execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes every key starting with `prefix` (taken literally); returns how many went.
+    pub async fn cache_delete_prefix(&self, prefix: &str) -> Result<u64, DbError> {
+        self.ensure_available()?;
+        let done = timed(
+            "cache_delete_prefix",
+            sqlx::query("DELETE FROM cache WHERE key LIKE $1").bind(like_prefix(prefix)).execute(&self.pool),
+        )
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes every entry carrying any of `tags`; returns how many went.
+    pub async fn cache_invalidate(&self, tags: &[Tag]) -> Result<u64, DbError> {
+        self.ensure_available()?;
+        let tags: Vec<&str> = tags.iter().map(Tag::as_str).collect();
+        // The cardinality condition matches the partial GIN index's predicate, so the index is used.
+        let done = timed(
+            "cache_invalidate",
+            sqlx::query("DELETE FROM cache WHERE tags && $1::text[] AND cardinality(tags) > 0")
+                .bind(&tags)
+                .execute(&self.pool),
+        )
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        assert!(CacheKey::parse("user/42".into()).is_ok());
+        assert!(CacheKey::parse("é 😀 %".into()).is_ok());
+        assert!(CacheKey::parse("x".repeat(512)).is_ok());
+        assert!(CacheKey::parse("x".repeat(513)).is_err());
+        assert!(CacheKey::parse(String::new()).is_err());
+        assert!(CacheKey::parse("_mget".into()).is_err());
+        assert!(CacheKey::parse("a\nb".into()).is_err());
+        assert!(CacheKey::parse("a\u{0}b".into()).is_err());
+    }
+
+    #[test]
+    fn tags() {
+        assert!(Tag::parse("product:42".into()).is_ok());
+        assert!(Tag::parse("a,b".into()).is_err());
+        assert!(Tag::parse(String::new()).is_err());
+        assert!(Tag::parse("t".repeat(257)).is_err());
+    }
+
+    #[test]
+    fn prefixes_are_literal() {
+        assert_eq!(like_prefix("a%b_c\\"), "a\\%b\\_c\\\\%");
+    }
+}

@@ -1,0 +1,112 @@
+//! Fleet-wide cleanup of expired sessions and cache entries.
+//!
+//! Every sidecar runs the loop, but a pass first takes the `cleanup` lease row with a conditional
+//! UPDATE that only one sidecar can win while the lease is held. That works through transaction
+//! poolers and on Postgres-compatible databases where session advisory locks do not. Rows go in
+//! batches of `cleanup.batch_size`, each its own short statement, so no pass holds long locks.
+
+use std::time::Duration;
+
+use rand::RngExt;
+
+use super::{DbError, Store, timed};
+use crate::metrics as m;
+use crate::shutdown::Lifecycle;
+
+/// What one pass did; `None` from [`Store::cleanup_pass`] means another sidecar holds the lease.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub sessions_deleted: u64,
+    pub cache_deleted: u64,
+}
+
+/// Tables cleaned, with the statement that deletes one batch of expired rows. `SKIP LOCKED`
+/// keeps the pass from waiting on rows a client is writing right now.
+const TABLES: [(&str, &str); 2] = [
+    (
+        "sessions",
+        "DELETE FROM sessions WHERE id IN \
+         (SELECT id FROM sessions WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)",
+    ),
+    (
+        "cache",
+        "DELETE FROM cache WHERE key IN \
+         (SELECT key FROM cache WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)",
+    ),
+];
+
+impl Store {
+    /// Runs one cleanup pass if this sidecar wins the lease. `holder` names this sidecar in the
+    /// lease row. Stops between batches when `lifecycle` is stopped.
+    pub async fn cleanup_pass(&self, holder: &str, lifecycle: &Lifecycle) -> Result<Option<PassReport>, DbError> {
+        let won: Option<String> = timed(
+            "cleanup_lease",
+            sqlx::query_scalar(
+                "UPDATE leases SET holder = $1, expires_at = now() + make_interval(secs => $2) \
+                 WHERE name = 'cleanup' AND (expires_at <= now() OR holder = $1) RETURNING holder",
+            )
+            .bind(holder)
+            .bind(self.settings.cleanup_lease_seconds as f64)
+            .fetch_optional(&self.pool),
+        )
+        .await?;
+        if won.is_none() {
+            return Ok(None);
+        }
+        let result = self.delete_expired(lifecycle).await;
+        // Release the lease whatever happened, so the next pass need not wait for it to expire.
+        let _ = sqlx::query("UPDATE leases SET expires_at = '-infinity' WHERE name = 'cleanup' AND holder = $1")
+            .bind(holder)
+            .execute(&self.pool)
+            .await;
+        result.map(Some)
+    }
+
+    async fn delete_expired(&self, lifecycle: &Lifecycle) -> Result<PassReport, DbError> {
+        let batch = self.settings.cleanup_batch_size as i64;
+        let mut report = PassReport::default();
+        for (table, sql) in TABLES {
+            loop {
+                if lifecycle.is_stopped() {
+                    return Ok(report);
+                }
+                let done = timed("cleanup_delete", sqlx::query(sql).bind(batch).execute(&self.pool)).await?;
+                let n = done.rows_affected();
+                metrics::counter!(m::EXPIRED_ROWS_DELETED, "table" => table).increment(n);
+                match table {
+                    "sessions" => report.sessions_deleted += n,
+                    _ => report.cache_deleted += n,
+                }
+                if n < batch as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// The background loop: a pass every `interval` (plus up to 20% jitter, so a fleet started
+/// together does not contend at the same instant), until shutdown.
+pub async fn run(store: Store, holder: String, interval: Duration, lifecycle: Lifecycle) {
+    loop {
+        let jitter = rand::rng().random_range(0.0..0.2);
+        let wait = interval.mul_f64(1.0 + jitter);
+        tokio::select! {
+            _ = lifecycle.stopped() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if store.ensure_available().is_err() {
+            continue;
+        }
+        match store.cleanup_pass(&holder, &lifecycle).await {
+            Ok(Some(r)) if r.sessions_deleted + r.cache_deleted > 0 => tracing::info!(
+                sessions_deleted = r.sessions_deleted,
+                cache_deleted = r.cache_deleted,
+                "cleanup pass deleted expired rows"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cleanup pass failed; will retry next interval"),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Everything that speaks SQL: the pool, migrations, sessions, cache, batching and cleanup.
+//!
+//! The store never sees HTTP types. Its callers get plain records or a [`DbError`], which says
+//! only whether the database was unavailable, too slow, or failed in some other way.
+
+pub mod batch;
+pub mod cache;
+pub mod cleanup;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Executor};
+
+use crate::config::Settings;
+use crate::metrics as m;
+
+pub use cache::{CacheEntry, CacheKey};
+pub use sessions::{NewSession, SessionRecord, TokenHash};
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Why a database call failed, as far as a caller needs to know.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum DbError {
+    /// No connection could be had, or it broke: retrying later may work.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Postgres cancelled the statement (statement_timeout).
+    #[error("database statement timed out")]
+    Timeout,
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => DbError::Unavailable(e.to_string()),
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("57014") => DbError::Timeout,
+                // 08xxx connection exceptions; 57P01-03 admin shutdown, crash, cannot connect now.
+                Some(c) if c.starts_with("08") || c.starts_with("57P") => DbError::Unavailable(e.to_string()),
+                _ => DbError::Other(e.to_string()),
+            },
+            _ => DbError::Other(e.to_string()),
+        }
+    }
+}
+
+/// What the store knows about the database, shared with the health probes.
+#[derive(Default)]
+pub struct DbStatus {
+    /// Migrations are applied (set once by the bootstrap task).
+    pub migrated: AtomicBool,
+    /// The last health probe reached Postgres.
+    pub reachable: AtomicBool,
+}
+
+/// The store: one pool and the batchers in front of it. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) pool: PgPool,
+    pub(crate) status: Arc<DbStatus>,
+    pub(crate) cache: Arc<cache::CacheBatchers>,
+    pub(crate) sessions: Arc<sessions::SessionBatchers>,
+    pub(crate) settings: Arc<StoreSettings>,
+}
+
+/// The settings the store reads, copied out of [`Settings`].
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    pub session_update_age_seconds: u32,
+    pub cleanup_batch_size: u32,
+    pub cleanup_lease_seconds: u32,
+}
+
+impl Store {
+    /// Builds the pool (lazily: no connection is opened here) and the batchers.
+    /// Must be called inside a tokio runtime.
+    pub fn new(settings: &Settings) -> Result<Self, DbError> {
+        let pool = build_pool(settings)?;
+        let status = Arc::new(DbStatus::default());
+        Ok(Self::with_pool(pool, status, settings))
+    }
+
+    pub fn with_pool(pool: PgPool, status: Arc<DbStatus>, settings: &Settings) -> Self {
+        let b = &settings.batch;
+        Self {
+            cache: Arc::new(cache::CacheBatchers::new(pool.clone(), b.max_size, b.max_in_flight)),
+            sessions: Arc::new(sessions::SessionBatchers::new(
+                pool.clone(),
+                b.max_size,
+                b.max_in_flight,
+                settings.sessions.update_age_seconds,
+            )),
+            pool,
+            status,
+            settings: Arc::new(StoreSettings {
+                session_update_age_seconds: settings.sessions.update_age_seconds,
+                cleanup_batch_size: settings.cleanup.batch_size,
+                cleanup_lease_seconds: settings.cleanup.lease_seconds,
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn status(&self) -> &Arc<DbStatus> {
+        &self.status
+    }
+
+    /// Fails fast when the database is known to be down, instead of waiting out the acquire timeout.
+    pub(crate) fn ensure_available(&self) -> Result<(), DbError> {
+        if !self.status.migrated.load(Ordering::Acquire) {
+            return Err(DbError::Unavailable("database not ready (migrations not applied yet)".into()));
+        }
+        if !self.status.reachable.load(Ordering::Acquire) {
+            return Err(DbError::Unavailable("database unreachable at the last health probe".into()));
+        }
+        Ok(())
+    }
+
+    /// Creates the schema if needed and applies the embedded migrations.
+    pub async fn migrate(&self, schema: &str) -> Result<(), DbError> {
+        // `schema` is validated as a plain lower-case identifier in config, so quoting is enough.
+        (&self.pool)
+            .execute(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
+            .await?;
+        // Every pooled connection has the schema first on its search_path, so the migrations
+        // (and sqlx's ledger table) land in it.
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(inner) => DbError::from(inner),
+                other => DbError::Other(other.to_string()),
+            })?;
+        self.status.migrated.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// For `migrate_on_start = false`: succeeds once every embedded migration has been applied
+    /// (by `pgsidecar migrate` or another sidecar).
+    pub async fn check_migrated(&self) -> Result<(), DbError> {
+        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| match DbError::from(e) {
+                DbError::Other(_) => DbError::Other("migrations not applied; run `pgsidecar migrate`".into()),
+                other => other,
+            })?;
+        if MIGRATOR.iter().any(|m| !applied.contains(&m.version)) {
+            return Err(DbError::Other("migrations not applied; run `pgsidecar migrate`".into()));
+        }
+        self.status.migrated.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Opens up to `n` connections at once so the first requests find a warm pool.
+    pub async fn warm_up(&self, n: u32) {
+        let mut conns = Vec::new();
+        for _ in 0..n {
+            match self.pool.acquire().await {
+                Ok(c) => conns.push(c),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// One round trip; returns whether the sidecar's tables are present.
+    pub async fn probe(&self) -> Result<bool, DbError> {
+        let present: bool = timed(
+            "health_probe",
+            sqlx::query_scalar(
+                "SELECT to_regclass('sessions') IS NOT NULL AND to_regclass('cache') IS NOT NULL \
+                 AND to_regclass('leases') IS NOT NULL",
+            )
+            .fetch_one(&self.pool),
+        )
+        .await?;
+        Ok(present)
+    }
+}
+
+fn build_pool(settings: &Settings) -> Result<PgPool, DbError> {
+    let d = &settings.database;
+    let opts: PgConnectOptions = d
+        .url
+        .expose()
+        .parse::<PgConnectOptions>()
+        .map_err(|e| DbError::Other(format!("invalid database url: {}", crate::config::redact_url(&e.to_string()))))?
+        .application_name("pgsidecar")
+        .options([
+            ("search_path", d.schema.clone()),
+            ("statement_timeout", d.statement_timeout_ms.to_string()),
+        ]);
+    Ok(PgPoolOptions::new()
+        .max_connections(d.max_connections)
+        .min_connections(d.min_connections)
+        .idle_timeout(Some(Duration::from_secs(d.idle_timeout_seconds.max(1))))
+        .acquire_timeout(Duration::from_millis(d.acquire_timeout_ms))
+        // A broken connection shows up as one failed query; a ping per acquire would cost a round trip on every request.
+        .test_before_acquire(false)
+        .connect_lazy_with(opts))
+}
+
+/// Runs one query, recording its latency and any error under `operation`.
+pub(crate) async fn timed<T, F>(operation: &'static str, fut: F) -> Result<T, DbError>
+where
+    F: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let start = Instant::now();
+    let result = fut.await;
+    metrics::histogram!(m::DB_QUERY_DURATION, "operation" => operation).record(start.elapsed().as_secs_f64());
+    result.map_err(|e| {
+        metrics::counter!(m::DB_ERRORS, "operation" => operation).increment(1);
+        DbError::from(e)
+    })
+}

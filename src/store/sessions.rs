@@ -1,0 +1,360 @@
+//! Login sessions: tokens stored hashed, batched validation, sliding expiry on the database clock.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use sqlx::{FromRow, PgPool};
+use uuid::Uuid;
+
+use super::batch::{BatchOp, Batcher};
+use super::{DbError, Store, timed};
+use crate::metrics as m;
+
+/// Length of a token: 32 random bytes in URL-safe base64 without padding.
+pub const TOKEN_LEN: usize = 43;
+
+/// A fresh session token: 256 bits from the OS CSPRNG, URL-safe, no padding.
+pub fn new_token() -> Result<String, DbError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| DbError::Other(format!("OS random source failed: {e}")))?;
+    Ok(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// SHA-256 of a well-formed token: all the database ever holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TokenHash([u8; 32]);
+
+impl TokenHash {
+    /// `None` when `token` cannot be one of ours (wrong length or alphabet): such a token is
+    /// answered as unknown without a database round trip.
+    pub fn of(token: &str) -> Option<Self> {
+        if token.len() != TOKEN_LEN || URL_SAFE_NO_PAD.decode(token).is_err() {
+            return None;
+        }
+        Some(Self(Sha256::digest(token.as_bytes()).into()))
+    }
+}
+
+/// A session as clients see it. It never holds the token.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionRecord {
+    pub id: Uuid,
+    pub user_id: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub ip_address: Option<String>,
+    pub user_agent: Option<String>,
+    pub data: Box<RawValue>,
+}
+
+#[derive(Clone, FromRow)]
+struct SessionRow {
+    token_hash: Vec<u8>,
+    id: Uuid,
+    user_id: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    ip_address: Option<String>,
+    user_agent: Option<String>,
+    data: String,
+}
+
+impl SessionRow {
+    fn into_record(self) -> Result<SessionRecord, DbError> {
+        let data = RawValue::from_string(self.data).map_err(|e| DbError::Other(format!("stored session data is not JSON: {e}")))?;
+        Ok(SessionRecord {
+            id: self.id,
+            user_id: self.user_id,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            expires_at: self.expires_at,
+            ip_address: self.ip_address,
+            user_agent: self.user_agent,
+            data,
+        })
+    }
+}
+
+/// What creating a session needs; every field already validated by the caller.
+#[derive(Debug)]
+pub struct NewSession {
+    pub user_id: String,
+    pub ttl_seconds: u32,
+    pub ip_address: Option<String>,
+    pub user_agent: Option<String>,
+    /// A JSON object, as text.
+    pub data: String,
+}
+
+/// The columns a [`SessionRow`] is read from, as a literal for `concat!`.
+macro_rules! columns {
+    () => {
+        "token_hash, id, user_id, created_at, updated_at, expires_at, ip_address, user_agent, data"
+    };
+}
+
+pub(crate) struct SessionBatchers {
+    reads: Batcher<ReadBatch>,
+    refreshes: Batcher<RefreshBatch>,
+}
+
+impl SessionBatchers {
+    pub fn new(pool: PgPool, max_size: usize, max_in_flight: usize, update_age_seconds: u32) -> Self {
+        Self {
+            reads: Batcher::spawn(
+                ReadBatch {
+                    pool: pool.clone(),
+                    update_age_seconds: update_age_seconds as f64,
+                },
+                max_size,
+                max_in_flight,
+            ),
+            refreshes: Batcher::spawn(
+                RefreshBatch {
+                    pool,
+                    update_age_seconds: update_age_seconds as f64,
+                },
+                max_size,
+                max_in_flight,
+            ),
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct ReadRow {
+    #[sqlx(flatten)]
+    row: SessionRow,
+    needs_refresh: bool,
+}
+
+/// Validation reads: one `token_hash = ANY($1)` query per batch. Each row also says whether it
+/// was last refreshed more than update_age ago, judged by the database clock.
+struct ReadBatch {
+    pool: PgPool,
+    update_age_seconds: f64,
+}
+
+/// A live session and whether it is due for sliding.
+type ReadOutcome = Option<(SessionRow, bool)>;
+
+impl BatchOp for ReadBatch {
+    type Item = TokenHash;
+    type Output = ReadOutcome;
+    const NAME: &'static str = "session_get";
+
+    async fn run(&self, items: Vec<TokenHash>) -> Result<Vec<ReadOutcome>, DbError> {
+        let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
+        let rows: Vec<ReadRow> = timed(
+            Self::NAME,
+            sqlx::query_as(
+                concat!("SELECT ", columns!(), ", \
+                        expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) <= now() AS needs_refresh \
+                 FROM sessions WHERE token_hash = ANY($1) AND expires_at > now()"),
+            )
+            .bind(&hashes)
+            .bind(self.update_age_seconds)
+            .fetch_all(&self.pool),
+        )
+        .await?;
+        let mut found: HashMap<Vec<u8>, ReadRow> = rows.into_iter().map(|r| (r.row.token_hash.clone(), r)).collect();
+        // A token asked for twice in one batch gets the row once; the second asker takes a copy.
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut taken: HashMap<[u8; 32], (SessionRow, bool)> = HashMap::new();
+        for h in &items {
+            let outcome = match found.remove(h.0.as_slice()) {
+                Some(r) => {
+                    taken.insert(h.0, (r.row.clone(), r.needs_refresh));
+                    Some((r.row, r.needs_refresh))
+                }
+                None => taken.get(&h.0).map(|(row, refresh)| (row.clone(), *refresh)),
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+}
+
+/// Sliding writes: one UPDATE per batch. The refresh condition is repeated in the WHERE clause,
+/// so a session refreshed concurrently by another caller (or another sidecar) is not written
+/// twice; the caller then reads it again.
+struct RefreshBatch {
+    pool: PgPool,
+    update_age_seconds: f64,
+}
+
+impl BatchOp for RefreshBatch {
+    type Item = TokenHash;
+    type Output = Option<SessionRow>;
+    const NAME: &'static str = "session_refresh";
+
+    async fn run(&self, items: Vec<TokenHash>) -> Result<Vec<Option<SessionRow>>, DbError> {
+        let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
+        let rows: Vec<SessionRow> = timed(
+            Self::NAME,
+            sqlx::query_as(concat!(
+                "UPDATE sessions SET expires_at = now() + make_interval(secs => ttl_seconds), updated_at = now() \
+                 WHERE token_hash = ANY($1) AND expires_at > now() \
+                   AND expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) <= now() \
+                 RETURNING ",
+                columns!()
+            ),
+            )
+            .bind(&hashes)
+            .bind(self.update_age_seconds)
+            .fetch_all(&self.pool),
+        )
+        .await?;
+        let found: HashMap<Vec<u8>, SessionRow> = rows.into_iter().map(|r| (r.token_hash.clone(), r)).collect();
+        Ok(items.iter().map(|h| found.get(h.0.as_slice()).cloned()).collect())
+    }
+}
+
+pub(crate) fn count_validation(valid: bool) {
+    let result = if valid { "valid" } else { "not_found" };
+    metrics::counter!(m::SESSION_VALIDATIONS, "result" => result).increment(1);
+}
+
+impl Store {
+    /// Creates a session; returns its token (shown to the caller once) and the record.
+    pub async fn session_create(&self, new: NewSession) -> Result<(String, SessionRecord), DbError> {
+        self.ensure_available()?;
+        let token = new_token()?;
+        let hash = TokenHash::of(&token).ok_or_else(|| DbError::Other("generated token is malformed".into()))?;
+        let id = Uuid::new_v4();
+        let row: SessionRow = timed(
+            "session_create",
+            sqlx::query_as(concat!(
+                "INSERT INTO sessions (id, token_hash, user_id, expires_at, ttl_seconds, ip_address, user_agent, data) \
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $4, $5, $6, $7) RETURNING ",
+                columns!()
+            ))
+            .bind(id)
+            .bind(hash.0.as_slice())
+            .bind(&new.user_id)
+            .bind(new.ttl_seconds as i32)
+            .bind(&new.ip_address)
+            .bind(&new.user_agent)
+            .bind(&new.data)
+            .fetch_one(&self.pool),
+        )
+        .await?;
+        metrics::counter!(m::SESSIONS_CREATED).increment(1);
+        Ok((token, row.into_record()?))
+    }
+
+    /// Validates a session and slides its expiry when it is due. `None`: unknown, expired or revoked.
+    pub async fn session_validate(&self, hash: TokenHash) -> Result<Option<SessionRecord>, DbError> {
+        self.ensure_available()?;
+        let outcome = match self.sessions.reads.call(hash).await? {
+            None => None,
+            Some((row, false)) => Some(row),
+            Some((row, true)) => match self.sessions.refreshes.call(hash).await? {
+                Some(refreshed) => Some(refreshed),
+                // Refreshed by someone else meanwhile, or revoked: read again to tell which.
+                None => {
+                    drop(row);
+                    self.sessions.reads.call(hash).await?.map(|(r, _)| r)
+                }
+            },
+        };
+        count_validation(outcome.is_some());
+        outcome.map(SessionRow::into_record).transpose()
+    }
+
+    /// Replaces a live session's data. `None` when there is no such live session.
+    pub async fn session_update_data(&self, hash: TokenHash, data: String) -> Result<Option<SessionRecord>, DbError> {
+        self.ensure_available()?;
+        let row: Option<SessionRow> = timed(
+            "session_update",
+            sqlx::query_as(concat!(
+                "UPDATE sessions SET data = $2, updated_at = now() \
+                 WHERE token_hash = $1 AND expires_at > now() RETURNING ",
+                columns!()
+            ))
+            .bind(hash.0.as_slice())
+            .bind(&data)
+            .fetch_optional(&self.pool),
+        )
+        .await?;
+        row.map(SessionRow::into_record).transpose()
+    }
+
+    /// Revokes a session; revoking one that is already gone is not an error.
+    pub async fn session_revoke(&self, hash: TokenHash) -> Result<(), DbError> {
+        self.ensure_available()?;
+        let done = timed(
+            "session_revoke",
+            sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+                .bind(hash.0.as_slice())
+                .execute(&self.pool),
+        )
+        .await?;
+        metrics::counter!(m::SESSIONS_REVOKED).increment(done.rows_affected());
+        Ok(())
+    }
+
+    /// A user's live sessions, newest first.
+    pub async fn sessions_of_user(&self, user_id: &str) -> Result<Vec<SessionRecord>, DbError> {
+        self.ensure_available()?;
+        let rows: Vec<SessionRow> = timed(
+            "session_list",
+            sqlx::query_as(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM sessions WHERE user_id = $1 AND expires_at > now() ORDER BY created_at DESC, id"
+            ))
+            .bind(user_id)
+            .fetch_all(&self.pool),
+        )
+        .await?;
+        rows.into_iter().map(SessionRow::into_record).collect()
+    }
+
+    /// Revokes every live session of a user except `keep`; returns how many were revoked.
+    pub async fn sessions_revoke_user(&self, user_id: &str, keep: Option<Uuid>) -> Result<u64, DbError> {
+        self.ensure_available()?;
+        // Expired rows of the user go too, but only live ones count as revoked.
+        let revoked: i64 = timed(
+            "session_revoke_user",
+            sqlx::query_scalar(
+                "WITH gone AS (DELETE FROM sessions WHERE user_id = $1 AND ($2::uuid IS NULL OR id <> $2) \
+                 RETURNING expires_at) SELECT count(*) FILTER (WHERE expires_at > now()) FROM gone",
+            )
+            .bind(user_id)
+            .bind(keep)
+            .fetch_one(&self.pool),
+        )
+        .await?;
+        metrics::counter!(m::SESSIONS_REVOKED).increment(revoked as u64);
+        Ok(revoked as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_256_bits_url_safe() {
+        let t = new_token().unwrap();
+        assert_eq!(t.len(), TOKEN_LEN);
+        assert!(t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(TokenHash::of(&t).is_some());
+        assert_ne!(t, new_token().unwrap());
+    }
+
+    #[test]
+    fn malformed_tokens_have_no_hash() {
+        assert!(TokenHash::of("short").is_none());
+        assert!(TokenHash::of(&"+".repeat(TOKEN_LEN)).is_none());
+        assert!(TokenHash::of(&"a".repeat(TOKEN_LEN + 1)).is_none());
+    }
+}
