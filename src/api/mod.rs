@@ -15,7 +15,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
@@ -57,21 +57,40 @@ pub fn router(store: Store, settings: &Settings) -> Router {
         timeout: settings.request_timeout(),
         token: settings.server.auth_token.clone(),
     });
-    let routes = Router::new()
-        .route("/v1/sessions", post(sessions::create))
-        .route(
-            "/v1/sessions/{token}",
-            get(sessions::validate).patch(sessions::update).delete(sessions::revoke),
-        )
-        .route("/v1/users/{user_id}/sessions", get(sessions::list).delete(sessions::revoke_all))
-        .route("/v1/cache", axum::routing::delete(cache::delete_prefix))
-        .route("/v1/cache/_mget", post(cache::mget))
-        .route("/v1/cache/_invalidate", post(cache::invalidate))
-        .route("/v1/cache/{key}", get(cache::get).put(cache::put).delete(cache::delete))
+    let mut router = Router::new();
+    for (_, path, handler) in routes() {
+        // Routes sharing a path merge their methods.
+        router = router.route(path, handler);
+    }
+    let router = router
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(guard, guard_request))
         .layer(axum::extract::DefaultBodyLimit::max(settings.server.max_body_bytes));
-    crate::http::finish_router(routes, "data")
+    crate::http::finish_router(router, "data")
+}
+
+/// Every data route: method, path template, handler. The router is built from this list and
+/// the OpenAPI test checks the document against it, so the two cannot drift apart.
+pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
+    vec![
+        ("POST", "/v1/sessions", post(sessions::create)),
+        ("GET", "/v1/sessions/{token}", get(sessions::validate)),
+        ("PATCH", "/v1/sessions/{token}", patch(sessions::update)),
+        ("DELETE", "/v1/sessions/{token}", delete(sessions::revoke)),
+        ("GET", "/v1/users/{user_id}/sessions", get(sessions::list)),
+        ("DELETE", "/v1/users/{user_id}/sessions", delete(sessions::revoke_all)),
+        ("DELETE", "/v1/cache", delete(cache::delete_prefix)),
+        ("POST", "/v1/cache/_mget", post(cache::mget)),
+        ("POST", "/v1/cache/_invalidate", post(cache::invalidate)),
+        ("GET", "/v1/cache/{key}", get(cache::get)),
+        ("PUT", "/v1/cache/{key}", put(cache::put)),
+        ("DELETE", "/v1/cache/{key}", delete(cache::delete)),
+    ]
+}
+
+/// Method and path template of every data route, for documentation checks.
+pub fn route_table() -> Vec<(&'static str, &'static str)> {
+    routes().into_iter().map(|(m, p, _)| (m, p)).collect()
 }
 
 struct Guard {
