@@ -23,14 +23,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0}")]
     PayloadTooLarge(String),
-    #[error("content type must be application/json")]
-    UnsupportedMediaType,
     #[error("the sidecar is overloaded")]
     Overloaded,
     #[error("the request took longer than the configured timeout")]
     Timeout,
-    #[error("the sidecar is shutting down")]
-    ShuttingDown,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("internal error")]
@@ -52,8 +48,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Overloaded | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Db(DbError::Unavailable(_)) | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -67,10 +62,8 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge(_) => "payload_too_large",
-            Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",
-            Self::ShuttingDown => "shutting_down",
             Self::Db(DbError::Unavailable(_)) => "database_unavailable",
             Self::Db(DbError::Timeout) => "database_timeout",
             Self::Db(DbError::Other(_)) | Self::Internal => "internal",

@@ -70,6 +70,12 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 fn serve(settings: Settings) -> ExitCode {
     let log = pgsidecar::telemetry::init(&settings.log.level, std::io::stdout());
+    // Panics become JSON log lines like everything else. Only the location is logged: a panic
+    // message may quote request data, which must never reach a log line.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!(location, "panic");
+    }));
     let prometheus = match pgsidecar::metrics::install() {
         Ok(h) => Some(h),
         Err(e) => {

@@ -4,7 +4,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::{AppState, Body, PARAM_TOKEN, PARAM_USER, PathParam, QueryParams, parse_json};
 use crate::config::MAX_TTL_SECONDS;
 use crate::error::ApiError;
-use crate::store::{NewSession, TokenHash};
+use crate::store::{NewSession, SessionRecord, TokenHash};
 
 const MAX_USER_ID_BYTES: usize = 256;
 const MAX_IP_BYTES: usize = 64;
@@ -57,6 +57,19 @@ fn data(raw: Option<&RawValue>, max: usize) -> Result<String, ApiError> {
     Ok(text.to_string())
 }
 
+// Response bodies are serialized straight from the records (not through serde_json::Value),
+// so the session's `data` keeps its exact JSON text.
+#[derive(Serialize)]
+struct Created<'a> {
+    token: &'a str,
+    session: &'a SessionRecord,
+}
+
+#[derive(Serialize)]
+struct SessionList<'a> {
+    sessions: &'a [SessionRecord],
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateBody<'a> {
@@ -95,7 +108,7 @@ pub async fn create(State(s): State<AppState>, Body(body): Body) -> Result<Respo
         data: data(req.data, s.limits.session_max_data_bytes)?,
     };
     let (token, session) = s.store.session_create(new).await?;
-    Ok((StatusCode::CREATED, axum::Json(json!({"token": token, "session": session}))).into_response())
+    Ok((StatusCode::CREATED, axum::Json(Created { token: &token, session: &session })).into_response())
 }
 
 /// `GET /v1/sessions/{token}`: the session, slid forward when due; 404 when not live.
@@ -143,7 +156,7 @@ pub async fn revoke(State(s): State<AppState>, PathParam(token): PathParam<PARAM
 pub async fn list(State(s): State<AppState>, PathParam(raw): PathParam<PARAM_USER>) -> Result<Response, ApiError> {
     let user = user_id(raw)?;
     let sessions = s.store.sessions_of_user(&user).await?;
-    Ok(axum::Json(json!({"sessions": sessions})).into_response())
+    Ok(axum::Json(SessionList { sessions: &sessions }).into_response())
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,377 @@
+#!/usr/bin/env python3
+"""Turns the raw outputs of bench/run.sh into one table and a JSON record. Python 3 stdlib only.
+
+usage: report.py WORK_DIR RESULTS_DIR
+
+WORK_DIR holds what run.sh left:
+  manifest.tsv   one line per measured run: tool, scenario, connections, raw output file, extra
+                 (sidecar: CPU clock ticks used during the run; pgbench: its --log directory)
+  meta.env       key=value lines: machine, versions, settings, sidecar memory
+Writes RESULTS_DIR/latest.json, RESULTS_DIR/<timestamp>.json and latest.txt (the printed table).
+"""
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+SCENARIOS = [
+    ("cache_get", "cache GET"),
+    ("session_get", "session validate"),
+    ("cache_put", "cache PUT"),
+]
+TOOLS = ("sidecar", "pgbench", "redis")
+
+
+def percentile(sorted_values, p):
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(p / 100.0 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+# --- wrk ---------------------------------------------------------------------------------------
+
+WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk_latency_ms(text, pct):
+    """Fallback: the --latency distribution line for pct ("50%", "99%"), in ms."""
+    m = re.search(r"^\s*" + re.escape(pct) + r"\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    return float(m.group(1)) * WRK_UNITS[m.group(2)] if m else None
+
+
+def parse_wrk(path, cpu_ticks, clk_tck):
+    text = open(path, encoding="utf-8", errors="replace").read()
+    m = re.search(r"^BENCH (\{.*\})\s*$", text, re.M)
+    if m:
+        b = json.loads(m.group(1))
+        duration_s = b["duration_us"] / 1e6
+        requests = b["requests"]
+        p50, p99 = b["p50_us"] / 1e3, b["p99_us"] / 1e3
+        errors = b["err_connect"] + b["err_read"] + b["err_write"] + b["err_status"] + b["err_timeout"]
+        non2xx = b["err_status"]
+    else:
+        # No done() line (e.g. a wrk without Lua done support): parse the text summary instead.
+        rm = re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m)", text, re.M)
+        if not rm:
+            return None
+        requests = int(rm.group(1))
+        duration_s = float(rm.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[rm.group(3)]
+        p50, p99 = wrk_latency_ms(text, "50%"), wrk_latency_ms(text, "99%")
+        nm = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+        non2xx = int(nm.group(1)) if nm else 0
+        sm = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+        errors = non2xx + (sum(int(x) for x in sm.groups()) if sm else 0)
+    r = {
+        "throughput_rps": requests / duration_s if duration_s else None,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "requests": requests,
+        "duration_s": round(duration_s, 3),
+        "errors": errors,
+        "non_2xx": non2xx,
+    }
+    if cpu_ticks is not None and requests:
+        cpu_s = cpu_ticks / clk_tck
+        r["cpu_seconds"] = cpu_s
+        r["cpu_us_per_request"] = cpu_s / requests * 1e6
+    return r
+
+
+# --- pgbench -----------------------------------------------------------------------------------
+
+
+def parse_pgbench(path, log_dir):
+    text = open(path, encoding="utf-8", errors="replace").read()
+    tps = re.search(r"^tps = ([\d.]+)", text, re.M)
+    done = re.search(r"number of transactions actually processed: (\d+)", text)
+    failed = re.search(r"number of failed transactions: (\d+)", text)
+    dur = re.search(r"^duration: (\d+) s", text, re.M)
+    if not tps:
+        return None
+    # Per-transaction log (--log): "client_id transaction_no time script_no epoch epoch_us",
+    # time = latency in microseconds; one file per worker thread (-j), merged here.
+    lat = []
+    failed_in_log = 0
+    for f in sorted(glob.glob(os.path.join(log_dir, "*"))):
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                try:
+                    lat.append(int(parts[2]))
+                except ValueError:  # "failed", "skipped", ...
+                    failed_in_log += 1
+    lat.sort()
+    p50, p99 = percentile(lat, 50), percentile(lat, 99)
+    return {
+        "throughput_rps": float(tps.group(1)),
+        "p50_ms": p50 / 1e3 if p50 is not None else None,
+        "p99_ms": p99 / 1e3 if p99 is not None else None,
+        "requests": int(done.group(1)) if done else len(lat),
+        "duration_s": int(dur.group(1)) if dur else None,
+        "errors": (int(failed.group(1)) if failed else 0) + failed_in_log,
+        "latency_samples": len(lat),
+    }
+
+
+# --- redis-benchmark ---------------------------------------------------------------------------
+
+
+def parse_redis(path):
+    lines = [l for l in open(path, encoding="utf-8", errors="replace").read().splitlines() if l.startswith('"')]
+    header, row = None, None
+    for l in lines:
+        cells = [c.strip('"') for c in l.split('","')]
+        if cells[0] == "test":
+            header = cells
+        elif header:
+            row = dict(zip(header, cells))
+    if not row:
+        return None
+
+    def num(k):
+        try:
+            return float(row[k])
+        except (KeyError, ValueError):
+            return None  # older redis-benchmark: no percentiles in the CSV
+
+    rps = num("rps")
+    n = re.search(r"-n (\d+)", open(path, encoding="utf-8", errors="replace").read())
+    return {
+        "throughput_rps": rps,
+        "p50_ms": num("p50_latency_ms"),
+        "p99_ms": num("p99_latency_ms"),
+        "requests": int(n.group(1)) if n else None,
+        "duration_s": round(int(n.group(1)) / rps, 3) if n and rps else None,
+        "errors": 0,  # redis-benchmark stops on errors rather than counting them
+    }
+
+
+# --- assembling ----------------------------------------------------------------------------------
+
+
+def read_meta(path):
+    meta = {}
+    for line in open(path, encoding="utf-8", errors="replace"):
+        line = line.rstrip("\n")
+        if "=" in line:
+            k, v = line.split("=", 1)
+            meta[k] = v
+    return meta
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def fmt(v, spec, width):
+    return (format(v, spec) if v is not None else "n/a").rjust(width)
+
+
+def fmt_rps(v, width=8):
+    return fmt(round(v) if v is not None else None, ",d", width)
+
+
+def fmt_ratio(v, width=6):
+    return ((f"{v:.2f}x") if v is not None else "n/a").rjust(width)
+
+
+def main():
+    work, results_dir = sys.argv[1], sys.argv[2]
+    meta = read_meta(os.path.join(work, "meta.env"))
+    clk_tck = int(meta.get("clk_tck", "100"))
+    runs = {}
+    for line in open(os.path.join(work, "manifest.tsv"), encoding="utf-8"):
+        tool, scen, conns, raw, extra = line.rstrip("\n").split("\t")
+        conns = int(conns)
+        if tool == "sidecar":
+            r = parse_wrk(raw, int(extra) if extra not in ("", "-") else None, clk_tck)
+        elif tool == "pgbench":
+            r = parse_pgbench(raw, extra)
+        else:
+            r = parse_redis(raw)
+        if r is None:
+            print(f"report: could not parse {raw}", file=sys.stderr)
+        runs[(scen, conns, tool)] = r
+
+    conn_list = sorted({k[1] for k in runs})
+    rows = []
+    for conns in conn_list:
+        for scen, label in SCENARIOS:
+            entry = {"scenario": scen, "label": label, "connections": conns}
+            for tool in TOOLS:
+                entry[tool] = runs.get((scen, conns, tool))
+            sc, pg, rd = (entry[t] or {} for t in TOOLS)
+            entry["ratios"] = {
+                "sidecar_over_pgbench_throughput": ratio(sc.get("throughput_rps"), pg.get("throughput_rps")),
+                "sidecar_over_pgbench_p50": ratio(sc.get("p50_ms"), pg.get("p50_ms")),
+                "sidecar_over_pgbench_p99": ratio(sc.get("p99_ms"), pg.get("p99_ms")),
+                "sidecar_over_redis_throughput": ratio(sc.get("throughput_rps"), rd.get("throughput_rps")),
+                "sidecar_over_redis_p50": ratio(sc.get("p50_ms"), rd.get("p50_ms")),
+                "sidecar_over_redis_p99": ratio(sc.get("p99_ms"), rd.get("p99_ms")),
+            }
+            rows.append(entry)
+
+    def get(scen, conns, tool, key):
+        r = runs.get((scen, conns, tool))
+        return r.get(key) if r else None
+
+    # --- the table ---
+    out = []
+    seconds = meta.get("seconds", "?")
+    out.append(
+        f"pgsidecar benchmark, {meta.get('timestamp', '')}: {seconds} s per run"
+        + (" (BENCH_QUICK)" if meta.get("quick") == "1" else "")
+        + f", {meta.get('rows', '100000')} rows, warm-up {meta.get('warmup', '?')} s"
+    )
+    out.append(
+        f"machine: {meta.get('nproc')} CPUs ({meta.get('cpu_model')}), {meta.get('mem_total')}, "
+        f"Linux {meta.get('kernel')}; load average before/after: {meta.get('loadavg_start')} / {meta.get('loadavg_end')}"
+    )
+    out.append(
+        f"PostgreSQL {meta.get('pg_version')}, {meta.get('redis_version')}, {meta.get('wrk_version')}, "
+        f"sidecar {meta.get('git_commit')}"
+    )
+    out.append("")
+    head1 = (
+        f"{'scenario':<17}{'conn':>4} | {'sidecar':^30} | {'pgbench (direct SQL)':^30} | {'redis-benchmark':^30} |"
+        f" {'sidecar/pgbench':^15} | {'sidecar/redis':^15} | {'sidecar':>8}"
+    )
+    sub = f"{'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}"
+    head2 = (
+        f"{'':<17}{'':>4} | {sub} | {sub} | {sub} | {'req/s':>7} {'p50':>7} | {'req/s':>7} {'p50':>7} | {'CPU µs/r':>8}"
+    )
+    out += [head1, head2, "-" * len(head2)]
+
+    def cells(r):
+        if not r:
+            return f"{'n/a':>10} {'n/a':>9} {'n/a':>9}"
+        flag = "!" if r.get("errors") else " "
+        return f"{fmt_rps(r.get('throughput_rps'), 9)}{flag} {fmt(r.get('p50_ms'), '.3f', 9)} {fmt(r.get('p99_ms'), '.3f', 9)}"
+
+    for e in rows:
+        ra = e["ratios"]
+        cpu = (e["sidecar"] or {}).get("cpu_us_per_request")
+        out.append(
+            f"{e['label']:<17}{e['connections']:>4} | {cells(e['sidecar'])} | {cells(e['pgbench'])} | {cells(e['redis'])} |"
+            f" {fmt_ratio(ra['sidecar_over_pgbench_throughput'], 7)} {fmt_ratio(ra['sidecar_over_pgbench_p50'], 7)} |"
+            f" {fmt_ratio(ra['sidecar_over_redis_throughput'], 7)} {fmt_ratio(ra['sidecar_over_redis_p50'], 7)} |"
+            f" {fmt(cpu, '.1f', 8)}"
+        )
+    out.append("")
+
+    peak_kib = int(meta["sidecar_peak_rss_kib"]) if meta.get("sidecar_peak_rss_kib", "").isdigit() else None
+    peak_mib = peak_kib / 1024 if peak_kib is not None else None
+    cpu_runs = [(e["label"], e["connections"], e["sidecar"]["cpu_us_per_request"]) for e in rows
+                if e["sidecar"] and e["sidecar"].get("cpu_us_per_request") is not None]
+    total_cpu = sum(e["sidecar"].get("cpu_seconds", 0) for e in rows if e["sidecar"])
+    total_req = sum(e["sidecar"].get("requests", 0) for e in rows if e["sidecar"] and "cpu_seconds" in e["sidecar"])
+    overall_cpu = total_cpu / total_req * 1e6 if total_req else None
+    worst_cpu = max(cpu_runs, key=lambda t: t[2]) if cpu_runs else None
+    errors = [(e["label"], e["connections"], t, e[t]["errors"]) for e in rows for t in TOOLS if e[t] and e[t].get("errors")]
+
+    notes = [
+        "req/s: completed requests (or transactions) per second; p50/p99: per-request latency seen by the client.",
+        "ratios: sidecar value divided by the baseline's (req/s above 1 = sidecar faster; p50 below 1 = sidecar faster).",
+        "sidecar: wrk over HTTP/1.1 keep-alive; CPU µs/r = sidecar process utime+stime during the run / requests.",
+        "pgbench: -M prepared, one statement per transaction, -n; p50/p99 from its per-transaction --log.",
+        "pgbench session validate derives each token and its SHA-256 in SQL (no helper-table join); a few µs of"
+        " extra server CPU per query on the baseline's side.",
+        "redis-benchmark: -P 1 -r 100000 -d 1024, all GETs are hits; there is no Redis session scenario.",
+        "all three share this machine's CPUs with their load generator; Postgres runs with fsync and synchronous_commit on.",
+        f"sidecar peak RSS (VmHWM over the whole run): {fmt(peak_mib, '.1f', 0)} MiB; log written: "
+        f"{int(meta.get('sidecar_log_bytes', '0')) / 1e6:.1f} MB (default log level info: one access-log line per request).",
+    ]
+    if errors:
+        notes.append("runs with errors (marked !): " + ", ".join(f"{l} @{c} {t}: {n}" for l, c, t, n in errors))
+    if meta.get("redis_keyspace_misses", "0") not in ("0", ""):
+        notes.append(f"redis GET misses: {meta['redis_keyspace_misses']} (expected 0)")
+    out.append("notes:")
+    out += ["  - " + n for n in notes]
+    out.append("")
+
+    # --- the issue's targets ---
+    targets = []
+
+    def target(name, goal, measured_text, met, stretch=False):
+        targets.append({"target": name, "goal": goal, "measured": measured_text,
+                        "met": met, "stretch": stretch})
+
+    for scen, label, need in (("cache_get", "cache GET", 1.3), ("session_get", "session validation", 1.3),
+                              ("cache_put", "cache PUT", 1.5)):
+        r = ratio(get(scen, 64, "sidecar", "throughput_rps"), get(scen, 64, "pgbench", "throughput_rps"))
+        target(f"{label} @64 throughput vs pgbench", f">= {need:.1f}x", fmt_ratio(r, 0), None if r is None else r >= need)
+    sp, pp = get("cache_get", 1, "sidecar", "p50_ms"), get("cache_get", 1, "pgbench", "p50_ms")
+    target("cache GET @1 p50 vs pgbench p50 + 0.06 ms", "<= pgbench + 0.060 ms",
+           f"{sp:.3f} ms vs {pp + 0.06:.3f} ms (pgbench {pp:.3f})" if sp is not None and pp is not None else "n/a",
+           None if sp is None or pp is None else sp <= pp + 0.06)
+    target("sidecar peak RSS", "<= 30 MiB", f"{peak_mib:.1f} MiB" if peak_mib is not None else "n/a",
+           None if peak_mib is None else peak_mib <= 30)
+    target("sidecar CPU per request (worst scenario)", "<= 15 µs",
+           f"{worst_cpu[2]:.1f} µs ({worst_cpu[0]} @{worst_cpu[1]}); all runs {overall_cpu:.1f} µs" if worst_cpu else "n/a",
+           None if worst_cpu is None else worst_cpu[2] <= 15)
+    r = ratio(get("cache_get", 64, "sidecar", "throughput_rps"), get("cache_get", 64, "redis", "throughput_rps"))
+    target("stretch: cache GET @64 throughput vs Redis GET", ">= 1.00x", fmt_ratio(r, 0), None if r is None else r >= 1.0, True)
+
+    out.append("targets (from the issue; a benchmark reports, it does not fail):")
+    w = max(len(t["target"]) for t in targets)
+    for t in targets:
+        status = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        out.append(f"  {t['target']:<{w}}  {t['goal']:<22}  {t['measured']:<44}  {status}")
+
+    text = "\n".join(out)
+    print(text)
+
+    record = {
+        "timestamp": meta.get("timestamp"),
+        "quick": meta.get("quick") == "1",
+        "seconds_per_run": int(seconds) if str(seconds).isdigit() else seconds,
+        "warmup_seconds": meta.get("warmup"),
+        "rows": int(meta.get("rows", "100000")),
+        "machine": {
+            "nproc": int(meta["nproc"]) if meta.get("nproc", "").isdigit() else meta.get("nproc"),
+            "cpu_model": meta.get("cpu_model"),
+            "mem_total": meta.get("mem_total"),
+            "kernel": meta.get("kernel"),
+            "loadavg_start": meta.get("loadavg_start"),
+            "loadavg_end": meta.get("loadavg_end"),
+        },
+        "versions": {
+            "postgres": meta.get("pg_version"),
+            "postgres_full": meta.get("pg_version_full"),
+            "redis": meta.get("redis_version"),
+            "wrk": meta.get("wrk_version"),
+            "pgbench": meta.get("pgbench_version"),
+            "sidecar_commit": meta.get("git_commit"),
+            "sidecar_binary_sha256": meta.get("sidecar_sha256"),
+        },
+        "postgres_settings": meta.get("pg_settings"),
+        "sidecar": {
+            "peak_rss_kib": peak_kib,
+            "rss_at_end_kib": int(meta["sidecar_rss_end_kib"]) if meta.get("sidecar_rss_end_kib", "").isdigit() else None,
+            "cpu_us_per_request_all_runs": overall_cpu,
+            "log_bytes": int(meta.get("sidecar_log_bytes", "0")),
+        },
+        "scenarios": rows,
+        "targets": targets,
+        "notes": notes,
+    }
+    os.makedirs(results_dir, exist_ok=True)
+    stamp = re.sub(r"[^0-9A-Za-z]", "", meta.get("timestamp", "unknown"))
+    name = stamp + ("-quick" if record["quick"] else "") + ".json"
+    for path in (os.path.join(results_dir, name), os.path.join(results_dir, "latest.json")):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    with open(os.path.join(results_dir, "latest.txt"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(f"\nwritten: {os.path.join(results_dir, name)} and latest.json, latest.txt", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+//! Batching must not change any answer: concurrent mixed GET/PUT/DELETE/_mget on overlapping
+//! keys, every answer checked against what a sequential execution could have produced.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Put { key: usize, value: String },
+    Delete { key: usize },
+    /// `None` = 404.
+    Get { key: usize, seen: Option<String> },
+}
+
+#[derive(Debug, Clone)]
+struct Done {
+    op: Op,
+    start: Duration,
+    end: Duration,
+}
+
+const KEYS: usize = 6;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_mixed_operations_match_a_sequential_model() {
+    // A small pool and few in-flight batches, so requests queue and batches really form.
+    let s = Arc::new(
+        Sidecar::builder()
+            .env("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "4")
+            .env("PGSIDECAR_BATCH__MAX_IN_FLIGHT", "2")
+            .start()
+            .await,
+    );
+    let base = Instant::now();
+    let log = Arc::new(std::sync::Mutex::new(Vec::<Done>::new()));
+    let mut tasks = Vec::new();
+    for worker in 0..32 {
+        let s = s.clone();
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25u64 {
+                let pick = (worker * 7919 + i * 104729) % 100;
+                let key = ((worker as u64 * 31 + i * 17) % KEYS as u64) as usize;
+                let start = base.elapsed();
+                let op = if pick < 35 {
+                    let value = format!("{{\"w\":{worker},\"i\":{i}}}");
+                    let r = s.put_cache(&format!("k{key}"), &value, "").await;
+                    assert_eq!(r.status(), 204);
+                    Op::Put { key, value }
+                } else if pick < 45 {
+                    let r = s.http.delete(s.url(&format!("/v1/cache/k{key}"))).send().await.unwrap();
+                    assert_eq!(r.status(), 204);
+                    Op::Delete { key }
+                } else if pick < 80 {
+                    let r = s.get_cache(&format!("k{key}")).await;
+                    let seen = match r.status().as_u16() {
+                        200 => Some(r.text().await.unwrap()),
+                        404 => None,
+                        other => panic!("GET answered {other}"),
+                    };
+                    Op::Get { key, seen }
+                } else {
+                    // An _mget counts as a read of each of its keys, all within its window.
+                    let other = (key + 1) % KEYS;
+                    let r = s.post_json("/v1/cache/_mget", &json!({"keys": [format!("k{key}"), format!("k{other}"), format!("k{key}")]})).await;
+                    assert_eq!(r.status(), 200);
+                    let v: Value = r.json().await.unwrap();
+                    let end = base.elapsed();
+                    let mut l = log.lock().unwrap();
+                    for k in [key, other] {
+                        let seen = v["hits"].get(format!("k{k}")).map(|x| x.to_string());
+                        l.push(Done { op: Op::Get { key: k, seen }, start, end });
+                    }
+                    continue;
+                };
+                let end = base.elapsed();
+                log.lock().unwrap().push(Done { op, start, end });
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    check(&log);
+    assert!(log.len() >= 800);
+
+    // Batches did form under this load.
+    let metrics = s.http.get(s.ops_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let batched = metrics
+        .lines()
+        .filter(|l| l.starts_with("pgsidecar_db_batch_size_bucket{operation=\"cache_get\",le=\"1\"}") || l.starts_with("pgsidecar_db_batch_size_count{operation=\"cache_get\"}"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(batched.len(), 2, "{metrics}");
+    eprintln!("cache_get batches: {} of size 1 out of {}", batched[0], batched[1]);
+}
+
+/// Panics on an answer no sequential execution could give. Writes carry unique values; each
+/// operation happened somewhere inside its [start, end] window.
+fn check(log: &[Done]) {
+    let mut writes: HashMap<(usize, String), &Done> = HashMap::new();
+    for d in log {
+        if let Op::Put { key, value } = &d.op {
+            let norm: Value = serde_json::from_str(value).unwrap();
+            writes.insert((*key, norm.to_string()), d);
+        }
+    }
+    let writers_of = |key: usize| log.iter().filter(move |d| matches!(&d.op, Op::Put { key: k, .. } | Op::Delete { key: k } if *k == key));
+    for read in log {
+        let Op::Get { key, seen } = &read.op else { continue };
+        match seen {
+            Some(text) => {
+                let norm: Value = serde_json::from_str(text).unwrap();
+                let w = writes
+                    .get(&(*key, norm.to_string()))
+                    .unwrap_or_else(|| panic!("k{key}: read {text}, which was never written"));
+                assert!(w.start <= read.end, "k{key}: read {text} before it was written");
+                // Overwritten for sure before the read began?
+                for o in writers_of(*key) {
+                    if std::ptr::eq(o, *w) {
+                        continue;
+                    }
+                    assert!(
+                        !(o.start > w.end && o.end < read.start),
+                        "k{key}: read stale {text}: {:?} replaced it before the read started",
+                        o.op
+                    );
+                }
+            }
+            None => {
+                // Absent: every write finished before the read must have a delete that may follow it.
+                for w in writers_of(*key).filter(|d| matches!(d.op, Op::Put { .. }) && d.end < read.start) {
+                    let deleted_after = writers_of(*key).any(|o| {
+                        matches!(o.op, Op::Delete { .. }) && o.start < read.end && o.end > w.start
+                    });
+                    assert!(deleted_after, "k{key}: 404, but {:?} finished before the read and nothing deleted it", w.op);
+                }
+            }
+        }
+    }
+}

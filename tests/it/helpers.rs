@@ -1,0 +1,311 @@
+//! Test helpers: a fresh database per test, and the real `pgsidecar` binary started on port 0.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::{Connection, Executor, PgConnection};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pgsidecar");
+
+/// The server the suite runs against (scripts/test.sh starts one and exports it).
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL").expect("DATABASE_URL must point at a PostgreSQL superuser (scripts/test.sh sets it)")
+}
+
+/// Replaces the database name of a postgres:// URL.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// Creates an empty database with a unique name and returns its URL.
+pub async fn fresh_db() -> String {
+    fresh_db_on(&admin_url()).await
+}
+
+pub async fn fresh_db_on(admin: &str) -> String {
+    let name = format!("pgsidecar_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect(admin).await.expect("connect to the admin database");
+    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .expect("create test database");
+    with_database(admin, &name)
+}
+
+/// Lines the sidecar wrote on stdout.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<String>>>);
+
+impl Logs {
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+    pub fn json(&self) -> Vec<Value> {
+        self.lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}")))
+            .collect()
+    }
+    pub fn contains(&self, needle: &str) -> bool {
+        self.lines().iter().any(|l| l.contains(needle))
+    }
+    /// Waits until a line containing `needle` appears.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if self.contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+pub struct Builder {
+    env: Vec<(String, String)>,
+    db: Option<String>,
+    wait_ready: bool,
+}
+
+impl Builder {
+    pub fn env(mut self, k: &str, v: impl ToString) -> Self {
+        self.env.retain(|(key, _)| key != k);
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+    pub fn db(mut self, url: &str) -> Self {
+        self.db = Some(url.to_string());
+        self
+    }
+    pub fn no_wait(mut self) -> Self {
+        self.wait_ready = false;
+        self
+    }
+
+    pub async fn start(self) -> Sidecar {
+        let db = match self.db {
+            Some(d) => d,
+            None => fresh_db().await,
+        };
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOSTNAME", "test-host")
+            .env("DATABASE_URL", &db)
+            .env("PGSIDECAR_SERVER__DATA_LISTEN", "127.0.0.1:0")
+            .env("PGSIDECAR_SERVER__OPS_LISTEN", "127.0.0.1:0")
+            .env("PGSIDECAR_HEALTH__INTERVAL_MS", "200")
+            .env("PGSIDECAR_SHUTDOWN__DRAIN_SECONDS", "0")
+            .env("PGSIDECAR_SHUTDOWN__GRACE_SECONDS", "5")
+            .env("PGSIDECAR_DATABASE__MIN_CONNECTIONS", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start pgsidecar");
+        let logs = Logs::default();
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(t) = &tx
+                    && line.contains("\"pgsidecar started\"")
+                {
+                    let v: Value = serde_json::from_str(&line).unwrap();
+                    let _ = t.send((v["data_listen"].as_str().unwrap().to_string(), v["ops_listen"].as_str().unwrap().to_string()));
+                    tx = None;
+                }
+                sink.0.lock().unwrap().push(line);
+            }
+        });
+        let stderr = child.stderr.take().unwrap();
+        let errors = Arc::new(Mutex::new(String::new()));
+        let err_sink = errors.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                err_sink.lock().unwrap().push_str(&line);
+            }
+        });
+        let (data, ops) = rx
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|_| panic!("pgsidecar did not start; stderr: {}", errors.lock().unwrap()));
+        let sidecar = Sidecar {
+            child,
+            data: format!("http://{data}"),
+            ops: format!("http://{ops}"),
+            logs,
+            db,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(),
+        };
+        if self.wait_ready {
+            sidecar.wait_ready(Duration::from_secs(20)).await;
+        }
+        sidecar
+    }
+}
+
+/// A running sidecar process, killed on drop.
+pub struct Sidecar {
+    pub child: Child,
+    /// Base URL of the data API.
+    pub data: String,
+    /// Base URL of the ops API.
+    pub ops: String,
+    pub logs: Logs,
+    /// URL of the sidecar's own database.
+    pub db: String,
+    pub http: reqwest::Client,
+}
+
+impl Sidecar {
+    pub fn builder() -> Builder {
+        Builder {
+            env: Vec::new(),
+            db: None,
+            wait_ready: true,
+        }
+    }
+
+    /// A sidecar on a fresh database, ready to serve.
+    pub async fn start() -> Sidecar {
+        Self::builder().start().await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.data)
+    }
+
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("{}{path}", self.ops)
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self.http.get(self.ops_url("/ready")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < until, "sidecar not ready in time; logs:\n{}", self.logs.lines().join("\n"));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn sigterm(&self) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// A connection to the sidecar's database with the sidecar's schema on the search path.
+    pub async fn sql(&self) -> PgConnection {
+        let mut c = PgConnection::connect(&self.db).await.unwrap();
+        c.execute("SET search_path = pgsidecar").await.unwrap();
+        c
+    }
+
+    // Shorthands for the data API.
+
+    pub async fn put_cache(&self, key: &str, body: &str, query: &str) -> reqwest::Response {
+        self.http
+            .put(self.url(&format!("/v1/cache/{}{query}", enc(key))))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get_cache(&self, key: &str) -> reqwest::Response {
+        self.http.get(self.url(&format!("/v1/cache/{}", enc(key)))).send().await.unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http.post(self.url(path)).json(body).send().await.unwrap()
+    }
+
+    /// Creates a session and returns (token, session).
+    pub async fn create_session(&self, body: Value) -> (String, Value) {
+        let r = self.post_json("/v1/sessions", &body).await;
+        assert_eq!(r.status(), 201, "create session");
+        let v: Value = r.json().await.unwrap();
+        (v["token"].as_str().unwrap().to_string(), v["session"].clone())
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Percent-encodes a path segment (everything but unreserved characters).
+pub fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Asserts the response is a JSON error with this status and code; returns the body.
+pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> Value {
+    let got = r.status().as_u16();
+    let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let text = r.text().await.unwrap();
+    assert_eq!(got, status, "status for body {text}");
+    assert!(ct.starts_with("application/json"), "content type {ct} for body {text}");
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}"));
+    assert_eq!(v["error"]["code"], code, "error code in {text}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "message in {text}");
+    v
+}
+
+/// Runs the binary to completion with the given env and args; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .expect("run pgsidecar");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
