@@ -162,7 +162,8 @@ tok1=$(head -n 1 "$WORK/tokens.txt")
 [ "$(code "$DATA_URL/v1/sessions/$tok1")" = 200 ] || die "GET /v1/sessions/<token 1> is not 200"
 [ "$(code -X PUT -H 'Content-Type: application/json' --data-binary "{\"id\":1,\"payload\":\"$PAYLOAD\"}" \
   "$DATA_URL/v1/cache/k1?ttl_seconds=3600")" = 204 ] || die "PUT /v1/cache/k1 is not 204"
-pgb_sql() { grep -v -e '^\\' -e '^--' "bench/pgbench/$1.sql" | sed -e 's/:k\b/42/g' -e "s/:payload\b/$PAYLOAD/g"; }
+# pgbench sends :k and :payload as bound parameters; psql gets them as literals.
+pgb_sql() { grep -v -e '^\\' -e '^--' "bench/pgbench/$1.sql" | sed -e 's/:k\b/42/g' -e "s/:payload\b/'$PAYLOAD'/g"; }
 [ "$(pgb_sql cache_get | psql_q | wc -l)" -eq 1 ] || die "pgbench/cache_get.sql finds no row"
 [ "$(pgb_sql session_get | psql_q | wc -l)" -eq 1 ] || die "pgbench/session_get.sql finds no row"
 [ "$(pgb_sql cache_put | "$PSQL" "${PG_CONN[@]}" -d postgres -X -At -v ON_ERROR_STOP=1)" = "INSERT 0 1" ] \

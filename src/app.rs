@@ -33,11 +33,29 @@ pub struct Telemetry {
 impl Application {
     /// Binds both listeners first, so port 0 works and a busy port fails before anything starts.
     pub fn bind(settings: Settings) -> std::io::Result<Self> {
-        let data = Listener::bind(&settings.server.data_listen)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind server.data_listen {}: {e}", settings.server.data_listen)))?;
-        let ops = Listener::bind(&settings.server.ops_listen)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind server.ops_listen {}: {e}", settings.server.ops_listen)))?;
-        Ok(Self { settings, data, ops })
+        let data = Listener::bind(&settings.server.data_listen).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot bind server.data_listen {}: {e}",
+                    settings.server.data_listen
+                ),
+            )
+        })?;
+        let ops = Listener::bind(&settings.server.ops_listen).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot bind server.ops_listen {}: {e}",
+                    settings.server.ops_listen
+                ),
+            )
+        })?;
+        Ok(Self {
+            settings,
+            data,
+            ops,
+        })
     }
 
     pub fn data_addr(&self) -> String {
@@ -49,8 +67,16 @@ impl Application {
     }
 
     /// Runs until SIGTERM/SIGINT or until `lifecycle` is stopped by the caller.
-    pub async fn run_until_stopped(self, lifecycle: Lifecycle, telemetry: Telemetry) -> Result<(), String> {
-        let Self { settings, data, ops } = self;
+    pub async fn run_until_stopped(
+        self,
+        lifecycle: Lifecycle,
+        telemetry: Telemetry,
+    ) -> Result<(), String> {
+        let Self {
+            settings,
+            data,
+            ops,
+        } = self;
         let data_addr = data.local_addr();
         let ops_addr = ops.local_addr();
         let store = Store::new(&settings).map_err(|e| e.to_string())?;
@@ -66,7 +92,11 @@ impl Application {
         );
 
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(bootstrap(store.clone(), settings.clone(), lifecycle.clone())));
+        tasks.push(tokio::spawn(bootstrap(
+            store.clone(),
+            settings.clone(),
+            lifecycle.clone(),
+        )));
         tasks.push(tokio::spawn(ops::health::run(
             health.clone(),
             Prober::new(store.clone(), settings.health.clone()),
@@ -75,7 +105,11 @@ impl Application {
             telemetry.prometheus.clone(),
         )));
         if settings.cleanup.enabled {
-            let holder = format!("{service_id}:{}:{:08x}", std::process::id(), rand::rng().random::<u32>());
+            let holder = format!(
+                "{service_id}:{}:{:08x}",
+                std::process::id(),
+                rand::rng().random::<u32>()
+            );
             tasks.push(tokio::spawn(cleanup::run(
                 store.clone(),
                 holder,
@@ -105,8 +139,13 @@ impl Application {
         std::thread::Builder::new()
             .name("pgsidecar-ops".into())
             .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt.block_on(serve(ops, ops_router, header_timeout, ops_lifecycle, grace)),
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => {
+                        rt.block_on(serve(ops, ops_router, header_timeout, ops_lifecycle, grace))
+                    }
                     Err(e) => tracing::error!(error = %e, "cannot start the ops runtime"),
                 }
                 let _ = ops_done_tx.send(());
@@ -114,7 +153,13 @@ impl Application {
             .map_err(|e| format!("cannot start the ops thread: {e}"))?;
 
         let data_router = crate::api::router(store.clone(), &settings);
-        let data_server = tokio::spawn(serve(data, data_router, header_timeout, lifecycle.clone(), grace));
+        let data_server = tokio::spawn(serve(
+            data,
+            data_router,
+            header_timeout,
+            lifecycle.clone(),
+            grace,
+        ));
 
         // Wait for a signal (or a stop from the embedding code, e.g. a test).
         tokio::select! {
@@ -128,7 +173,10 @@ impl Application {
             }
             _ = lifecycle.stopped() => {}
         }
-        tracing::info!(grace_seconds = settings.shutdown.grace_seconds, "no longer accepting connections; finishing in-flight requests");
+        tracing::info!(
+            grace_seconds = settings.shutdown.grace_seconds,
+            "no longer accepting connections; finishing in-flight requests"
+        );
         lifecycle.stop();
         let _ = data_server.await;
         let _ = tokio::time::timeout(grace + Duration::from_secs(1), ops_done).await;
@@ -137,7 +185,10 @@ impl Application {
         }
         let pool = store.pool().clone();
         drop(store);
-        if tokio::time::timeout(Duration::from_secs(5), pool.close()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), pool.close())
+            .await
+            .is_err()
+        {
             tracing::warn!("database pool did not close within 5 s");
         }
         tracing::info!("pgsidecar stopped");
@@ -166,12 +217,22 @@ async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle) {
         };
         match result {
             Ok(Ok(())) => {
-                tracing::info!(attempt, migrate_on_start = settings.database.migrate_on_start, "database ready: migrations applied");
+                tracing::info!(
+                    attempt,
+                    migrate_on_start = settings.database.migrate_on_start,
+                    "database ready: migrations applied"
+                );
                 store.warm_up(settings.database.min_connections).await;
                 return;
             }
-            Ok(Err(e)) => tracing::warn!(attempt, error = %crate::config::redact_url(&e.to_string()), retry_in_ms = delay.as_millis() as u64, "database not ready; retrying"),
-            Err(_) => tracing::warn!(attempt, retry_in_ms = delay.as_millis() as u64, "database did not answer within connect_timeout_seconds; retrying"),
+            Ok(Err(e)) => {
+                tracing::warn!(attempt, error = %crate::config::redact_url(&e.to_string()), retry_in_ms = delay.as_millis() as u64, "database not ready; retrying")
+            }
+            Err(_) => tracing::warn!(
+                attempt,
+                retry_in_ms = delay.as_millis() as u64,
+                "database did not answer within connect_timeout_seconds; retrying"
+            ),
         }
         let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));
         tokio::select! {

@@ -49,7 +49,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"[redacted]\"" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"[redacted]\""
+        })
     }
 }
 
@@ -158,9 +162,9 @@ impl ListenAddr {
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        raw.parse::<SocketAddr>()
-            .map(Self::Tcp)
-            .map_err(|_| format!("{raw:?} is not host:port (an IP address and a port) or unix:/path"))
+        raw.parse::<SocketAddr>().map(Self::Tcp).map_err(|_| {
+            format!("{raw:?} is not host:port (an IP address and a port) or unix:/path")
+        })
     }
 
     /// True for addresses only this machine can reach.
@@ -333,7 +337,9 @@ impl Settings {
         // Only PGSIDECAR_<SECTION>__<KEY> names are keys; PGSIDECAR_CONFIG names the file.
         // Values are parsed like TOML scalars ("20" is a number, "true" a bool).
         for (name, value) in env {
-            let Some(rest) = name.strip_prefix("PGSIDECAR_") else { continue };
+            let Some(rest) = name.strip_prefix("PGSIDECAR_") else {
+                continue;
+            };
             if !rest.contains("__") {
                 continue;
             }
@@ -348,7 +354,11 @@ impl Settings {
         }
         let settings: Settings = figment.extract().map_err(|e| {
             let key = e.path.join(".");
-            let key = if key.is_empty() { "config".to_string() } else { key };
+            let key = if key.is_empty() {
+                "config".to_string()
+            } else {
+                key
+            };
             ConfigError::new(&key, e.kind.to_string())
         })?;
         settings.validate()?;
@@ -367,36 +377,60 @@ impl Settings {
             ));
         }
         if matches!(s.ops_listen, ListenAddr::Unix(_)) {
-            return Err(ConfigError::new("server.ops_listen", "must be host:port (load balancers and Prometheus connect over TCP)"));
+            return Err(ConfigError::new(
+                "server.ops_listen",
+                "must be host:port (load balancers and Prometheus connect over TCP)",
+            ));
         }
         if !s.auth_token.is_empty() && s.auth_token.expose().len() < 16 {
-            return Err(ConfigError::new("server.auth_token", "must be at least 16 characters when set"));
+            return Err(ConfigError::new(
+                "server.auth_token",
+                "must be at least 16 characters when set",
+            ));
         }
         positive("server.request_timeout_ms", s.request_timeout_ms)?;
         positive("server.header_read_timeout_ms", s.header_read_timeout_ms)?;
-        positive("server.max_concurrent_requests", s.max_concurrent_requests as u64)?;
+        positive(
+            "server.max_concurrent_requests",
+            s.max_concurrent_requests as u64,
+        )?;
         if s.max_body_bytes < 1024 {
-            return Err(ConfigError::new("server.max_body_bytes", "must be at least 1024"));
+            return Err(ConfigError::new(
+                "server.max_body_bytes",
+                "must be at least 1024",
+            ));
         }
 
         let d = &self.database;
         let url = d.url.expose();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(ConfigError::new("database.url", "must start with postgres:// or postgresql://"));
+            return Err(ConfigError::new(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            ));
         }
-        if url
-            .parse::<sqlx::postgres::PgConnectOptions>()
-            .is_err()
-        {
-            return Err(ConfigError::new("database.url", "is not a valid PostgreSQL URL"));
+        if url.parse::<sqlx::postgres::PgConnectOptions>().is_err() {
+            return Err(ConfigError::new(
+                "database.url",
+                "is not a valid PostgreSQL URL",
+            ));
         }
         if d.max_connections == 0 || d.max_connections > 1000 {
-            return Err(ConfigError::new("database.max_connections", "must be between 1 and 1000"));
+            return Err(ConfigError::new(
+                "database.max_connections",
+                "must be between 1 and 1000",
+            ));
         }
         if d.min_connections > d.max_connections {
-            return Err(ConfigError::new("database.min_connections", "must not exceed database.max_connections"));
+            return Err(ConfigError::new(
+                "database.min_connections",
+                "must not exceed database.max_connections",
+            ));
         }
-        positive("database.connect_timeout_seconds", d.connect_timeout_seconds)?;
+        positive(
+            "database.connect_timeout_seconds",
+            d.connect_timeout_seconds,
+        )?;
         positive("database.acquire_timeout_ms", d.acquire_timeout_ms)?;
         positive("database.statement_timeout_ms", d.statement_timeout_ms)?;
         if !is_identifier(&d.schema) {
@@ -407,29 +441,50 @@ impl Settings {
         }
 
         if !(1..=10_000).contains(&self.batch.max_size) {
-            return Err(ConfigError::new("batch.max_size", "must be between 1 and 10000"));
+            return Err(ConfigError::new(
+                "batch.max_size",
+                "must be between 1 and 10000",
+            ));
         }
         if self.batch.max_in_flight == 0 || self.batch.max_in_flight > d.max_connections as usize {
-            return Err(ConfigError::new("batch.max_in_flight", "must be between 1 and database.max_connections"));
+            return Err(ConfigError::new(
+                "batch.max_in_flight",
+                "must be between 1 and database.max_connections",
+            ));
         }
 
-        ttl("sessions.default_ttl_seconds", self.sessions.default_ttl_seconds)?;
-        positive("sessions.max_data_bytes", self.sessions.max_data_bytes as u64)?;
+        ttl(
+            "sessions.default_ttl_seconds",
+            self.sessions.default_ttl_seconds,
+        )?;
+        positive(
+            "sessions.max_data_bytes",
+            self.sessions.max_data_bytes as u64,
+        )?;
         ttl("cache.default_ttl_seconds", self.cache.default_ttl_seconds)?;
         positive("cache.max_value_bytes", self.cache.max_value_bytes as u64)?;
         if self.cache.max_value_bytes > s.max_body_bytes {
-            return Err(ConfigError::new("cache.max_value_bytes", "must not exceed server.max_body_bytes"));
+            return Err(ConfigError::new(
+                "cache.max_value_bytes",
+                "must not exceed server.max_body_bytes",
+            ));
         }
 
         positive("cleanup.interval_seconds", self.cleanup.interval_seconds)?;
         if !(1..=100_000).contains(&self.cleanup.batch_size) {
-            return Err(ConfigError::new("cleanup.batch_size", "must be between 1 and 100000"));
+            return Err(ConfigError::new(
+                "cleanup.batch_size",
+                "must be between 1 and 100000",
+            ));
         }
         positive("cleanup.lease_seconds", self.cleanup.lease_seconds as u64)?;
 
         let h = &self.health;
         if h.interval_ms < 100 {
-            return Err(ConfigError::new("health.interval_ms", "must be at least 100"));
+            return Err(ConfigError::new(
+                "health.interval_ms",
+                "must be at least 100",
+            ));
         }
         positive("health.check_timeout_ms", h.check_timeout_ms)?;
         for (key, v) in [
@@ -444,19 +499,36 @@ impl Settings {
         let mut names = std::collections::HashSet::new();
         for (i, u) in h.upstreams.iter().enumerate() {
             let key = format!("health.upstreams[{i}]");
-            if u.name.is_empty() || !u.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                return Err(ConfigError::new(&format!("{key}.name"), "must be non-empty and use only a-z, A-Z, 0-9, -, _, ."));
+            if u.name.is_empty()
+                || !u
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError::new(
+                    &format!("{key}.name"),
+                    "must be non-empty and use only a-z, A-Z, 0-9, -, _, .",
+                ));
             }
             if !names.insert(u.name.clone()) {
-                return Err(ConfigError::new(&format!("{key}.name"), format!("{:?} is used twice", u.name)));
+                return Err(ConfigError::new(
+                    &format!("{key}.name"),
+                    format!("{:?} is used twice", u.name),
+                ));
             }
             if !u.url.starts_with("http://") || u.url.parse::<hyper::Uri>().is_err() {
-                return Err(ConfigError::new(&format!("{key}.url"), "must be a plain http:// URL"));
+                return Err(ConfigError::new(
+                    &format!("{key}.url"),
+                    "must be a plain http:// URL",
+                ));
             }
             positive(&format!("{key}.timeout_ms"), u.timeout_ms)?;
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(ConfigError::new("log.level", format!("{:?} is not a level or tracing filter", self.log.level)));
+            return Err(ConfigError::new(
+                "log.level",
+                format!("{:?} is not a level or tracing filter", self.log.level),
+            ));
         }
         Ok(())
     }
@@ -480,7 +552,10 @@ fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
 
 fn ttl(key: &str, v: u32) -> Result<(), ConfigError> {
     if !(1..=MAX_TTL_SECONDS).contains(&v) {
-        return Err(ConfigError::new(key, format!("must be between 1 and {MAX_TTL_SECONDS}")));
+        return Err(ConfigError::new(
+            key,
+            format!("must be between 1 and {MAX_TTL_SECONDS}"),
+        ));
     }
     Ok(())
 }
@@ -489,7 +564,8 @@ fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && !s.starts_with(|c: char| c.is_ascii_digit())
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 #[cfg(test)]
@@ -497,7 +573,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -523,28 +602,47 @@ mod tests {
         .unwrap();
         assert_eq!(s.server.data_listen.to_string(), "127.0.0.1:0");
         assert_eq!(s.database.max_connections, 7);
-        assert_eq!(s.database.url.redacted(), "postgres://u:[redacted]@db:5432/app");
+        assert_eq!(
+            s.database.url.redacted(),
+            "postgres://u:[redacted]@db:5432/app"
+        );
         assert!(!s.redacted_json().to_string().contains("hunter2"));
     }
 
     #[test]
     fn numeric_secret_from_env_is_a_string() {
-        let s = Settings::load_from(None, &env(&[("PGSIDECAR_SERVER__AUTH_TOKEN", "12345678901234567890")])).unwrap();
+        let s = Settings::load_from(
+            None,
+            &env(&[("PGSIDECAR_SERVER__AUTH_TOKEN", "12345678901234567890")]),
+        )
+        .unwrap();
         assert_eq!(s.server.auth_token.expose(), "12345678901234567890");
         assert!(!s.redacted_json().to_string().contains("1234567890"));
     }
 
     #[test]
     fn public_data_listener_needs_a_secret() {
-        let e = Settings::load_from(None, &env(&[("PGSIDECAR_SERVER__DATA_LISTEN", "0.0.0.0:7070")])).unwrap_err();
+        let e = Settings::load_from(
+            None,
+            &env(&[("PGSIDECAR_SERVER__DATA_LISTEN", "0.0.0.0:7070")]),
+        )
+        .unwrap_err();
         assert_eq!(e.key, "server.data_listen");
     }
 
     #[test]
     fn bad_values_name_their_key() {
-        let e = Settings::load_from(None, &env(&[("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "many")])).unwrap_err();
+        let e = Settings::load_from(
+            None,
+            &env(&[("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "many")]),
+        )
+        .unwrap_err();
         assert_eq!(e.key, "database.max_connections");
-        let e = Settings::load_from(None, &env(&[("PGSIDECAR_DATABASE__SCHEMA", "Robert'); drop")])).unwrap_err();
+        let e = Settings::load_from(
+            None,
+            &env(&[("PGSIDECAR_DATABASE__SCHEMA", "Robert'); drop")]),
+        )
+        .unwrap_err();
         assert_eq!(e.key, "database.schema");
         let e = Settings::load_from(None, &env(&[("PGSIDECAR_SERVER__NOPE", "1")])).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
@@ -552,9 +650,18 @@ mod tests {
 
     #[test]
     fn redacts_passwords_in_urls() {
-        assert_eq!(redact_url("postgres://a:b@h/d"), "postgres://a:[redacted]@h/d");
+        assert_eq!(
+            redact_url("postgres://a:b@h/d"),
+            "postgres://a:[redacted]@h/d"
+        );
         assert_eq!(redact_url("postgres://a@h/d"), "postgres://a@h/d");
-        assert_eq!(redact_url("postgres://h/d?user=a&password=s3"), "postgres://h/d?user=a&password=[redacted]");
-        assert_eq!(redact_url("postgres://a:p%40ss@h:1/d"), "postgres://a:[redacted]@h:1/d");
+        assert_eq!(
+            redact_url("postgres://h/d?user=a&password=s3"),
+            "postgres://h/d?user=a&password=[redacted]"
+        );
+        assert_eq!(
+            redact_url("postgres://a:p%40ss@h:1/d"),
+            "postgres://a:[redacted]@h:1/d"
+        );
     }
 }

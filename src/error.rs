@@ -50,7 +50,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Db(DbError::Unavailable(_)) | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Db(DbError::Unavailable(_)) | Self::Db(DbError::Timeout) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -73,8 +75,12 @@ impl ApiError {
     /// The text sent to the client: never an internal cause.
     fn public_message(&self) -> String {
         match self {
-            Self::Db(DbError::Unavailable(_)) => "the database is unavailable; retry shortly".into(),
-            Self::Db(DbError::Timeout) => "the database did not answer in time; retry shortly".into(),
+            Self::Db(DbError::Unavailable(_)) => {
+                "the database is unavailable; retry shortly".into()
+            }
+            Self::Db(DbError::Timeout) => {
+                "the database did not answer in time; retry shortly".into()
+            }
             Self::Db(DbError::Other(_)) | Self::Internal => "internal error".into(),
             other => other.to_string(),
         }
@@ -88,17 +94,21 @@ impl IntoResponse for ApiError {
             // The one place a database failure behind a client error is logged.
             match e {
                 DbError::Other(cause) => tracing::error!(error = %cause, "database error"),
-                DbError::Unavailable(cause) => tracing::warn!(error = %cause, "database unavailable"),
+                DbError::Unavailable(cause) => {
+                    tracing::warn!(error = %cause, "database unavailable")
+                }
                 DbError::Timeout => tracing::warn!("database statement timed out"),
             }
         }
         let body = json!({"error": {"code": self.code(), "message": self.public_message()}});
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }
@@ -106,5 +116,9 @@ impl IntoResponse for ApiError {
 
 /// A JSON error body for a status produced outside our handlers (panic, unknown route).
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
 }

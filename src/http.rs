@@ -64,16 +64,27 @@ impl Listener {
 
 /// Serves `app` on `listener` until `lifecycle` stops, then lets in-flight requests finish for
 /// at most `grace`. Must run inside a tokio runtime.
-pub async fn serve(listener: Listener, app: Router, header_timeout: Duration, lifecycle: Lifecycle, grace: Duration) {
+pub async fn serve(
+    listener: Listener,
+    app: Router,
+    header_timeout: Duration,
+    lifecycle: Lifecycle,
+    grace: Duration,
+) {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
     let service = TowerToHyperService::new(app);
     let unix_path;
     match listener {
         Listener::Tcp(l) => {
             unix_path = None;
-            let Ok(l) = TcpListener::from_std(l) else { return };
+            let Ok(l) = TcpListener::from_std(l) else {
+                return;
+            };
             loop {
                 tokio::select! {
                     _ = lifecycle.stopped() => break,
@@ -92,7 +103,9 @@ pub async fn serve(listener: Listener, app: Router, header_timeout: Duration, li
         }
         Listener::Unix(l, path) => {
             unix_path = Some(path);
-            let Ok(l) = UnixListener::from_std(l) else { return };
+            let Ok(l) = UnixListener::from_std(l) else {
+                return;
+            };
             loop {
                 tokio::select! {
                     _ = lifecycle.stopped() => break,
@@ -108,8 +121,14 @@ pub async fn serve(listener: Listener, app: Router, header_timeout: Duration, li
         }
     }
     // The listener is dropped here: new connections are refused from now on.
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(grace_seconds = grace.as_secs(), "in-flight requests did not finish within the grace period");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_seconds = grace.as_secs(),
+            "in-flight requests did not finish within the grace period"
+        );
     }
     if let Some(path) = unix_path {
         let _ = std::fs::remove_file(path);
@@ -131,7 +150,8 @@ fn request_id(req: &Request) -> HeaderValue {
     {
         return v.clone();
     }
-    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("invalid"))
+    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        .unwrap_or(HeaderValue::from_static("invalid"))
 }
 
 fn method_label(m: &Method) -> &'static str {
@@ -185,11 +205,19 @@ pub fn finish_router(router: Router, listener: &'static str) -> Router {
     router
         .fallback(|| async { ApiError::NotFound("no such route").into_response() })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
-        .layer(axum::middleware::from_fn(move |req, next| access_log(listener, req, next)))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            access_log(listener, req, next)
+        }))
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("a request handler panicked; the process keeps serving");
-    error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
 }

@@ -14,7 +14,11 @@ use pgsidecar::store::Store;
 const EX_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "pgsidecar", version, about = "Sessions, cache, health and metrics for stateless app containers, on PostgreSQL")]
+#[command(
+    name = "pgsidecar",
+    version,
+    about = "Sessions, cache, health and metrics for stateless app containers, on PostgreSQL"
+)]
 struct Cli {
     /// Configuration file layered over the defaults (also PGSIDECAR_CONFIG).
     #[arg(long, global = true, env = "PGSIDECAR_CONFIG", value_name = "PATH")]
@@ -55,7 +59,10 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
-            println!("{}", serde_json::to_string_pretty(&settings.redacted_json()).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&settings.redacted_json()).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Command::Probe { what } => probe(&settings, what),
@@ -65,7 +72,9 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn serve(settings: Settings) -> ExitCode {
@@ -73,7 +82,10 @@ fn serve(settings: Settings) -> ExitCode {
     // Panics become JSON log lines like everything else. Only the location is logged: a panic
     // message may quote request data, which must never reach a log line.
     std::panic::set_hook(Box::new(|info| {
-        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         tracing::error!(location, "panic");
     }));
     let prometheus = match pgsidecar::metrics::install() {
@@ -118,7 +130,9 @@ fn serve(settings: Settings) -> ExitCode {
 
 fn migrate(settings: Settings) -> ExitCode {
     let log = pgsidecar::telemetry::init(&settings.log.level, std::io::stdout());
-    let Ok(rt) = runtime() else { return ExitCode::FAILURE };
+    let Ok(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
     let code = rt.block_on(async {
         let store = match Store::new(&settings) {
             Ok(s) => s,
@@ -150,7 +164,9 @@ fn migrate(settings: Settings) -> ExitCode {
 /// A minimal HTTP/1.0 GET on the local ops port: no client library, no shell, no curl needed.
 fn probe(settings: &Settings, what: ProbeKind) -> ExitCode {
     use std::io::{Read, Write};
-    let ListenAddr::Tcp(mut addr) = settings.server.ops_listen.clone() else { return ExitCode::FAILURE };
+    let ListenAddr::Tcp(mut addr) = settings.server.ops_listen.clone() else {
+        return ExitCode::FAILURE;
+    };
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
@@ -163,11 +179,18 @@ fn probe(settings: &Settings, what: ProbeKind) -> ExitCode {
         let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
         let mut head = [0u8; 12];
         s.read_exact(&mut head)?;
         Ok(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
     })()
     .unwrap_or(false);
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

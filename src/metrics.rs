@@ -27,7 +27,8 @@ pub const EXPIRED_ROWS_DELETED: &str = "pgsidecar_expired_rows_deleted_total";
 
 /// From 100 µs (a batched read on loopback) to 10 s (past every timeout).
 const LATENCY_BUCKETS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
@@ -45,21 +46,62 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
-    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by listener, method, route template and status.");
-    describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request latency, by listener, method and route template.");
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by listener, method, route template and status."
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP request latency, by listener, method and route template."
+    );
     describe_gauge!(HTTP_IN_FLIGHT, "Data API requests being handled right now.");
-    describe_counter!(HTTP_SHED, "Data API requests refused with 503 because max_concurrent_requests were in flight.");
-    describe_histogram!(DB_QUERY_DURATION, Unit::Seconds, "Database statement latency (one batch counts once), by operation.");
+    describe_counter!(
+        HTTP_SHED,
+        "Data API requests refused with 503 because max_concurrent_requests were in flight."
+    );
+    describe_histogram!(
+        DB_QUERY_DURATION,
+        Unit::Seconds,
+        "Database statement latency (one batch counts once), by operation."
+    );
     describe_counter!(DB_ERRORS, "Database statements that failed, by operation.");
-    describe_gauge!(DB_POOL_CONNECTIONS, "Open pooled database connections, by state (idle or in_use).");
+    describe_gauge!(
+        DB_POOL_CONNECTIONS,
+        "Open pooled database connections, by state (idle or in_use)."
+    );
     describe_gauge!(DB_POOL_MAX, "Most database connections the pool may open.");
-    describe_histogram!(BATCH_SIZE, "Requests served by one coalesced database statement, by operation.");
-    describe_gauge!(HEALTH_CHECK_UP, "1 when the health check passed (or only warned) at the last probe, else 0.");
-    describe_counter!(LOG_DROPPED, "Log lines dropped because stdout could not keep up.");
-    describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
-    describe_counter!(CACHE_REQUESTS, "Cache keys looked up, by operation (get, mget) and result (hit, miss).");
-    describe_counter!(SESSION_VALIDATIONS, "Session validations, by result (valid, not_found).");
+    describe_histogram!(
+        BATCH_SIZE,
+        "Requests served by one coalesced database statement, by operation."
+    );
+    describe_gauge!(
+        HEALTH_CHECK_UP,
+        "1 when the health check passed (or only warned) at the last probe, else 0."
+    );
+    describe_counter!(
+        LOG_DROPPED,
+        "Log lines dropped because stdout could not keep up."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which build runs."
+    );
+    describe_counter!(
+        CACHE_REQUESTS,
+        "Cache keys looked up, by operation (get, mget) and result (hit, miss)."
+    );
+    describe_counter!(
+        SESSION_VALIDATIONS,
+        "Session validations, by result (valid, not_found)."
+    );
     describe_counter!(SESSIONS_CREATED, "Sessions created.");
-    describe_counter!(SESSIONS_REVOKED, "Live sessions revoked (one by one or per user).");
-    describe_counter!(EXPIRED_ROWS_DELETED, "Expired rows deleted by the background cleanup, by table.");
+    describe_counter!(
+        SESSIONS_REVOKED,
+        "Live sessions revoked (one by one or per user)."
+    );
+    describe_counter!(
+        EXPIRED_ROWS_DELETED,
+        "Expired rows deleted by the background cleanup, by table."
+    );
 }

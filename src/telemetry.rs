@@ -58,8 +58,13 @@ pub fn init<W: Write + Send + 'static>(level: &str, sink: W) -> LogGuard {
         hostname: hostname(),
     };
     // A second init (tests that build several apps in one process) keeps the first subscriber.
-    let _ = tracing_subscriber::registry().with(layer.with_filter(filter)).try_init();
-    LogGuard { _guard: guard, dropped }
+    let _ = tracing_subscriber::registry()
+        .with(layer.with_filter(filter))
+        .try_init();
+    LogGuard {
+        _guard: guard,
+        dropped,
+    }
 }
 
 struct JsonLines {
@@ -77,14 +82,24 @@ impl<S: Subscriber> Layer<S> for JsonLines {
             "timestamp".into(),
             Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         );
-        line.insert("level".into(), Value::String(meta.level().as_str().to_ascii_lowercase()));
-        let message = fields.0.remove("message").unwrap_or(Value::String(String::new()));
+        line.insert(
+            "level".into(),
+            Value::String(meta.level().as_str().to_ascii_lowercase()),
+        );
+        let message = fields
+            .0
+            .remove("message")
+            .unwrap_or(Value::String(String::new()));
         line.insert("message".into(), message);
         line.insert("target".into(), Value::String(meta.target().to_string()));
         line.insert("hostname".into(), Value::String(self.hostname.clone()));
         for (k, v) in fields.0 {
             // Reserved names keep their meaning; an event field of the same name is prefixed.
-            let k = if line.contains_key(&k) { format!("field_{k}") } else { k };
+            let k = if line.contains_key(&k) {
+                format!("field_{k}")
+            } else {
+                k
+            };
             line.insert(k, v);
         }
         let mut bytes = serde_json::to_vec(&Value::Object(line)).unwrap_or_default();
@@ -107,7 +122,8 @@ impl Visit for FieldMap {
         self.0.insert(field.name().to_string(), v);
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_string(), Value::String(value.to_string()));
+        self.0
+            .insert(field.name().to_string(), Value::String(value.to_string()));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.0.insert(field.name().to_string(), Value::from(value));
@@ -122,6 +138,7 @@ impl Visit for FieldMap {
         self.0.insert(field.name().to_string(), Value::from(value));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.insert(field.name().to_string(), Value::String(value.to_string()));
+        self.0
+            .insert(field.name().to_string(), Value::String(value.to_string()));
     }
 }

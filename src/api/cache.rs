@@ -26,12 +26,22 @@ fn tag(raw: String) -> Result<Tag, ApiError> {
 }
 
 /// `GET /v1/cache/{key}`: the stored JSON as the body, expiry in `Expires`.
-pub async fn get(State(s): State<AppState>, PathParam(raw): PathParam<PARAM_KEY>) -> Result<Response, ApiError> {
+pub async fn get(
+    State(s): State<AppState>,
+    PathParam(raw): PathParam<PARAM_KEY>,
+) -> Result<Response, ApiError> {
     let key = key(raw)?;
-    let entry = s.store.cache_get(key).await?.ok_or(ApiError::NotFound("no such key, or it expired"))?;
+    let entry = s
+        .store
+        .cache_get(key)
+        .await?
+        .ok_or(ApiError::NotFound("no such key, or it expired"))?;
     let mut resp = entry.value.into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     let expires = httpdate::fmt_http_date(entry.expires_at.into());
     if let Ok(v) = HeaderValue::from_str(&expires) {
         h.insert(header::EXPIRES, v);
@@ -59,9 +69,11 @@ pub fn parse_ttl(raw: Option<&str>, default: u32) -> Result<u32, ApiError> {
 
 /// Checks that `body` is exactly one JSON value and returns it as text, trimmed.
 fn json_text(body: &[u8]) -> Result<String, ApiError> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not a JSON value: {e}")))?;
-    let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("invalid_json", "the body is not UTF-8"))?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("the body is not a JSON value: {e}"))
+    })?;
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("invalid_json", "the body is not UTF-8"))?;
     Ok(text.trim_matches([' ', '\t', '\r', '\n']).to_string())
 }
 
@@ -85,7 +97,10 @@ pub async fn put(
                 }
             }
             if tags.len() > Tag::MAX_PER_ENTRY {
-                return Err(ApiError::bad_request("invalid_tag", format!("at most {} tags per entry", Tag::MAX_PER_ENTRY)));
+                return Err(ApiError::bad_request(
+                    "invalid_tag",
+                    format!("at most {} tags per entry", Tag::MAX_PER_ENTRY),
+                ));
             }
             tags
         }
@@ -109,7 +124,10 @@ pub async fn put(
 }
 
 /// `DELETE /v1/cache/{key}`: 204 whether or not it existed.
-pub async fn delete(State(s): State<AppState>, PathParam(raw): PathParam<PARAM_KEY>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(s): State<AppState>,
+    PathParam(raw): PathParam<PARAM_KEY>,
+) -> Result<StatusCode, ApiError> {
     let key = key(raw)?;
     s.store.cache_delete(&key).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -125,7 +143,10 @@ struct MgetBody {
 pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
     let req: MgetBody = parse_json(&body)?;
     if req.keys.is_empty() || req.keys.len() > MAX_MGET_KEYS {
-        return Err(ApiError::bad_request("invalid_keys", format!("keys must hold 1 to {MAX_MGET_KEYS} keys")));
+        return Err(ApiError::bad_request(
+            "invalid_keys",
+            format!("keys must hold 1 to {MAX_MGET_KEYS} keys"),
+        ));
     }
     let mut keys = Vec::with_capacity(req.keys.len());
     let mut seen = std::collections::HashSet::new();
@@ -145,7 +166,12 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
             None => misses.push(k.as_str()),
         }
     }
-    let mut out = Vec::with_capacity(64 + hits.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>());
+    let mut out = Vec::with_capacity(
+        64 + hits
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>(),
+    );
     out.extend_from_slice(b"{\"hits\":{");
     for (i, (k, v)) in hits.iter().enumerate() {
         if i > 0 {
@@ -158,7 +184,14 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
     out.extend_from_slice(b"},\"misses\":");
     serde_json::to_writer(&mut out, &misses).map_err(|_| ApiError::Internal)?;
     out.push(b'}');
-    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], out).into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        out,
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -167,9 +200,15 @@ pub struct PrefixParams {
 }
 
 /// `DELETE /v1/cache?prefix=P`: `{"deleted": n}`.
-pub async fn delete_prefix(State(s): State<AppState>, QueryParams(q): QueryParams<PrefixParams>) -> Result<Response, ApiError> {
+pub async fn delete_prefix(
+    State(s): State<AppState>,
+    QueryParams(q): QueryParams<PrefixParams>,
+) -> Result<Response, ApiError> {
     let prefix = q.prefix.unwrap_or_default();
-    if prefix.is_empty() || prefix.len() > CacheKey::MAX_BYTES || prefix.chars().any(char::is_control) {
+    if prefix.is_empty()
+        || prefix.len() > CacheKey::MAX_BYTES
+        || prefix.chars().any(char::is_control)
+    {
         return Err(ApiError::bad_request(
             "invalid_prefix",
             "prefix must be 1 to 512 bytes without control characters (deleting everything needs an explicit prefix)",
@@ -189,9 +228,16 @@ struct InvalidateBody {
 pub async fn invalidate(State(s): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
     let req: InvalidateBody = parse_json(&body)?;
     if req.tags.is_empty() || req.tags.len() > MAX_INVALIDATE_TAGS {
-        return Err(ApiError::bad_request("invalid_tags", format!("tags must hold 1 to {MAX_INVALIDATE_TAGS} tags")));
+        return Err(ApiError::bad_request(
+            "invalid_tags",
+            format!("tags must hold 1 to {MAX_INVALIDATE_TAGS} tags"),
+        ));
     }
-    let tags = req.tags.into_iter().map(tag).collect::<Result<Vec<_>, _>>()?;
+    let tags = req
+        .tags
+        .into_iter()
+        .map(tag)
+        .collect::<Result<Vec<_>, _>>()?;
     let deleted = s.store.cache_invalidate(&tags).await?;
     Ok(axum::Json(json!({"deleted": deleted})).into_response())
 }

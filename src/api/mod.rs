@@ -65,7 +65,9 @@ pub fn router(store: Store, settings: &Settings) -> Router {
     let router = router
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(guard, guard_request))
-        .layer(axum::extract::DefaultBodyLimit::max(settings.server.max_body_bytes));
+        .layer(axum::extract::DefaultBodyLimit::max(
+            settings.server.max_body_bytes,
+        ));
     crate::http::finish_router(router, "data")
 }
 
@@ -78,7 +80,11 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
         ("PATCH", "/v1/sessions/{token}", patch(sessions::update)),
         ("DELETE", "/v1/sessions/{token}", delete(sessions::revoke)),
         ("GET", "/v1/users/{user_id}/sessions", get(sessions::list)),
-        ("DELETE", "/v1/users/{user_id}/sessions", delete(sessions::revoke_all)),
+        (
+            "DELETE",
+            "/v1/users/{user_id}/sessions",
+            delete(sessions::revoke_all),
+        ),
         ("DELETE", "/v1/cache", delete(cache::delete_prefix)),
         ("POST", "/v1/cache/_mget", post(cache::mget)),
         ("POST", "/v1/cache/_invalidate", post(cache::invalidate)),
@@ -121,8 +127,12 @@ async fn guard_request(State(g): State<Arc<Guard>>, req: Request, next: Next) ->
 
 /// `Authorization: Bearer <secret>`, compared in constant time.
 fn authorized(req: &Request, secret: &Secret) -> bool {
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else { return false };
-    let Some(given) = value.as_bytes().strip_prefix(b"Bearer ") else { return false };
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let Some(given) = value.as_bytes().strip_prefix(b"Bearer ") else {
+        return false;
+    };
     given.ct_eq(secret.expose().as_bytes()).into()
 }
 
@@ -133,19 +143,29 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        Bytes::from_request(req, state).await.map(Body).map_err(|e: BytesRejection| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge("request body is larger than server.max_body_bytes".into())
-            } else {
-                ApiError::bad_request("invalid_body", "could not read the request body")
-            }
-        })
+        Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(
+                        "request body is larger than server.max_body_bytes".into(),
+                    )
+                } else {
+                    ApiError::bad_request("invalid_body", "could not read the request body")
+                }
+            })
     }
 }
 
 /// A JSON body parsed into `T`; malformed JSON is 400 `invalid_json`.
 pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request("invalid_json", format!("request body is not valid JSON for this route: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("request body is not valid JSON for this route: {e}"),
+        )
+    })
 }
 
 /// A single path parameter, percent-decoded; undecodable input is `code`.
@@ -163,8 +183,14 @@ impl<S: Send + Sync, const CODE: u8> FromRequestParts<S> for PathParam<CODE> {
         match Path::<String>::from_request_parts(parts, state).await {
             Ok(Path(s)) => Ok(Self(s)),
             Err(_) => Err(match CODE {
-                PARAM_KEY => ApiError::bad_request("invalid_key", "the key in the path is not valid percent-encoded UTF-8"),
-                PARAM_USER => ApiError::bad_request("invalid_user_id", "the user id in the path is not valid percent-encoded UTF-8"),
+                PARAM_KEY => ApiError::bad_request(
+                    "invalid_key",
+                    "the key in the path is not valid percent-encoded UTF-8",
+                ),
+                PARAM_USER => ApiError::bad_request(
+                    "invalid_user_id",
+                    "the user id in the path is not valid percent-encoded UTF-8",
+                ),
                 // A token that cannot even be decoded is simply unknown.
                 _ => ApiError::NotFound("session not found"),
             }),

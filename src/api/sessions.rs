@@ -25,34 +25,55 @@ fn not_found() -> ApiError {
 /// A user id: 1 to 256 bytes. Any Unicode is kept exactly; NUL cannot be stored by Postgres.
 fn user_id(raw: String) -> Result<String, ApiError> {
     if raw.is_empty() || raw.len() > MAX_USER_ID_BYTES {
-        return Err(ApiError::bad_request("invalid_user_id", "user_id must be a string of 1 to 256 bytes"));
+        return Err(ApiError::bad_request(
+            "invalid_user_id",
+            "user_id must be a string of 1 to 256 bytes",
+        ));
     }
     if raw.contains('\0') {
-        return Err(ApiError::bad_request("invalid_user_id", "user_id must not contain NUL characters"));
+        return Err(ApiError::bad_request(
+            "invalid_user_id",
+            "user_id must not contain NUL characters",
+        ));
     }
     Ok(raw)
 }
 
-fn optional_text(v: Option<serde_json::Value>, field: &str, code: &'static str, max: usize) -> Result<Option<String>, ApiError> {
+fn optional_text(
+    v: Option<serde_json::Value>,
+    field: &str,
+    code: &'static str,
+    max: usize,
+) -> Result<Option<String>, ApiError> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) if s.len() <= max && !s.contains('\0') => Ok(Some(s)),
-        Some(_) => Err(ApiError::bad_request(code, format!("{field} must be a string of at most {max} bytes without NUL"))),
+        Some(_) => Err(ApiError::bad_request(
+            code,
+            format!("{field} must be a string of at most {max} bytes without NUL"),
+        )),
     }
 }
 
 /// `data` must be a JSON object; it is kept as the exact text the client sent.
 fn data(raw: Option<&RawValue>, max: usize) -> Result<String, ApiError> {
-    let Some(raw) = raw else { return Ok("{}".to_string()) };
+    let Some(raw) = raw else {
+        return Ok("{}".to_string());
+    };
     let text = raw.get();
     if text == "null" {
         return Ok("{}".to_string());
     }
     if !text.starts_with('{') {
-        return Err(ApiError::bad_request("invalid_data", "data must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "invalid_data",
+            "data must be a JSON object",
+        ));
     }
     if text.len() > max {
-        return Err(ApiError::PayloadTooLarge(format!("data is larger than sessions.max_data_bytes ({max})")));
+        return Err(ApiError::PayloadTooLarge(format!(
+            "data is larger than sessions.max_data_bytes ({max})"
+        )));
     }
     Ok(text.to_string())
 }
@@ -86,7 +107,12 @@ pub async fn create(State(s): State<AppState>, Body(body): Body) -> Result<Respo
     let req: CreateBody = parse_json(&body)?;
     let user_id = match req.user_id {
         Some(serde_json::Value::String(u)) => user_id(u)?,
-        _ => return Err(ApiError::bad_request("invalid_user_id", "user_id is required and must be a string")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_user_id",
+                "user_id is required and must be a string",
+            ));
+        }
     };
     let ttl_seconds = match req.ttl_seconds {
         None | Some(serde_json::Value::Null) => s.limits.session_default_ttl,
@@ -103,21 +129,45 @@ pub async fn create(State(s): State<AppState>, Body(body): Body) -> Result<Respo
     let new = NewSession {
         user_id,
         ttl_seconds,
-        ip_address: optional_text(req.ip_address, "ip_address", "invalid_ip_address", MAX_IP_BYTES)?,
-        user_agent: optional_text(req.user_agent, "user_agent", "invalid_user_agent", MAX_USER_AGENT_BYTES)?,
+        ip_address: optional_text(
+            req.ip_address,
+            "ip_address",
+            "invalid_ip_address",
+            MAX_IP_BYTES,
+        )?,
+        user_agent: optional_text(
+            req.user_agent,
+            "user_agent",
+            "invalid_user_agent",
+            MAX_USER_AGENT_BYTES,
+        )?,
         data: data(req.data, s.limits.session_max_data_bytes)?,
     };
     let (token, session) = s.store.session_create(new).await?;
-    Ok((StatusCode::CREATED, axum::Json(Created { token: &token, session: &session })).into_response())
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(Created {
+            token: &token,
+            session: &session,
+        }),
+    )
+        .into_response())
 }
 
 /// `GET /v1/sessions/{token}`: the session, slid forward when due; 404 when not live.
-pub async fn validate(State(s): State<AppState>, PathParam(token): PathParam<PARAM_TOKEN>) -> Result<Response, ApiError> {
+pub async fn validate(
+    State(s): State<AppState>,
+    PathParam(token): PathParam<PARAM_TOKEN>,
+) -> Result<Response, ApiError> {
     let Some(hash) = TokenHash::of(&token) else {
         crate::store::sessions::count_validation(false);
         return Err(not_found());
     };
-    let session = s.store.session_validate(hash).await?.ok_or_else(not_found)?;
+    let session = s
+        .store
+        .session_validate(hash)
+        .await?
+        .ok_or_else(not_found)?;
     Ok(axum::Json(session).into_response())
 }
 
@@ -136,16 +186,26 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     let req: UpdateBody = parse_json(&body)?;
     let Some(raw) = req.data else {
-        return Err(ApiError::bad_request("invalid_data", "body must be {\"data\": {...}}"));
+        return Err(ApiError::bad_request(
+            "invalid_data",
+            "body must be {\"data\": {...}}",
+        ));
     };
     let data = data(Some(raw), s.limits.session_max_data_bytes)?;
     let hash = TokenHash::of(&token).ok_or_else(not_found)?;
-    let session = s.store.session_update_data(hash, data).await?.ok_or_else(not_found)?;
+    let session = s
+        .store
+        .session_update_data(hash, data)
+        .await?
+        .ok_or_else(not_found)?;
     Ok(axum::Json(session).into_response())
 }
 
 /// `DELETE /v1/sessions/{token}`: 204, also when it was already gone.
-pub async fn revoke(State(s): State<AppState>, PathParam(token): PathParam<PARAM_TOKEN>) -> Result<StatusCode, ApiError> {
+pub async fn revoke(
+    State(s): State<AppState>,
+    PathParam(token): PathParam<PARAM_TOKEN>,
+) -> Result<StatusCode, ApiError> {
     if let Some(hash) = TokenHash::of(&token) {
         s.store.session_revoke(hash).await?;
     }
@@ -153,10 +213,16 @@ pub async fn revoke(State(s): State<AppState>, PathParam(token): PathParam<PARAM
 }
 
 /// `GET /v1/users/{user_id}/sessions`: live sessions, newest first.
-pub async fn list(State(s): State<AppState>, PathParam(raw): PathParam<PARAM_USER>) -> Result<Response, ApiError> {
+pub async fn list(
+    State(s): State<AppState>,
+    PathParam(raw): PathParam<PARAM_USER>,
+) -> Result<Response, ApiError> {
     let user = user_id(raw)?;
     let sessions = s.store.sessions_of_user(&user).await?;
-    Ok(axum::Json(SessionList { sessions: &sessions }).into_response())
+    Ok(axum::Json(SessionList {
+        sessions: &sessions,
+    })
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -173,9 +239,9 @@ pub async fn revoke_all(
     let user = user_id(raw)?;
     let keep = match q.except.as_deref() {
         None => None,
-        Some(id) => Some(
-            Uuid::parse_str(id).map_err(|_| ApiError::bad_request("invalid_session_id", "except must be a session id (a UUID)"))?,
-        ),
+        Some(id) => Some(Uuid::parse_str(id).map_err(|_| {
+            ApiError::bad_request("invalid_session_id", "except must be a session id (a UUID)")
+        })?),
     };
     let revoked = s.store.sessions_revoke_user(&user, keep).await?;
     Ok(axum::Json(json!({"revoked": revoked})).into_response())

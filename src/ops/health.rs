@@ -100,7 +100,10 @@ impl Default for Health {
 
 impl Health {
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.snapshot
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     fn publish(&self, s: Snapshot) {
@@ -144,7 +147,12 @@ impl Prober {
             let r = tokio::time::timeout(timeout, store.probe()).await;
             (r, start.elapsed())
         };
-        let upstreams = futures_util::future::join_all(self.settings.upstreams.iter().map(|u| self.check_upstream(u)));
+        let upstreams = futures_util::future::join_all(
+            self.settings
+                .upstreams
+                .iter()
+                .map(|u| self.check_upstream(u)),
+        );
         let ((pg_result, elapsed), upstream_results) = tokio::join!(pg, upstreams);
 
         let t = now();
@@ -152,17 +160,29 @@ impl Prober {
         let (postgres_ok, tables_ok, pg_output) = match pg_result {
             Ok(Ok(present)) => (true, present, None),
             Ok(Err(e)) => (false, false, Some(e.to_string())),
-            Err(_) => (false, false, Some(format!("no answer within {} ms", timeout.as_millis()))),
+            Err(_) => (
+                false,
+                false,
+                Some(format!("no answer within {} ms", timeout.as_millis())),
+            ),
         };
-        self.store.status().reachable.store(postgres_ok, Ordering::Release);
+        self.store
+            .status()
+            .reachable
+            .store(postgres_ok, Ordering::Release);
         checks.insert(
             "postgres:responseTime".to_string(),
             vec![CheckEntry {
                 component_id: None,
                 component_type: "datastore",
-                observed_value: postgres_ok.then(|| (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
+                observed_value: postgres_ok
+                    .then(|| (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
                 observed_unit: postgres_ok.then_some("ms"),
-                status: if postgres_ok { Status::Pass } else { Status::Fail },
+                status: if postgres_ok {
+                    Status::Pass
+                } else {
+                    Status::Fail
+                },
                 time: t.clone(),
                 output: pg_output.map(|o| crate::config::redact_url(&o)),
             }],
@@ -174,10 +194,19 @@ impl Prober {
                 component_type: "datastore",
                 observed_value: None,
                 observed_unit: None,
-                status: if tables_ok { Status::Pass } else { Status::Fail },
+                status: if tables_ok {
+                    Status::Pass
+                } else {
+                    Status::Fail
+                },
                 time: t.clone(),
                 output: (!tables_ok).then(|| {
-                    if postgres_ok { "sidecar tables missing: migrations not applied" } else { "postgres unreachable" }.to_string()
+                    if postgres_ok {
+                        "sidecar tables missing: migrations not applied"
+                    } else {
+                        "postgres unreachable"
+                    }
+                    .to_string()
                 }),
             }],
         );
@@ -187,7 +216,11 @@ impl Prober {
                 failed_critical.push(u.name.clone());
             }
             // A non-critical upstream's failure only warns.
-            let status = if status == Status::Fail && !u.critical { Status::Warn } else { status };
+            let status = if status == Status::Fail && !u.critical {
+                Status::Warn
+            } else {
+                status
+            };
             checks.insert(
                 format!("upstream:{}", u.name),
                 vec![CheckEntry {
@@ -205,10 +238,19 @@ impl Prober {
             checks.insert(name.to_string(), entries);
         }
 
-        let status = checks.values().flatten().map(|c| c.status).max().unwrap_or(Status::Pass);
+        let status = checks
+            .values()
+            .flatten()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(Status::Pass);
         for (name, entries) in &checks {
             let up = entries.iter().all(|c| c.status != Status::Fail);
-            metrics::gauge!(m::HEALTH_CHECK_UP, "check" => name.clone()).set(if up { 1.0 } else { 0.0 });
+            metrics::gauge!(m::HEALTH_CHECK_UP, "check" => name.clone()).set(if up {
+                1.0
+            } else {
+                0.0
+            });
         }
         Snapshot {
             status,
@@ -232,17 +274,31 @@ impl Prober {
                 if resp.status().is_success() {
                     (Status::Pass, Some(ms), None)
                 } else {
-                    (Status::Fail, Some(ms), Some(format!("answered HTTP {}", resp.status().as_u16())))
+                    (
+                        Status::Fail,
+                        Some(ms),
+                        Some(format!("answered HTTP {}", resp.status().as_u16())),
+                    )
                 }
             }
             Ok(Err(e)) => (Status::Fail, None, Some(format!("request failed: {e}"))),
-            Err(_) => (Status::Fail, None, Some(format!("no answer within {} ms", u.timeout_ms))),
+            Err(_) => (
+                Status::Fail,
+                None,
+                Some(format!("no answer within {} ms", u.timeout_ms)),
+            ),
         }
     }
 }
 
 /// The probe loop: a round at once, then one per interval, until shutdown.
-pub async fn run(health: Arc<Health>, mut prober: Prober, interval: Duration, lifecycle: Lifecycle, metrics: Option<metrics_exporter_prometheus::PrometheusHandle>) {
+pub async fn run(
+    health: Arc<Health>,
+    mut prober: Prober,
+    interval: Duration,
+    lifecycle: Lifecycle,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) {
     let mut last_status = None;
     loop {
         let snapshot = prober.round().await;

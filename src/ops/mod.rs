@@ -69,7 +69,10 @@ pub fn not_ready_reason(state: &OpsState) -> Option<String> {
         return Some("sidecar tables missing".into());
     }
     if !snap.failed_critical.is_empty() {
-        return Some(format!("critical upstream failing: {}", snap.failed_critical.join(", ")));
+        return Some(format!(
+            "critical upstream failing: {}",
+            snap.failed_critical.join(", ")
+        ));
     }
     None
 }
@@ -95,18 +98,28 @@ async fn health_json(State(state): State<OpsState>) -> Response {
     if state.lifecycle.is_draining() {
         body["output"] = json!("shutting down");
     }
-    let code = if status == Status::Fail { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let code = if status == Status::Fail {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     let mut resp = (code, axum::Json(body)).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/health+json"),
+    );
     resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/health+json"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
 async fn ready(State(state): State<OpsState>) -> Response {
     match not_ready_reason(&state) {
         None => json_status(StatusCode::OK, json!({"ready": true})),
-        Some(reason) => json_status(StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false, "reason": reason})),
+        Some(reason) => json_status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ready": false, "reason": reason}),
+        ),
     }
 }
 
@@ -118,7 +131,11 @@ async fn api_health(State(state): State<OpsState>) -> Response {
     let snap = state.health.snapshot();
     let healthy = snap.postgres_ok && snap.tables_ok && !state.lifecycle.is_draining();
     json_status(
-        if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE },
+        if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
         json!({
             "database": snap.postgres_ok,
             "cache": snap.tables_ok,
@@ -129,12 +146,23 @@ async fn api_health(State(state): State<OpsState>) -> Response {
 
 async fn api_ready(State(state): State<OpsState>) -> Response {
     let ready = not_ready_reason(&state).is_none();
-    json_status(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, json!({"ready": ready}))
+    json_status(
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        json!({"ready": ready}),
+    )
 }
 
 async fn metrics_text(State(state): State<OpsState>) -> Response {
     let Some(handle) = &state.prometheus else {
-        return crate::error::error_response(StatusCode::NOT_FOUND, "not_found", "metrics are not enabled in this process");
+        return crate::error::error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "metrics are not enabled in this process",
+        );
     };
     // Gauges that are cheaper to read at scrape time than to keep updated.
     let pool = state.store.pool();
@@ -148,7 +176,9 @@ async fn metrics_text(State(state): State<OpsState>) -> Response {
     }
     state.process.collect();
     let mut resp = handle.render().into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     resp
 }

@@ -34,7 +34,10 @@ impl SystemProbe {
     /// Returns `(check name, entries)` for memory, CPU and disks.
     pub fn check(&mut self, s: &HealthSettings) -> Vec<(&'static str, Vec<CheckEntry>)> {
         let time = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-        let entry = |id: Option<String>, value: Option<f64>, warn_at: f64, output: Option<String>| CheckEntry {
+        let entry = |id: Option<String>,
+                     value: Option<f64>,
+                     warn_at: f64,
+                     output: Option<String>| CheckEntry {
             component_id: id,
             component_type: "system",
             observed_value: value.map(|v| (v * 10.0).round() / 10.0),
@@ -54,7 +57,12 @@ impl SystemProbe {
                 let memory = match sys.cgroup_limits() {
                     Some(c) if c.total_memory > 0 => {
                         let used = c.total_memory.saturating_sub(c.free_memory);
-                        entry(Some("cgroup".into()), Some(percent(used, c.total_memory)), s.memory_warn_percent, None)
+                        entry(
+                            Some("cgroup".into()),
+                            Some(percent(used, c.total_memory)),
+                            s.memory_warn_percent,
+                            None,
+                        )
                     }
                     _ if sys.total_memory() > 0 => entry(
                         Some("system".into()),
@@ -62,14 +70,29 @@ impl SystemProbe {
                         s.memory_warn_percent,
                         None,
                     ),
-                    _ => entry(None, None, s.memory_warn_percent, unavailable("memory usage")),
+                    _ => entry(
+                        None,
+                        None,
+                        s.memory_warn_percent,
+                        unavailable("memory usage"),
+                    ),
                 };
                 sys.refresh_cpu_usage();
-                let cpu = entry(None, Some(sys.global_cpu_usage() as f64), s.cpu_warn_percent, None);
+                let cpu = entry(
+                    None,
+                    Some(sys.global_cpu_usage() as f64),
+                    s.cpu_warn_percent,
+                    None,
+                );
                 (memory, cpu)
             }
             None => (
-                entry(None, None, s.memory_warn_percent, unavailable("memory usage")),
+                entry(
+                    None,
+                    None,
+                    s.memory_warn_percent,
+                    unavailable("memory usage"),
+                ),
                 entry(None, None, s.cpu_warn_percent, unavailable("CPU usage")),
             ),
         };
@@ -84,12 +107,21 @@ impl SystemProbe {
                 let id = Some(p.display().to_string());
                 match self.disks.as_ref().and_then(|d| disk_usage(d, p)) {
                     Some(v) => entry(id, Some(v), s.disk_warn_percent, None),
-                    None => entry(id, None, s.disk_warn_percent, Some("no mounted filesystem found for this path".into())),
+                    None => entry(
+                        id,
+                        None,
+                        s.disk_warn_percent,
+                        Some("no mounted filesystem found for this path".into()),
+                    ),
                 }
             })
             .collect();
 
-        vec![("memory:utilization", vec![memory]), ("cpu:utilization", vec![cpu]), ("disk:utilization", disks)]
+        vec![
+            ("memory:utilization", vec![memory]),
+            ("cpu:utilization", vec![cpu]),
+            ("disk:utilization", disks),
+        ]
     }
 }
 

@@ -21,7 +21,10 @@ pub trait BatchOp: Send + Sync + 'static {
     /// Label for metrics.
     const NAME: &'static str;
     /// Runs one batch and returns exactly one output per item, in the items' order.
-    fn run(&self, items: Vec<Self::Item>) -> impl Future<Output = Result<Vec<Self::Output>, DbError>> + Send;
+    fn run(
+        &self,
+        items: Vec<Self::Item>,
+    ) -> impl Future<Output = Result<Vec<Self::Output>, DbError>> + Send;
 }
 
 struct Job<O: BatchOp> {
@@ -36,7 +39,9 @@ pub struct Batcher<O: BatchOp> {
 
 impl<O: BatchOp> Clone for Batcher<O> {
     fn clone(&self) -> Self {
-        Self { tx: self.tx.clone() }
+        Self {
+            tx: self.tx.clone(),
+        }
     }
 }
 
@@ -48,7 +53,12 @@ impl<O: BatchOp> Batcher<O> {
     /// Spawns the dispatcher on the current runtime. It ends when the last handle is dropped.
     pub fn spawn(op: O, max_size: usize, max_in_flight: usize) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(dispatch(Arc::new(op), rx, max_size.max(1), Arc::new(Semaphore::new(max_in_flight.max(1)))));
+        tokio::spawn(dispatch(
+            Arc::new(op),
+            rx,
+            max_size.max(1),
+            Arc::new(Semaphore::new(max_in_flight.max(1))),
+        ));
         Self { tx }
     }
 
@@ -59,14 +69,25 @@ impl<O: BatchOp> Batcher<O> {
             .send(Job { item, reply })
             .await
             .map_err(|_| DbError::Unavailable("the store is shutting down".into()))?;
-        rx.await
-            .unwrap_or_else(|_| Err(DbError::Other(format!("{} batch worker ended without answering", O::NAME))))
+        rx.await.unwrap_or_else(|_| {
+            Err(DbError::Other(format!(
+                "{} batch worker ended without answering",
+                O::NAME
+            )))
+        })
     }
 }
 
-async fn dispatch<O: BatchOp>(op: Arc<O>, mut rx: mpsc::Receiver<Job<O>>, max_size: usize, permits: Arc<Semaphore>) {
+async fn dispatch<O: BatchOp>(
+    op: Arc<O>,
+    mut rx: mpsc::Receiver<Job<O>>,
+    max_size: usize,
+    permits: Arc<Semaphore>,
+) {
     while let Some(first) = rx.recv().await {
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let mut jobs = Vec::with_capacity(max_size.min(64));
         jobs.push(first);
         while jobs.len() < max_size {
@@ -84,7 +105,8 @@ async fn dispatch<O: BatchOp>(op: Arc<O>, mut rx: mpsc::Receiver<Job<O>>, max_si
         tokio::spawn(async move {
             let _permit = permit;
             metrics::histogram!(m::BATCH_SIZE, "operation" => O::NAME).record(jobs.len() as f64);
-            let (items, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
+            let (items, replies): (Vec<_>, Vec<_>) =
+                jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
             let expected = items.len();
             match op.run(items).await {
                 Ok(outputs) if outputs.len() == expected => {
@@ -94,7 +116,10 @@ async fn dispatch<O: BatchOp>(op: Arc<O>, mut rx: mpsc::Receiver<Job<O>>, max_si
                 }
                 Ok(_) => {
                     for reply in replies {
-                        let _ = reply.send(Err(DbError::Other(format!("{} batch answered the wrong number of items", O::NAME))));
+                        let _ = reply.send(Err(DbError::Other(format!(
+                            "{} batch answered the wrong number of items",
+                            O::NAME
+                        ))));
                     }
                 }
                 Err(e) => {

@@ -117,11 +117,23 @@ impl BatchOp for ReadBatch {
         .await?;
         let found: HashMap<String, CacheEntry> = rows
             .into_iter()
-            .map(|(k, v, expires_at)| (k, CacheEntry { value: Bytes::from(v), expires_at }))
+            .map(|(k, v, expires_at)| {
+                (
+                    k,
+                    CacheEntry {
+                        value: Bytes::from(v),
+                        expires_at,
+                    },
+                )
+            })
             .collect();
         Ok(items
             .iter()
-            .map(|keys| keys.iter().map(|k| found.get(k.as_str()).cloned()).collect())
+            .map(|keys| {
+                keys.iter()
+                    .map(|k| found.get(k.as_str()).cloned())
+                    .collect()
+            })
             .collect())
     }
 }
@@ -155,7 +167,13 @@ impl BatchOp for WriteBatch {
             keys.push(item.key.as_str());
             values.push(item.value.as_str());
             // Tags cannot contain commas, so one comma-joined string per row carries the list.
-            tags.push(item.tags.iter().map(Tag::as_str).collect::<Vec<_>>().join(","));
+            tags.push(
+                item.tags
+                    .iter()
+                    .map(Tag::as_str)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
             ttls.push(item.ttl_seconds as i32);
         }
         timed(
@@ -194,10 +212,12 @@ fn like_prefix(prefix: &str) -> String {
 
 fn count_hits(operation: &'static str, hits: usize, misses: usize) {
     if hits > 0 {
-        metrics::counter!(m::CACHE_REQUESTS, "operation" => operation, "result" => "hit").increment(hits as u64);
+        metrics::counter!(m::CACHE_REQUESTS, "operation" => operation, "result" => "hit")
+            .increment(hits as u64);
     }
     if misses > 0 {
-        metrics::counter!(m::CACHE_REQUESTS, "operation" => operation, "result" => "miss").increment(misses as u64);
+        metrics::counter!(m::CACHE_REQUESTS, "operation" => operation, "result" => "miss")
+            .increment(misses as u64);
     }
 }
 
@@ -210,7 +230,10 @@ impl Store {
     }
 
     /// Reads many keys; the answer has one slot per key asked, in order.
-    pub async fn cache_mget(&self, keys: Vec<CacheKey>) -> Result<Vec<Option<CacheEntry>>, DbError> {
+    pub async fn cache_mget(
+        &self,
+        keys: Vec<CacheKey>,
+    ) -> Result<Vec<Option<CacheEntry>>, DbError> {
         self.ensure_available()?;
         let entries = self.cache.reads.call(keys).await?;
         let hits = entries.iter().filter(|e| e.is_some()).count();
@@ -227,7 +250,9 @@ impl Store {
         self.ensure_available()?;
         timed(
             "cache_delete",
-            sqlx::query("DELETE FROM cache WHERE key = $1").bind(key.as_str()).execute(&self.pool),
+            sqlx::query("DELETE FROM cache WHERE key = $1")
+                .bind(key.as_str())
+                .execute(&self.pool),
         )
         .await?;
         Ok(())
@@ -238,7 +263,9 @@ impl Store {
         self.ensure_available()?;
         let done = timed(
             "cache_delete_prefix",
-            sqlx::query("DELETE FROM cache WHERE key LIKE $1").bind(like_prefix(prefix)).execute(&self.pool),
+            sqlx::query("DELETE FROM cache WHERE key LIKE $1")
+                .bind(like_prefix(prefix))
+                .execute(&self.pool),
         )
         .await?;
         Ok(done.rows_affected())

@@ -38,7 +38,11 @@ const TABLES: [(&str, &str); 2] = [
 impl Store {
     /// Runs one cleanup pass if this sidecar wins the lease. `holder` names this sidecar in the
     /// lease row. Stops between batches when `lifecycle` is stopped.
-    pub async fn cleanup_pass(&self, holder: &str, lifecycle: &Lifecycle) -> Result<Option<PassReport>, DbError> {
+    pub async fn cleanup_pass(
+        &self,
+        holder: &str,
+        lifecycle: &Lifecycle,
+    ) -> Result<Option<PassReport>, DbError> {
         let won: Option<String> = timed(
             "cleanup_lease",
             sqlx::query_scalar(
@@ -55,10 +59,12 @@ impl Store {
         }
         let result = self.delete_expired(lifecycle).await;
         // Release the lease whatever happened, so the next pass need not wait for it to expire.
-        let _ = sqlx::query("UPDATE leases SET expires_at = '-infinity' WHERE name = 'cleanup' AND holder = $1")
-            .bind(holder)
-            .execute(&self.pool)
-            .await;
+        let _ = sqlx::query(
+            "UPDATE leases SET expires_at = '-infinity' WHERE name = 'cleanup' AND holder = $1",
+        )
+        .bind(holder)
+        .execute(&self.pool)
+        .await;
         result.map(Some)
     }
 
@@ -70,7 +76,11 @@ impl Store {
                 if lifecycle.is_stopped() {
                     return Ok(report);
                 }
-                let done = timed("cleanup_delete", sqlx::query(sql).bind(batch).execute(&self.pool)).await?;
+                let done = timed(
+                    "cleanup_delete",
+                    sqlx::query(sql).bind(batch).execute(&self.pool),
+                )
+                .await?;
                 let n = done.rows_affected();
                 metrics::counter!(m::EXPIRED_ROWS_DELETED, "table" => table).increment(n);
                 match table {

@@ -49,7 +49,9 @@ impl From<sqlx::Error> for DbError {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("57014") => DbError::Timeout,
                 // 08xxx connection exceptions; 57P01-03 admin shutdown, crash, cannot connect now.
-                Some(c) if c.starts_with("08") || c.starts_with("57P") => DbError::Unavailable(e.to_string()),
+                Some(c) if c.starts_with("08") || c.starts_with("57P") => {
+                    DbError::Unavailable(e.to_string())
+                }
                 _ => DbError::Other(e.to_string()),
             },
             _ => DbError::Other(e.to_string()),
@@ -96,7 +98,11 @@ impl Store {
     pub fn with_pool(pool: PgPool, status: Arc<DbStatus>, settings: &Settings) -> Self {
         let b = &settings.batch;
         Self {
-            cache: Arc::new(cache::CacheBatchers::new(pool.clone(), b.max_size, b.max_in_flight)),
+            cache: Arc::new(cache::CacheBatchers::new(
+                pool.clone(),
+                b.max_size,
+                b.max_in_flight,
+            )),
             sessions: Arc::new(sessions::SessionBatchers::new(
                 pool.clone(),
                 b.max_size,
@@ -124,10 +130,14 @@ impl Store {
     /// Fails fast when the database is known to be down, instead of waiting out the acquire timeout.
     pub(crate) fn ensure_available(&self) -> Result<(), DbError> {
         if !self.status.migrated.load(Ordering::Acquire) {
-            return Err(DbError::Unavailable("database not ready (migrations not applied yet)".into()));
+            return Err(DbError::Unavailable(
+                "database not ready (migrations not applied yet)".into(),
+            ));
         }
         if !self.status.reachable.load(Ordering::Acquire) {
-            return Err(DbError::Unavailable("database unreachable at the last health probe".into()));
+            return Err(DbError::Unavailable(
+                "database unreachable at the last health probe".into(),
+            ));
         }
         Ok(())
     }
@@ -136,17 +146,16 @@ impl Store {
     pub async fn migrate(&self, schema: &str) -> Result<(), DbError> {
         // `schema` is validated as a plain lower-case identifier in config, so quoting is enough.
         (&self.pool)
-            .execute(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
+            .execute(AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+            )))
             .await?;
         // Every pooled connection has the schema first on its search_path, so the migrations
         // (and sqlx's ledger table) land in it.
-        MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| match e {
-                sqlx::migrate::MigrateError::Execute(inner) => DbError::from(inner),
-                other => DbError::Other(other.to_string()),
-            })?;
+        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(inner) => DbError::from(inner),
+            other => DbError::Other(other.to_string()),
+        })?;
         self.status.migrated.store(true, Ordering::Release);
         Ok(())
     }
@@ -154,15 +163,20 @@ impl Store {
     /// For `migrate_on_start = false`: succeeds once every embedded migration has been applied
     /// (by `pgsidecar migrate` or another sidecar).
     pub async fn check_migrated(&self) -> Result<(), DbError> {
-        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| match DbError::from(e) {
-                DbError::Other(_) => DbError::Other("migrations not applied; run `pgsidecar migrate`".into()),
-                other => other,
-            })?;
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| match DbError::from(e) {
+                    DbError::Other(_) => {
+                        DbError::Other("migrations not applied; run `pgsidecar migrate`".into())
+                    }
+                    other => other,
+                })?;
         if MIGRATOR.iter().any(|m| !applied.contains(&m.version)) {
-            return Err(DbError::Other("migrations not applied; run `pgsidecar migrate`".into()));
+            return Err(DbError::Other(
+                "migrations not applied; run `pgsidecar migrate`".into(),
+            ));
         }
         self.status.migrated.store(true, Ordering::Release);
         Ok(())
@@ -200,7 +214,12 @@ fn build_pool(settings: &Settings) -> Result<PgPool, DbError> {
         .url
         .expose()
         .parse::<PgConnectOptions>()
-        .map_err(|e| DbError::Other(format!("invalid database url: {}", crate::config::redact_url(&e.to_string()))))?
+        .map_err(|e| {
+            DbError::Other(format!(
+                "invalid database url: {}",
+                crate::config::redact_url(&e.to_string())
+            ))
+        })?
         .application_name("pgsidecar")
         .options([
             ("search_path", d.schema.clone()),
@@ -223,7 +242,8 @@ where
 {
     let start = Instant::now();
     let result = fut.await;
-    metrics::histogram!(m::DB_QUERY_DURATION, "operation" => operation).record(start.elapsed().as_secs_f64());
+    metrics::histogram!(m::DB_QUERY_DURATION, "operation" => operation)
+        .record(start.elapsed().as_secs_f64());
     result.map_err(|e| {
         metrics::counter!(m::DB_ERRORS, "operation" => operation).increment(1);
         DbError::from(e)

@@ -21,7 +21,8 @@ pub const TOKEN_LEN: usize = 43;
 /// A fresh session token: 256 bits from the OS CSPRNG, URL-safe, no padding.
 pub fn new_token() -> Result<String, DbError> {
     let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| DbError::Other(format!("OS random source failed: {e}")))?;
+    getrandom::fill(&mut bytes)
+        .map_err(|e| DbError::Other(format!("OS random source failed: {e}")))?;
     Ok(URL_SAFE_NO_PAD.encode(bytes))
 }
 
@@ -68,7 +69,8 @@ struct SessionRow {
 
 impl SessionRow {
     fn into_record(self) -> Result<SessionRecord, DbError> {
-        let data = RawValue::from_string(self.data).map_err(|e| DbError::Other(format!("stored session data is not JSON: {e}")))?;
+        let data = RawValue::from_string(self.data)
+            .map_err(|e| DbError::Other(format!("stored session data is not JSON: {e}")))?;
         Ok(SessionRecord {
             id: self.id,
             user_id: self.user_id,
@@ -106,7 +108,12 @@ pub(crate) struct SessionBatchers {
 }
 
 impl SessionBatchers {
-    pub fn new(pool: PgPool, max_size: usize, max_in_flight: usize, update_age_seconds: u32) -> Self {
+    pub fn new(
+        pool: PgPool,
+        max_size: usize,
+        max_in_flight: usize,
+        update_age_seconds: u32,
+    ) -> Self {
         Self {
             reads: Batcher::spawn(
                 ReadBatch {
@@ -164,7 +171,10 @@ impl BatchOp for ReadBatch {
             .fetch_all(&self.pool),
         )
         .await?;
-        let mut found: HashMap<Vec<u8>, ReadRow> = rows.into_iter().map(|r| (r.row.token_hash.clone(), r)).collect();
+        let mut found: HashMap<Vec<u8>, ReadRow> = rows
+            .into_iter()
+            .map(|r| (r.row.token_hash.clone(), r))
+            .collect();
         // A token asked for twice in one batch gets the row once; the second asker takes a copy.
         let mut outcomes = Vec::with_capacity(items.len());
         let mut taken: HashMap<[u8; 32], (SessionRow, bool)> = HashMap::new();
@@ -174,7 +184,9 @@ impl BatchOp for ReadBatch {
                     taken.insert(h.0, (r.row.clone(), r.needs_refresh));
                     Some((r.row, r.needs_refresh))
                 }
-                None => taken.get(&h.0).map(|(row, refresh)| (row.clone(), *refresh)),
+                None => taken
+                    .get(&h.0)
+                    .map(|(row, refresh)| (row.clone(), *refresh)),
             };
             outcomes.push(outcome);
         }
@@ -212,8 +224,14 @@ impl BatchOp for RefreshBatch {
             .fetch_all(&self.pool),
         )
         .await?;
-        let found: HashMap<Vec<u8>, SessionRow> = rows.into_iter().map(|r| (r.token_hash.clone(), r)).collect();
-        Ok(items.iter().map(|h| found.get(h.0.as_slice()).cloned()).collect())
+        let found: HashMap<Vec<u8>, SessionRow> = rows
+            .into_iter()
+            .map(|r| (r.token_hash.clone(), r))
+            .collect();
+        Ok(items
+            .iter()
+            .map(|h| found.get(h.0.as_slice()).cloned())
+            .collect())
     }
 }
 
@@ -224,10 +242,14 @@ pub(crate) fn count_validation(valid: bool) {
 
 impl Store {
     /// Creates a session; returns its token (shown to the caller once) and the record.
-    pub async fn session_create(&self, new: NewSession) -> Result<(String, SessionRecord), DbError> {
+    pub async fn session_create(
+        &self,
+        new: NewSession,
+    ) -> Result<(String, SessionRecord), DbError> {
         self.ensure_available()?;
         let token = new_token()?;
-        let hash = TokenHash::of(&token).ok_or_else(|| DbError::Other("generated token is malformed".into()))?;
+        let hash = TokenHash::of(&token)
+            .ok_or_else(|| DbError::Other("generated token is malformed".into()))?;
         let id = Uuid::new_v4();
         let row: SessionRow = timed(
             "session_create",
@@ -251,7 +273,10 @@ impl Store {
     }
 
     /// Validates a session and slides its expiry when it is due. `None`: unknown, expired or revoked.
-    pub async fn session_validate(&self, hash: TokenHash) -> Result<Option<SessionRecord>, DbError> {
+    pub async fn session_validate(
+        &self,
+        hash: TokenHash,
+    ) -> Result<Option<SessionRecord>, DbError> {
         self.ensure_available()?;
         let outcome = match self.sessions.reads.call(hash).await? {
             None => None,
@@ -270,7 +295,11 @@ impl Store {
     }
 
     /// Replaces a live session's data. `None` when there is no such live session.
-    pub async fn session_update_data(&self, hash: TokenHash, data: String) -> Result<Option<SessionRecord>, DbError> {
+    pub async fn session_update_data(
+        &self,
+        hash: TokenHash,
+        data: String,
+    ) -> Result<Option<SessionRecord>, DbError> {
         self.ensure_available()?;
         let row: Option<SessionRow> = timed(
             "session_update",
@@ -319,7 +348,11 @@ impl Store {
     }
 
     /// Revokes every live session of a user except `keep`; returns how many were revoked.
-    pub async fn sessions_revoke_user(&self, user_id: &str, keep: Option<Uuid>) -> Result<u64, DbError> {
+    pub async fn sessions_revoke_user(
+        &self,
+        user_id: &str,
+        keep: Option<Uuid>,
+    ) -> Result<u64, DbError> {
         self.ensure_available()?;
         // Expired rows of the user go too, but only live ones count as revoked.
         let revoked: i64 = timed(
@@ -346,7 +379,10 @@ mod tests {
     fn tokens_are_256_bits_url_safe() {
         let t = new_token().unwrap();
         assert_eq!(t.len(), TOKEN_LEN);
-        assert!(t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(
+            t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
         assert!(TokenHash::of(&t).is_some());
         assert_ne!(t, new_token().unwrap());
     }

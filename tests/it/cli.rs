@@ -5,23 +5,48 @@ use crate::helpers::*;
 #[test]
 fn bad_config_exits_64_with_one_line_naming_the_key() {
     let cases: &[(&[(&str, &str)], &str)] = &[
-        (&[("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "lots")], "database.max_connections"),
-        (&[("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "0")], "database.max_connections"),
-        (&[("PGSIDECAR_SERVER__DATA_LISTEN", "0.0.0.0:7070")], "server.data_listen"),
-        (&[("PGSIDECAR_SERVER__DATA_LISTEN", "not an address")], "server.data_listen"),
-        (&[("PGSIDECAR_SERVER__AUTH_TOKEN", "short")], "server.auth_token"),
+        (
+            &[("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "lots")],
+            "database.max_connections",
+        ),
+        (
+            &[("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "0")],
+            "database.max_connections",
+        ),
+        (
+            &[("PGSIDECAR_SERVER__DATA_LISTEN", "0.0.0.0:7070")],
+            "server.data_listen",
+        ),
+        (
+            &[("PGSIDECAR_SERVER__DATA_LISTEN", "not an address")],
+            "server.data_listen",
+        ),
+        (
+            &[("PGSIDECAR_SERVER__AUTH_TOKEN", "short")],
+            "server.auth_token",
+        ),
         (&[("DATABASE_URL", "mysql://x")], "database.url"),
         (&[("PGSIDECAR_DATABASE__SCHEMA", "a-b")], "database.schema"),
-        (&[("PGSIDECAR_CACHE__DEFAULT_TTL_SECONDS", "0")], "cache.default_ttl_seconds"),
+        (
+            &[("PGSIDECAR_CACHE__DEFAULT_TTL_SECONDS", "0")],
+            "cache.default_ttl_seconds",
+        ),
         (&[("PGSIDECAR_LOG__LEVEL", "loud=[")], "log.level"),
         (&[("PGSIDECAR_SERVER__UNKNOWN_KEY", "1")], "unknown_key"),
     ];
     for (env, key) in cases {
         let (code, stdout, stderr) = run_cli(&[], env);
         assert_eq!(code, 64, "{env:?}: stderr {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "one line for {env:?}: {stderr}");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "one line for {env:?}: {stderr}"
+        );
         assert!(stderr.contains(key), "{env:?}: {stderr} should name {key}");
-        assert!(stdout.is_empty(), "nothing on stdout before start: {stdout}");
+        assert!(
+            stdout.is_empty(),
+            "nothing on stdout before start: {stdout}"
+        );
     }
 }
 
@@ -29,9 +54,16 @@ fn bad_config_exits_64_with_one_line_naming_the_key() {
 fn config_file_layers_and_missing_file_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pgsidecar.toml");
-    std::fs::write(&path, "[database]\nmax_connections = 9\n[cache]\ndefault_ttl_seconds = 5\n").unwrap();
+    std::fs::write(
+        &path,
+        "[database]\nmax_connections = 9\n[cache]\ndefault_ttl_seconds = 5\n",
+    )
+    .unwrap();
     let p = path.to_str().unwrap();
-    let (code, out, err) = run_cli(&["--config", p, "check-config"], &[("PGSIDECAR_CACHE__DEFAULT_TTL_SECONDS", "7")]);
+    let (code, out, err) = run_cli(
+        &["--config", p, "check-config"],
+        &[("PGSIDECAR_CACHE__DEFAULT_TTL_SECONDS", "7")],
+    );
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["database"]["max_connections"], 9, "file over defaults");
@@ -53,14 +85,20 @@ fn check_config_redacts_secrets() {
     let (code, out, _) = run_cli(
         &["check-config"],
         &[
-            ("DATABASE_URL", "postgres://app:hunter2hunter2@db.internal:5432/app"),
+            (
+                "DATABASE_URL",
+                "postgres://app:hunter2hunter2@db.internal:5432/app",
+            ),
             ("PGSIDECAR_SERVER__AUTH_TOKEN", "s3cr3t-s3cr3t-s3cr3t"),
             ("PGSIDECAR_SERVER__DATA_LISTEN", "0.0.0.0:7070"),
         ],
     );
     assert_eq!(code, 0);
     assert!(!out.contains("hunter2") && !out.contains("s3cr3t"), "{out}");
-    assert!(out.contains("postgres://app:[redacted]@db.internal:5432/app"), "{out}");
+    assert!(
+        out.contains("postgres://app:[redacted]@db.internal:5432/app"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -84,13 +122,21 @@ async fn migrate_command_then_serve_without_migrating() {
     // Idempotent.
     let (code, _, _) = run_cli(&["migrate"], &[("DATABASE_URL", &db)]);
     assert_eq!(code, 0);
-    let s = Sidecar::builder().db(&db).env("PGSIDECAR_DATABASE__MIGRATE_ON_START", "false").start().await;
+    let s = Sidecar::builder()
+        .db(&db)
+        .env("PGSIDECAR_DATABASE__MIGRATE_ON_START", "false")
+        .start()
+        .await;
     assert_eq!(s.put_cache("a", "1", "").await.status(), 204);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_migrations_and_no_migrate_on_start_it_is_not_ready() {
-    let s = Sidecar::builder().env("PGSIDECAR_DATABASE__MIGRATE_ON_START", "false").no_wait().start().await;
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_DATABASE__MIGRATE_ON_START", "false")
+        .no_wait()
+        .start()
+        .await;
     tokio::time::sleep(std::time::Duration::from_millis(800)).await;
     let r = s.http.get(s.ops_url("/ready")).send().await.unwrap();
     assert_eq!(r.status(), 503);
@@ -101,7 +147,10 @@ async fn without_migrations_and_no_migrate_on_start_it_is_not_ready() {
 fn migrate_against_unreachable_database_fails_cleanly() {
     let (code, out, _) = run_cli(
         &["migrate"],
-        &[("DATABASE_URL", "postgres://u:pw-secret@127.0.0.1:1/x"), ("PGSIDECAR_DATABASE__CONNECT_TIMEOUT_SECONDS", "2")],
+        &[
+            ("DATABASE_URL", "postgres://u:pw-secret@127.0.0.1:1/x"),
+            ("PGSIDECAR_DATABASE__CONNECT_TIMEOUT_SECONDS", "2"),
+        ],
     );
     assert_eq!(code, 1);
     assert!(!out.contains("pw-secret"), "{out}");
@@ -117,6 +166,9 @@ async fn probe_asks_the_local_ops_listener() {
         assert_eq!(code, 0, "probe {what}: {err}");
     }
     drop(s);
-    let (code, _, _) = run_cli(&["probe", "live"], &[("PGSIDECAR_SERVER__OPS_LISTEN", &ops)]);
+    let (code, _, _) = run_cli(
+        &["probe", "live"],
+        &[("PGSIDECAR_SERVER__OPS_LISTEN", &ops)],
+    );
     assert_eq!(code, 1, "nothing listens any more");
 }

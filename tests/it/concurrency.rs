@@ -11,10 +11,18 @@ use crate::helpers::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Put { key: usize, value: String },
-    Delete { key: usize },
+    Put {
+        key: usize,
+        value: String,
+    },
+    Delete {
+        key: usize,
+    },
     /// `None` = 404.
-    Get { key: usize, seen: Option<String> },
+    Get {
+        key: usize,
+        seen: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -45,7 +53,7 @@ async fn concurrent_mixed_operations_match_a_sequential_model() {
         tasks.push(tokio::spawn(async move {
             for i in 0..25u64 {
                 let pick = (worker * 7919 + i * 104729) % 100;
-                let key = ((worker as u64 * 31 + i * 17) % KEYS as u64) as usize;
+                let key = ((worker * 31 + i * 17) % KEYS as u64) as usize;
                 let start = base.elapsed();
                 let op = if pick < 35 {
                     let value = format!("{{\"w\":{worker},\"i\":{i}}}");
@@ -91,14 +99,28 @@ async fn concurrent_mixed_operations_match_a_sequential_model() {
     assert!(log.len() >= 800);
 
     // Batches did form under this load.
-    let metrics = s.http.get(s.ops_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = s
+        .http
+        .get(s.ops_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let batched = metrics
         .lines()
-        .filter(|l| l.starts_with("pgsidecar_db_batch_size_bucket{operation=\"cache_get\",le=\"1\"}") || l.starts_with("pgsidecar_db_batch_size_count{operation=\"cache_get\"}"))
+        .filter(|l| {
+            l.starts_with("pgsidecar_db_batch_size_bucket{operation=\"cache_get\",le=\"1\"}")
+                || l.starts_with("pgsidecar_db_batch_size_count{operation=\"cache_get\"}")
+        })
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .collect::<Vec<_>>();
     assert_eq!(batched.len(), 2, "{metrics}");
-    eprintln!("cache_get batches: {} of size 1 out of {}", batched[0], batched[1]);
+    eprintln!(
+        "cache_get batches: {} of size 1 out of {}",
+        batched[0], batched[1]
+    );
 }
 
 /// Panics on an answer no sequential execution could give. Writes carry unique values; each
@@ -111,16 +133,25 @@ fn check(log: &[Done]) {
             writes.insert((*key, norm.to_string()), d);
         }
     }
-    let writers_of = |key: usize| log.iter().filter(move |d| matches!(&d.op, Op::Put { key: k, .. } | Op::Delete { key: k } if *k == key));
+    let writers_of = |key: usize| {
+        log.iter().filter(
+            move |d| matches!(&d.op, Op::Put { key: k, .. } | Op::Delete { key: k } if *k == key),
+        )
+    };
     for read in log {
-        let Op::Get { key, seen } = &read.op else { continue };
+        let Op::Get { key, seen } = &read.op else {
+            continue;
+        };
         match seen {
             Some(text) => {
                 let norm: Value = serde_json::from_str(text).unwrap();
                 let w = writes
                     .get(&(*key, norm.to_string()))
                     .unwrap_or_else(|| panic!("k{key}: read {text}, which was never written"));
-                assert!(w.start <= read.end, "k{key}: read {text} before it was written");
+                assert!(
+                    w.start <= read.end,
+                    "k{key}: read {text} before it was written"
+                );
                 // Overwritten for sure before the read began?
                 for o in writers_of(*key) {
                     if std::ptr::eq(o, *w) {
@@ -135,11 +166,17 @@ fn check(log: &[Done]) {
             }
             None => {
                 // Absent: every write finished before the read must have a delete that may follow it.
-                for w in writers_of(*key).filter(|d| matches!(d.op, Op::Put { .. }) && d.end < read.start) {
+                for w in writers_of(*key)
+                    .filter(|d| matches!(d.op, Op::Put { .. }) && d.end < read.start)
+                {
                     let deleted_after = writers_of(*key).any(|o| {
                         matches!(o.op, Op::Delete { .. }) && o.start < read.end && o.end > w.start
                     });
-                    assert!(deleted_after, "k{key}: 404, but {:?} finished before the read and nothing deleted it", w.op);
+                    assert!(
+                        deleted_after,
+                        "k{key}: 404, but {:?} finished before the read and nothing deleted it",
+                        w.op
+                    );
                 }
             }
         }

@@ -12,7 +12,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_pgsidecar");
 
 /// The server the suite runs against (scripts/test.sh starts one and exports it).
 pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL").expect("DATABASE_URL must point at a PostgreSQL superuser (scripts/test.sh sets it)")
+    std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must point at a PostgreSQL superuser (scripts/test.sh sets it)")
 }
 
 /// Replaces the database name of a postgres:// URL.
@@ -39,7 +40,9 @@ pub async fn fresh_db() -> String {
 
 pub async fn fresh_db_on(admin: &str) -> String {
     let name = format!("pgsidecar_test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = PgConnection::connect(admin).await.expect("connect to the admin database");
+    let mut conn = PgConnection::connect(admin)
+        .await
+        .expect("connect to the admin database");
     conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .await
         .expect("create test database");
@@ -57,7 +60,10 @@ impl Logs {
     pub fn json(&self) -> Vec<Value> {
         self.lines()
             .iter()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}")))
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}"))
+            })
             .collect()
     }
     pub fn contains(&self, needle: &str) -> bool {
@@ -130,7 +136,10 @@ impl Builder {
                     && line.contains("\"pgsidecar started\"")
                 {
                     let v: Value = serde_json::from_str(&line).unwrap();
-                    let _ = t.send((v["data_listen"].as_str().unwrap().to_string(), v["ops_listen"].as_str().unwrap().to_string()));
+                    let _ = t.send((
+                        v["data_listen"].as_str().unwrap().to_string(),
+                        v["ops_listen"].as_str().unwrap().to_string(),
+                    ));
                     tx = None;
                 }
                 sink.0.lock().unwrap().push(line);
@@ -146,14 +155,22 @@ impl Builder {
         });
         let (data, ops) = rx
             .recv_timeout(Duration::from_secs(15))
-            .unwrap_or_else(|_| panic!("pgsidecar did not start; stderr: {}", errors.lock().unwrap()));
+            .unwrap_or_else(|_| {
+                panic!(
+                    "pgsidecar did not start; stderr: {}",
+                    errors.lock().unwrap()
+                )
+            });
         let sidecar = Sidecar {
             child,
             data: format!("http://{data}"),
             ops: format!("http://{ops}"),
             logs,
             db,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
         };
         if self.wait_ready {
             sidecar.wait_ready(Duration::from_secs(20)).await;
@@ -205,13 +222,21 @@ impl Sidecar {
             {
                 return;
             }
-            assert!(Instant::now() < until, "sidecar not ready in time; logs:\n{}", self.logs.lines().join("\n"));
+            assert!(
+                Instant::now() < until,
+                "sidecar not ready in time; logs:\n{}",
+                self.logs.lines().join("\n")
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     pub fn sigterm(&self) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
     }
 
     /// Waits for the process to exit.
@@ -245,11 +270,20 @@ impl Sidecar {
     }
 
     pub async fn get_cache(&self, key: &str) -> reqwest::Response {
-        self.http.get(self.url(&format!("/v1/cache/{}", enc(key)))).send().await.unwrap()
+        self.http
+            .get(self.url(&format!("/v1/cache/{}", enc(key))))
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.http.post(self.url(path)).json(body).send().await.unwrap()
+        self.http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// Creates a session and returns (token, session).
@@ -257,7 +291,10 @@ impl Sidecar {
         let r = self.post_json("/v1/sessions", &body).await;
         assert_eq!(r.status(), 201, "create session");
         let v: Value = r.json().await.unwrap();
-        (v["token"].as_str().unwrap().to_string(), v["session"].clone())
+        (
+            v["token"].as_str().unwrap().to_string(),
+            v["session"].clone(),
+        )
     }
 }
 
@@ -284,13 +321,26 @@ pub fn enc(s: &str) -> String {
 /// Asserts the response is a JSON error with this status and code; returns the body.
 pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> Value {
     let got = r.status().as_u16();
-    let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
     let text = r.text().await.unwrap();
     assert_eq!(got, status, "status for body {text}");
-    assert!(ct.starts_with("application/json"), "content type {ct} for body {text}");
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}"));
+    assert!(
+        ct.starts_with("application/json"),
+        "content type {ct} for body {text}"
+    );
+    let v: Value =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}"));
     assert_eq!(v["error"]["code"], code, "error code in {text}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "message in {text}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "message in {text}"
+    );
     v
 }
 

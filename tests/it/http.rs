@@ -22,52 +22,179 @@ async fn shared_secret_guards_every_data_route() {
     let r = s.http.get(&url).send().await.unwrap();
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     assert_error(r, 401, "unauthorized").await;
-    for bad in ["Bearer wrong", "Bearer 0123456789abcdef-secreT", "Basic eDp5", SECRET, "Bearer "] {
-        let r = s.http.get(&url).header("authorization", bad).send().await.unwrap();
+    for bad in [
+        "Bearer wrong",
+        "Bearer 0123456789abcdef-secreT",
+        "Basic eDp5",
+        SECRET,
+        "Bearer ",
+    ] {
+        let r = s
+            .http
+            .get(&url)
+            .header("authorization", bad)
+            .send()
+            .await
+            .unwrap();
         assert_error(r, 401, "unauthorized").await;
     }
-    let r = s.http.post(format!("http://127.0.0.1:{port}/v1/sessions")).body("{").send().await.unwrap();
+    let r = s
+        .http
+        .post(format!("http://127.0.0.1:{port}/v1/sessions"))
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     assert_error(r, 401, "unauthorized").await;
-    let r = s.http.get(&url).header("authorization", format!("Bearer {SECRET}")).send().await.unwrap();
+    let r = s
+        .http
+        .get(&url)
+        .header("authorization", format!("Bearer {SECRET}"))
+        .send()
+        .await
+        .unwrap();
     assert_error(r, 404, "not_found").await;
     // The ops API stays open for load balancers and Prometheus.
-    assert_eq!(s.http.get(s.ops_url("/ready")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.http
+            .get(s.ops_url("/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_json_4xx() {
-    let s = Sidecar::builder().env("PGSIDECAR_SERVER__MAX_BODY_BYTES", "4096").env("PGSIDECAR_CACHE__MAX_VALUE_BYTES", "2048").start().await;
-    assert_error(s.http.get(s.url("/v1/nothing")).send().await.unwrap(), 404, "not_found").await;
-    assert_error(s.http.get(s.url("/")).send().await.unwrap(), 404, "not_found").await;
-    assert_error(s.http.post(s.url("/v1/cache/k")).send().await.unwrap(), 405, "method_not_allowed").await;
-    assert_error(s.http.put(s.url("/v1/sessions")).send().await.unwrap(), 405, "method_not_allowed").await;
-    assert_error(s.http.post(s.url("/v1/sessions")).body("{nope").send().await.unwrap(), 400, "invalid_json").await;
-    assert_error(s.http.post(s.url("/v1/sessions")).body("").send().await.unwrap(), 400, "invalid_json").await;
-    assert_error(s.http.post(s.url("/v1/sessions")).body(vec![0xff, 0xfe]).send().await.unwrap(), 400, "invalid_json").await;
-    let big = format!("{{\"user_id\":\"u\",\"data\":{{\"x\":\"{}\"}}}}", "a".repeat(5000));
-    assert_error(s.http.post(s.url("/v1/sessions")).body(big.clone()).send().await.unwrap(), 413, "payload_too_large").await;
-    assert_error(s.put_cache("k", &format!("\"{}\"", "a".repeat(3000)), "").await, 413, "payload_too_large").await;
-    assert_error(s.put_cache("k", &format!("\"{}\"", "a".repeat(9000)), "").await, 413, "payload_too_large").await;
-    // Chunked body without Content-Length, over the limit.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..10).map(|_| Ok(vec![b' '; 1000])).collect();
-    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
-    assert_error(s.http.put(s.url("/v1/cache/k")).body(body).send().await.unwrap(), 413, "payload_too_large").await;
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_SERVER__MAX_BODY_BYTES", "4096")
+        .env("PGSIDECAR_CACHE__MAX_VALUE_BYTES", "2048")
+        .start()
+        .await;
+    assert_error(
+        s.http.get(s.url("/v1/nothing")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        s.http.get(s.url("/")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        s.http.post(s.url("/v1/cache/k")).send().await.unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    assert_error(
+        s.http.put(s.url("/v1/sessions")).send().await.unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    assert_error(
+        s.http
+            .post(s.url("/v1/sessions"))
+            .body("{nope")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_json",
+    )
+    .await;
+    assert_error(
+        s.http
+            .post(s.url("/v1/sessions"))
+            .body("")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_json",
+    )
+    .await;
+    assert_error(
+        s.http
+            .post(s.url("/v1/sessions"))
+            .body(vec![0xff, 0xfe])
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_json",
+    )
+    .await;
+    let big = format!(
+        "{{\"user_id\":\"u\",\"data\":{{\"x\":\"{}\"}}}}",
+        "a".repeat(5000)
+    );
+    assert_error(
+        s.http
+            .post(s.url("/v1/sessions"))
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap(),
+        413,
+        "payload_too_large",
+    )
+    .await;
+    assert_error(
+        s.put_cache("k", &format!("\"{}\"", "a".repeat(3000)), "")
+            .await,
+        413,
+        "payload_too_large",
+    )
+    .await;
+    assert_error(
+        s.put_cache("k", &format!("\"{}\"", "a".repeat(9000)), "")
+            .await,
+        413,
+        "payload_too_large",
+    )
+    .await;
+    // Chunked body without Content-Length, over the limit: refused once the limit is crossed.
+    let addr = s.data.trim_start_matches("http://").to_string();
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    let mut req =
+        b"PUT /v1/cache/k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..5 {
+        req.extend_from_slice(format!("3e8\r\n{}\r\n", " ".repeat(1000)).as_bytes());
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    c.write_all(&req).unwrap();
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
     // Still serving afterwards.
     assert_eq!(s.put_cache("k", "1", "").await.status(), 204);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_are_cut_off() {
-    let s = Sidecar::builder().env("PGSIDECAR_SERVER__HEADER_READ_TIMEOUT_MS", "500").start().await;
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_SERVER__HEADER_READ_TIMEOUT_MS", "500")
+        .start()
+        .await;
     let addr = s.data.trim_start_matches("http://").to_string();
     let mut c = std::net::TcpStream::connect(&addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    c.write_all(b"GET /v1/cache/k HTTP/1.1\r\nHost: x\r\n").unwrap();
+    c.write_all(b"GET /v1/cache/k HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     let start = Instant::now();
     let mut buf = Vec::new();
     let _ = c.read_to_end(&mut buf);
     let took = start.elapsed();
-    assert!(took < Duration::from_secs(3), "connection held for {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "connection held for {took:?}"
+    );
     // And a normal client is unaffected.
     assert_eq!(s.put_cache("k", "1", "").await.status(), 204);
 }
@@ -82,7 +209,10 @@ async fn slow_database_gives_timeout_and_overload_answers() {
     assert_eq!(s.put_cache("locked", "1", "").await.status(), 204);
     let mut blocker = sqlx::PgConnection::connect(&s.db).await.unwrap();
     blocker.execute("BEGIN").await.unwrap();
-    blocker.execute("SELECT * FROM pgsidecar.cache WHERE key = 'locked' FOR UPDATE").await.unwrap();
+    blocker
+        .execute("SELECT * FROM pgsidecar.cache WHERE key = 'locked' FOR UPDATE")
+        .await
+        .unwrap();
 
     let http = s.http.clone();
     let url = s.url("/v1/cache/locked");
@@ -105,15 +235,30 @@ async fn slow_database_gives_timeout_and_overload_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statement_timeout_is_a_503() {
-    let s = Sidecar::builder().env("PGSIDECAR_DATABASE__STATEMENT_TIMEOUT_MS", "300").start().await;
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_DATABASE__STATEMENT_TIMEOUT_MS", "300")
+        .start()
+        .await;
     assert_eq!(s.put_cache("locked", "1", "").await.status(), 204);
     let mut blocker = sqlx::PgConnection::connect(&s.db).await.unwrap();
     blocker.execute("BEGIN").await.unwrap();
-    blocker.execute("SELECT * FROM pgsidecar.cache WHERE key = 'locked' FOR UPDATE").await.unwrap();
-    let r = s.http.delete(s.url("/v1/cache/locked")).send().await.unwrap();
+    blocker
+        .execute("SELECT * FROM pgsidecar.cache WHERE key = 'locked' FOR UPDATE")
+        .await
+        .unwrap();
+    let r = s
+        .http
+        .delete(s.url("/v1/cache/locked"))
+        .send()
+        .await
+        .unwrap();
     assert_error(r, 503, "database_timeout").await;
     blocker.execute("ROLLBACK").await.unwrap();
-    assert_eq!(s.get_cache("locked").await.status(), 200, "nothing was lost");
+    assert_eq!(
+        s.get_cache("locked").await.status(),
+        200,
+        "nothing was lost"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,22 +266,32 @@ async fn unix_socket_data_listener() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("pgsidecar.sock");
     let s = Sidecar::builder()
-        .env("PGSIDECAR_SERVER__DATA_LISTEN", format!("unix:{}", sock.display()))
+        .env(
+            "PGSIDECAR_SERVER__DATA_LISTEN",
+            format!("unix:{}", sock.display()),
+        )
         .start()
         .await;
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
     let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    c.write_all(b"PUT /v1/cache/k HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n42").unwrap();
+    c.write_all(
+        b"PUT /v1/cache/k HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n42",
+    )
+    .unwrap();
     let mut out = String::new();
     c.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 204"), "{out}");
     let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    c.write_all(b"GET /v1/cache/k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    c.write_all(b"GET /v1/cache/k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     c.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("42"), "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("42"),
+        "{out}"
+    );
     drop(s);
 }
 
@@ -150,14 +305,23 @@ async fn a_panicking_handler_is_a_json_500_and_serving_goes_on() {
             .route("/ok", get(|| async { "ok" })),
         "data",
     );
-    let req = axum::http::Request::get("/boom").body(axum::body::Body::empty()).unwrap();
+    let req = axum::http::Request::get("/boom")
+        .body(axum::body::Body::empty())
+        .unwrap();
     let resp = app.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), 500);
-    let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+        .await
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["code"], "internal");
-    assert!(!String::from_utf8_lossy(&body).contains("handler bug"), "no internal text to clients");
-    let req = axum::http::Request::get("/ok").body(axum::body::Body::empty()).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&body).contains("handler bug"),
+        "no internal text to clients"
+    );
+    let req = axum::http::Request::get("/ok")
+        .body(axum::body::Body::empty())
+        .unwrap();
     assert_eq!(app.oneshot(req).await.unwrap().status(), 200);
 }
 

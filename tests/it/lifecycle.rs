@@ -17,8 +17,14 @@ struct PrivatePostgres {
 
 impl PrivatePostgres {
     fn new() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".pgdata").join(format!("outage-{}", uuid::Uuid::new_v4().simple()));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(".pgdata")
+            .join(format!("outage-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
         Self { dir, port }
     }
@@ -31,27 +37,53 @@ impl PrivatePostgres {
     }
     fn start(&self) {
         let out = Command::new("bash")
-            .args([&Self::script(), "start", self.dir.to_str().unwrap(), &self.port.to_string(), "-c", "fsync=off"])
+            .args([
+                &Self::script(),
+                "start",
+                self.dir.to_str().unwrap(),
+                &self.port.to_string(),
+                "-c",
+                "fsync=off",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "pg.sh start: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     fn stop(&self) {
-        let out = Command::new("bash").args([&Self::script(), "stop", self.dir.to_str().unwrap()]).output().unwrap();
-        assert!(out.status.success(), "pg.sh stop: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("bash")
+            .args([&Self::script(), "stop", self.dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg.sh stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        let _ = Command::new("bash").args([&Self::script(), "stop", self.dir.to_str().unwrap()]).output();
+        let _ = Command::new("bash")
+            .args([&Self::script(), "stop", self.dir.to_str().unwrap()])
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_file(self.dir.with_extension("initdb.log"));
     }
 }
 
 async fn status(s: &Sidecar, path: &str) -> u16 {
-    s.http.get(s.ops_url(path)).send().await.unwrap().status().as_u16()
+    s.http
+        .get(s.ops_url(path))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 async fn wait_status(s: &Sidecar, path: &str, want: u16, timeout: Duration) -> Duration {
@@ -60,7 +92,10 @@ async fn wait_status(s: &Sidecar, path: &str, want: u16, timeout: Duration) -> D
         if status(s, path).await == want {
             return start.elapsed();
         }
-        assert!(start.elapsed() < timeout, "{path} did not turn {want} within {timeout:?}");
+        assert!(
+            start.elapsed() < timeout,
+            "{path} did not turn {want} within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -84,7 +119,11 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
     assert_eq!(status(&s, "/api/health").await, 503);
     let t = Instant::now();
     let r = s.get_cache("k").await;
-    assert!(t.elapsed() < Duration::from_millis(500), "fails fast, took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "fails fast, took {:?}",
+        t.elapsed()
+    );
     assert_eq!(r.headers()["retry-after"], "1");
     assert_error(r, 503, "database_unavailable").await;
 
@@ -96,12 +135,22 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
     // Postgres goes away: 503 within two probe intervals (plus the probe timeout), data fails fast.
     pg.stop();
     let took = wait_status(&s, "/ready", 503, Duration::from_secs(3)).await;
-    assert!(took < Duration::from_millis(1500), "ready turned 503 after {took:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "ready turned 503 after {took:?}"
+    );
     assert_eq!(status(&s, "/health").await, 503);
-    assert_eq!(status(&s, "/live").await, 200, "liveness never depends on Postgres");
+    assert_eq!(
+        status(&s, "/live").await,
+        200,
+        "liveness never depends on Postgres"
+    );
     let t = Instant::now();
     let r = s.get_cache("acked").await;
-    assert!(t.elapsed() < Duration::from_secs(5), "no hang past the request timeout");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "no hang past the request timeout"
+    );
     assert_error(r, 503, "database_unavailable").await;
 
     // Back again: recovery without a restart, and the acknowledged write is there.
@@ -119,21 +168,33 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "reads recover after the restart");
-    assert!(s.child.try_wait().unwrap().is_none(), "the sidecar never exited");
+    assert!(
+        s.child.try_wait().unwrap().is_none(),
+        "the sidecar never exited"
+    );
     assert!(s.logs.contains("database ready"));
     s.sigterm();
-    assert_eq!(s.wait_exit(Duration::from_secs(10)).and_then(|e| e.code()), Some(0));
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).and_then(|e| e.code()),
+        Some(0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
-    let mut s = Sidecar::builder().env("PGSIDECAR_SHUTDOWN__DRAIN_SECONDS", "2").start().await;
+    let mut s = Sidecar::builder()
+        .env("PGSIDECAR_SHUTDOWN__DRAIN_SECONDS", "2")
+        .start()
+        .await;
     assert_eq!(s.put_cache("slow", "1", "").await.status(), 204);
 
     // Hold a row lock so a PUT on that key stays in flight across the end of the drain.
     let mut blocker = sqlx::PgConnection::connect(&s.db).await.unwrap();
     blocker.execute("BEGIN").await.unwrap();
-    blocker.execute("SELECT * FROM pgsidecar.cache WHERE key = 'slow' FOR UPDATE").await.unwrap();
+    blocker
+        .execute("SELECT * FROM pgsidecar.cache WHERE key = 'slow' FOR UPDATE")
+        .await
+        .unwrap();
 
     s.sigterm();
     wait_status(&s, "/ready", 503, Duration::from_millis(500)).await;
@@ -144,20 +205,39 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
 
     let http = s.http.clone();
     let url = s.url("/v1/cache/slow");
-    let in_flight = tokio::spawn(async move { http.put(url).body("3").send().await.map(|r| r.status().as_u16()) });
+    let in_flight = tokio::spawn(async move {
+        http.put(url)
+            .body("3")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // The drain is over: new connections are refused.
     let fresh = reqwest::Client::new();
-    assert!(fresh.get(s.url("/v1/cache/slow")).send().await.is_err(), "listener closed after the drain");
+    assert!(
+        fresh.get(s.url("/v1/cache/slow")).send().await.is_err(),
+        "listener closed after the drain"
+    );
     blocker.execute("ROLLBACK").await.unwrap();
-    assert_eq!(in_flight.await.unwrap().unwrap(), 204, "in-flight request finished");
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        204,
+        "in-flight request finished"
+    );
 
     let code = s.wait_exit(Duration::from_secs(10)).and_then(|e| e.code());
     assert_eq!(code, Some(0));
     let lines = s.logs.lines();
-    assert!(lines.last().unwrap().contains("pgsidecar stopped"), "logs flushed to the last line: {lines:?}");
+    assert!(
+        lines.last().unwrap().contains("pgsidecar stopped"),
+        "logs flushed to the last line: {lines:?}"
+    );
 
     let mut c = sqlx::PgConnection::connect(&s.db).await.unwrap();
-    let v: String = sqlx::query_scalar("SELECT value FROM pgsidecar.cache WHERE key = 'slow'").fetch_one(&mut c).await.unwrap();
+    let v: String = sqlx::query_scalar("SELECT value FROM pgsidecar.cache WHERE key = 'slow'")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
     assert_eq!(v, "3", "the acknowledged write is stored");
 }

@@ -25,9 +25,22 @@ async fn every_line_is_json_with_fixed_fields_and_no_secret() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let token = r.json::<serde_json::Value>().await.unwrap()["token"].as_str().unwrap().to_string();
-    s.http.get(s.url(&format!("/v1/sessions/{token}"))).header("authorization", &auth).send().await.unwrap();
-    s.http.delete(s.url(&format!("/v1/sessions/{token}"))).header("authorization", &auth).send().await.unwrap();
+    let token = r.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.http
+        .get(s.url(&format!("/v1/sessions/{token}")))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    s.http
+        .delete(s.url(&format!("/v1/sessions/{token}")))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
     s.http
         .put(s.url("/v1/cache/some-key"))
         .header("authorization", &auth)
@@ -36,9 +49,22 @@ async fn every_line_is_json_with_fixed_fields_and_no_secret() {
         .send()
         .await
         .unwrap();
-    s.http.get(s.url("/v1/cache/some-key")).header("authorization", &auth).send().await.unwrap();
-    s.http.get(s.url("/v1/cache/x")).header("authorization", "Bearer wrong-secret-guess").send().await.unwrap();
-    assert!(s.logs.wait_for("req-42", std::time::Duration::from_secs(5)));
+    s.http
+        .get(s.url("/v1/cache/some-key"))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    s.http
+        .get(s.url("/v1/cache/x"))
+        .header("authorization", "Bearer wrong-secret-guess")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        s.logs
+            .wait_for("\"status\":401", std::time::Duration::from_secs(5))
+    );
 
     let lines = s.logs.json();
     assert!(lines.len() >= 8, "{lines:?}");
@@ -67,14 +93,25 @@ async fn every_line_is_json_with_fixed_fields_and_no_secret() {
     let _ = password_free_admin;
 
     // The start-up line: version, listeners, effective config (redacted).
-    let start = lines.iter().find(|l| l["message"] == "pgsidecar started").unwrap();
+    let start = lines
+        .iter()
+        .find(|l| l["message"] == "pgsidecar started")
+        .unwrap();
     assert_eq!(start["version"], env!("CARGO_PKG_VERSION"));
-    assert!(start["data_listen"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        start["data_listen"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
     assert_eq!(start["config"]["server"]["auth_token"], "[redacted]");
     assert_eq!(start["config"]["database"]["max_connections"], 20);
 
     // One access line per request, with the route template.
-    let access: Vec<_> = lines.iter().filter(|l| l["target"] == "pgsidecar::access" && l["listener"] == "data").collect();
+    let access: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == "pgsidecar::access" && l["listener"] == "data")
+        .collect();
     assert_eq!(access.len(), 6, "{access:?}");
     for a in &access {
         for field in ["method", "route", "status", "duration_ms", "request_id"] {
@@ -85,7 +122,11 @@ async fn every_line_is_json_with_fixed_fields_and_no_secret() {
     assert_eq!(put["route"], "/v1/cache/{key}");
     assert_eq!(put["method"], "PUT");
     assert_eq!(put["status"], 204);
-    assert!(access.iter().any(|a| a["route"] == "/v1/sessions/{token}" && a["status"] == 200));
+    assert!(
+        access
+            .iter()
+            .any(|a| a["route"] == "/v1/sessions/{token}" && a["status"] == 200)
+    );
     assert!(access.iter().any(|a| a["status"] == 401));
 }
 
@@ -94,15 +135,23 @@ async fn database_password_is_never_logged() {
     // A role with a password, so the URL carries one.
     let admin = admin_url();
     let db = fresh_db().await;
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await.unwrap();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .unwrap();
     let role = format!("r{}", uuid::Uuid::new_v4().simple());
     sqlx::Executor::execute(
         &mut conn,
-        sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN SUPERUSER PASSWORD 'pw-do-not-log-123'")),
+        sqlx::AssertSqlSafe(format!(
+            "CREATE ROLE {role} LOGIN SUPERUSER PASSWORD 'pw-do-not-log-123'"
+        )),
     )
     .await
     .unwrap();
-    let url = db.replacen("postgres://postgres@", &format!("postgres://{role}:pw-do-not-log-123@"), 1);
+    let url = db.replacen(
+        "postgres://postgres@",
+        &format!("postgres://{role}:pw-do-not-log-123@"),
+        1,
+    );
     let s = Sidecar::builder().db(&url).start().await;
     assert_eq!(s.put_cache("k", "1", "").await.status(), 204);
     let raw = s.logs.lines().join("\n");
@@ -113,10 +162,16 @@ async fn database_password_is_never_logged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_log_and_log_level_filter_lines() {
     // Access lines off, the start-up line (which the test harness reads) kept.
-    let s = Sidecar::builder().env("PGSIDECAR_LOG__LEVEL", "warn,pgsidecar::app=info").start().await;
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_LOG__LEVEL", "warn,pgsidecar::app=info")
+        .start()
+        .await;
     s.put_cache("k", "1", "").await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(!s.logs.contains("pgsidecar::access"), "info lines filtered at warn");
+    assert!(
+        !s.logs.contains("pgsidecar::access"),
+        "info lines filtered at warn"
+    );
     // RUST_LOG takes precedence over log.level.
     let s = Sidecar::builder()
         .env("PGSIDECAR_LOG__LEVEL", "warn,pgsidecar::app=info")
@@ -124,5 +179,8 @@ async fn rust_log_and_log_level_filter_lines() {
         .start()
         .await;
     s.put_cache("k", "1", "").await;
-    assert!(s.logs.wait_for("pgsidecar::access", std::time::Duration::from_secs(3)));
+    assert!(
+        s.logs
+            .wait_for("pgsidecar::access", std::time::Duration::from_secs(3))
+    );
 }

@@ -7,7 +7,8 @@ use crate::helpers::*;
 
 fn document() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("openapi.json exists")).expect("openapi.json is JSON")
+    serde_json::from_str(&std::fs::read_to_string(path).expect("openapi.json exists"))
+        .expect("openapi.json is JSON")
 }
 
 #[test]
@@ -18,15 +19,22 @@ fn every_server_route_is_documented_and_nothing_else() {
     for (method, path) in &table {
         let op = &doc["paths"][path][method.to_lowercase()];
         assert!(op.is_object(), "{method} {path} is not in openapi.json");
-        assert!(op["responses"].is_object(), "{method} {path} has no responses");
+        assert!(
+            op["responses"].is_object(),
+            "{method} {path} has no responses"
+        );
     }
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {
-            if !["get", "put", "post", "delete", "patch", "head", "options"].contains(&method.as_str()) {
+            if !["get", "put", "post", "delete", "patch", "head", "options"]
+                .contains(&method.as_str())
+            {
                 continue;
             }
             assert!(
-                table.iter().any(|(m, p)| p == path && m.eq_ignore_ascii_case(method)),
+                table
+                    .iter()
+                    .any(|(m, p)| p == path && m.eq_ignore_ascii_case(method)),
                 "openapi.json documents {method} {path}, which the server does not have"
             );
         }
@@ -37,7 +45,10 @@ fn every_server_route_is_documented_and_nothing_else() {
 async fn every_route_in_the_table_is_served() {
     let s = Sidecar::start().await;
     for (method, path) in pgsidecar::api::route_table() {
-        let concrete = path.replace("{token}", "x").replace("{key}", "k").replace("{user_id}", "u");
+        let concrete = path
+            .replace("{token}", "x")
+            .replace("{key}", "k")
+            .replace("{user_id}", "u");
         let r = s
             .http
             .request(method.parse().unwrap(), s.url(&concrete))
@@ -48,7 +59,10 @@ async fn every_route_in_the_table_is_served() {
         let status = r.status().as_u16();
         let body = r.text().await.unwrap();
         assert_ne!(status, 405, "{method} {path}");
-        assert!(!body.contains("no such route"), "{method} {path} is not routed");
+        assert!(
+            !body.contains("no such route"),
+            "{method} {path} is not routed"
+        );
         assert!(status < 500, "{method} {path}: {status} {body}");
     }
 }

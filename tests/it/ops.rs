@@ -11,14 +11,28 @@ async fn health_is_health_json_with_every_check() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/health+json");
     let v: Value = r.json().await.unwrap();
-    assert!(["pass", "warn"].contains(&v["status"].as_str().unwrap()), "{v}");
+    assert!(
+        ["pass", "warn"].contains(&v["status"].as_str().unwrap()),
+        "{v}"
+    );
     assert_eq!(v["serviceId"], "test-host");
     assert!(v["version"].is_string());
     let checks = v["checks"].as_object().unwrap();
-    for name in ["postgres:responseTime", "postgres:tables", "memory:utilization", "cpu:utilization", "disk:utilization"] {
-        let entries = checks.get(name).unwrap_or_else(|| panic!("missing check {name} in {v}"));
+    for name in [
+        "postgres:responseTime",
+        "postgres:tables",
+        "memory:utilization",
+        "cpu:utilization",
+        "disk:utilization",
+    ] {
+        let entries = checks
+            .get(name)
+            .unwrap_or_else(|| panic!("missing check {name} in {v}"));
         let first = &entries[0];
-        assert!(first["status"].is_string() && first["time"].as_str().unwrap().ends_with('Z'), "{name}: {first}");
+        assert!(
+            first["status"].is_string() && first["time"].as_str().unwrap().ends_with('Z'),
+            "{name}: {first}"
+        );
     }
     let pg = &checks["postgres:responseTime"][0];
     assert_eq!(pg["status"], "pass");
@@ -32,24 +46,34 @@ async fn ready_live_and_nextjs_routes() {
     let get = |p: &str| s.http.get(s.ops_url(p)).send();
     let r = get("/ready").await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<Value>().await.unwrap(), serde_json::json!({"ready": true}));
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        serde_json::json!({"ready": true})
+    );
     assert_eq!(get("/live").await.unwrap().status(), 200);
     let r = get("/api/health").await.unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["database"], true);
     assert_eq!(v["cache"], true);
-    chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap()).expect("RFC 3339 timestamp");
+    chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap())
+        .expect("RFC 3339 timestamp");
     let r = get("/api/ready").await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<Value>().await.unwrap(), serde_json::json!({"ready": true}));
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        serde_json::json!({"ready": true})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critical_upstream_failing_fails_health_and_readiness() {
     // An upstream that refuses connections: port 9 on loopback (discard) is closed here.
     let s = Sidecar::builder()
-        .env("PGSIDECAR_HEALTH__UPSTREAMS", r#"[{name="app", url="http://127.0.0.1:9/api/health", timeout_ms=300, critical=true}]"#)
+        .env(
+            "PGSIDECAR_HEALTH__UPSTREAMS",
+            r#"[{name="app", url="http://127.0.0.1:9/api/health", timeout_ms=300, critical=true}]"#,
+        )
         .no_wait()
         .start()
         .await;
@@ -73,7 +97,10 @@ async fn passing_and_non_critical_upstreams() {
         r#"[{{name="peer", url="{}/live", timeout_ms=500, critical=true}}, {{name="optional", url="http://127.0.0.1:9/", timeout_ms=300, critical=false}}]"#,
         first.ops
     );
-    let s = Sidecar::builder().env("PGSIDECAR_HEALTH__UPSTREAMS", upstreams).start().await;
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_HEALTH__UPSTREAMS", upstreams)
+        .start()
+        .await;
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     let r = s.http.get(s.ops_url("/health")).send().await.unwrap();
     assert_eq!(r.status(), 200, "warn is still 200");
@@ -81,7 +108,15 @@ async fn passing_and_non_critical_upstreams() {
     assert_eq!(v["status"], "warn");
     assert_eq!(v["checks"]["upstream:peer"][0]["status"], "pass");
     assert_eq!(v["checks"]["upstream:optional"][0]["status"], "warn");
-    assert_eq!(s.http.get(s.ops_url("/ready")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.http
+            .get(s.ops_url("/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 const REQUIRED_METRICS: &[&str] = &[
@@ -109,33 +144,73 @@ async fn metrics_are_valid_prometheus_with_help_and_histograms() {
     s.get_cache("k").await;
     s.get_cache("missing").await;
     let (token, _) = s.create_session(serde_json::json!({"user_id": "u"})).await;
-    s.http.get(s.url(&format!("/v1/sessions/{token}"))).send().await.unwrap();
-    s.http.get(s.url("/v1/cache/secret%20key%20value")).send().await.unwrap();
+    s.http
+        .get(s.url(&format!("/v1/sessions/{token}")))
+        .send()
+        .await
+        .unwrap();
+    s.http
+        .get(s.url("/v1/cache/secret%20key%20value"))
+        .send()
+        .await
+        .unwrap();
     let _ = s.http.get(s.ops_url("/metrics")).send().await.unwrap();
     let r = s.http.get(s.ops_url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let text = r.text().await.unwrap();
 
     for name in REQUIRED_METRICS {
-        assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}");
-        assert!(text.lines().any(|l| l.starts_with(name)), "no samples for {name}");
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}"
+        );
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "no samples for {name}"
+        );
     }
-    for name in ["pgsidecar_http_request_duration_seconds", "pgsidecar_db_query_duration_seconds"] {
-        assert!(text.contains(&format!("# TYPE {name} histogram")), "{name} must be a histogram");
-        assert!(text.contains(&format!("{name}_bucket{{")), "{name} has no buckets");
+    for name in [
+        "pgsidecar_http_request_duration_seconds",
+        "pgsidecar_db_query_duration_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} histogram")),
+            "{name} must be a histogram"
+        );
+        assert!(
+            text.contains(&format!("{name}_bucket{{")),
+            "{name} has no buckets"
+        );
     }
     // Every metric family has help text.
     for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
         let name = line.split_whitespace().nth(2).unwrap();
-        assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}");
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}"
+        );
     }
     // Labels carry route templates, never keys or tokens.
-    assert!(text.contains(r#"route="/v1/cache/{key}""#), "route template label");
-    assert!(text.contains(r#"route="/v1/sessions/{token}""#), "route template label");
+    assert!(
+        text.contains(r#"route="/v1/cache/{key}""#),
+        "route template label"
+    );
+    assert!(
+        text.contains(r#"route="/v1/sessions/{token}""#),
+        "route template label"
+    );
     assert!(!text.contains(&token), "token in metrics");
     assert!(!text.contains("secret"), "key in metrics");
-    assert!(text.contains(r#"pgsidecar_cache_requests_total{operation="get",result="hit"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"pgsidecar_cache_requests_total{operation="get",result="hit"} 1"#),
+        "{text}"
+    );
     assert!(text.contains(r#"pgsidecar_session_validations_total{result="valid"} 1"#));
     assert!(text.contains(r#"pgsidecar_db_pool_max_connections 20"#));
 
@@ -148,33 +223,79 @@ async fn metrics_are_valid_prometheus_with_help_and_histograms() {
         .spawn()
     {
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
-        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics reported:\n{report}");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && report.trim().is_empty(),
+            "promtool check metrics reported:\n{report}"
+        );
     } else {
-        eprintln!("promtool not installed: skipping the promtool lint (scripts/test.sh installs it as root)");
+        eprintln!(
+            "promtool not installed: skipping the promtool lint (scripts/test.sh installs it as root)"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_errors_are_json_and_request_ids_echo() {
     let s = Sidecar::start().await;
-    assert_error(s.http.get(s.ops_url("/nope")).send().await.unwrap(), 404, "not_found").await;
-    assert_error(s.http.post(s.ops_url("/health")).send().await.unwrap(), 405, "method_not_allowed").await;
-    let r = s.http.get(s.ops_url("/live")).header("x-request-id", "abc-123").send().await.unwrap();
+    assert_error(
+        s.http.get(s.ops_url("/nope")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        s.http.post(s.ops_url("/health")).send().await.unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    let r = s
+        .http
+        .get(s.ops_url("/live"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-request-id"], "abc-123");
     let r = s.http.get(s.ops_url("/live")).send().await.unwrap();
     let id = r.headers()["x-request-id"].to_str().unwrap();
     assert!(uuid::Uuid::parse_str(id).is_ok(), "generated id {id}");
     // Oversized or unprintable ids are replaced rather than logged.
-    let r = s.http.get(s.ops_url("/live")).header("x-request-id", "x".repeat(500)).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.ops_url("/live"))
+        .header("x-request-id", "x".repeat(500))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-request-id"].len(), 36);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_listener_does_not_serve_ops_routes_and_vice_versa() {
     let s = Sidecar::start().await;
-    assert_error(s.http.get(s.url("/health")).send().await.unwrap(), 404, "not_found").await;
-    assert_error(s.http.get(s.ops_url("/v1/cache/k")).send().await.unwrap(), 404, "not_found").await;
+    assert_error(
+        s.http.get(s.url("/health")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        s.http.get(s.ops_url("/v1/cache/k")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
 }

@@ -7,7 +7,11 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 async fn validate(s: &Sidecar, token: &str) -> reqwest::Response {
-    s.http.get(s.url(&format!("/v1/sessions/{token}"))).send().await.unwrap()
+    s.http
+        .get(s.url(&format!("/v1/sessions/{token}")))
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,37 +27,95 @@ async fn create_validate_update_revoke() {
     let v: Value = r.json().await.unwrap();
     let token = v["token"].as_str().unwrap().to_string();
     assert_eq!(token.len(), 43);
-    assert!(token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    assert!(
+        token
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    );
     let session = &v["session"];
     let keys: Vec<&String> = session.as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["id", "user_id", "created_at", "updated_at", "expires_at", "ip_address", "user_agent", "data"]);
-    assert!(!session.to_string().contains(&token), "the session never holds the token");
+    assert_eq!(
+        keys,
+        [
+            "id",
+            "user_id",
+            "created_at",
+            "updated_at",
+            "expires_at",
+            "ip_address",
+            "user_agent",
+            "data"
+        ]
+    );
+    assert!(
+        !session.to_string().contains(&token),
+        "the session never holds the token"
+    );
     uuid::Uuid::parse_str(session["id"].as_str().unwrap()).unwrap();
     assert_eq!(session["user_id"], "user-1");
     assert_eq!(session["ip_address"], "203.0.113.7");
-    assert_eq!(session["data"], json!({"role": "admin", "n": [1, 2.5, null]}));
-    let created = chrono::DateTime::parse_from_rfc3339(session["created_at"].as_str().unwrap()).unwrap();
-    let expires = chrono::DateTime::parse_from_rfc3339(session["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        session["data"],
+        json!({"role": "admin", "n": [1, 2.5, null]})
+    );
+    let created =
+        chrono::DateTime::parse_from_rfc3339(session["created_at"].as_str().unwrap()).unwrap();
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(session["expires_at"].as_str().unwrap()).unwrap();
     assert_eq!((expires - created).num_seconds(), 3600);
     assert!(session["expires_at"].as_str().unwrap().ends_with('Z'));
 
     let r = validate(&s, &token).await;
     assert_eq!(r.status(), 200);
     let got: Value = r.json().await.unwrap();
-    assert_eq!(got, *session, "validation within update_age returns it unchanged");
+    assert_eq!(
+        got, *session,
+        "validation within update_age returns it unchanged"
+    );
 
-    let r = s.http.patch(s.url(&format!("/v1/sessions/{token}"))).json(&json!({"data": {"cart": 3}})).send().await.unwrap();
+    let r = s
+        .http
+        .patch(s.url(&format!("/v1/sessions/{token}")))
+        .json(&json!({"data": {"cart": 3}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let updated: Value = r.json().await.unwrap();
     assert_eq!(updated["data"], json!({"cart": 3}));
     assert_eq!(updated["id"], session["id"]);
-    assert_eq!(validate(&s, &token).await.json::<Value>().await.unwrap()["data"], json!({"cart": 3}));
+    assert_eq!(
+        validate(&s, &token).await.json::<Value>().await.unwrap()["data"],
+        json!({"cart": 3})
+    );
 
-    assert_eq!(s.http.delete(s.url(&format!("/v1/sessions/{token}"))).send().await.unwrap().status(), 204);
+    assert_eq!(
+        s.http
+            .delete(s.url(&format!("/v1/sessions/{token}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
     assert_error(validate(&s, &token).await, 404, "not_found").await;
     // Revoking again is still 204; updating a revoked session is 404.
-    assert_eq!(s.http.delete(s.url(&format!("/v1/sessions/{token}"))).send().await.unwrap().status(), 204);
-    let r = s.http.patch(s.url(&format!("/v1/sessions/{token}"))).json(&json!({"data": {}})).send().await.unwrap();
+    assert_eq!(
+        s.http
+            .delete(s.url(&format!("/v1/sessions/{token}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    let r = s
+        .http
+        .patch(s.url(&format!("/v1/sessions/{token}")))
+        .json(&json!({"data": {}}))
+        .send()
+        .await
+        .unwrap();
     assert_error(r, 404, "not_found").await;
 }
 
@@ -61,36 +123,77 @@ async fn create_validate_update_revoke() {
 async fn defaults_and_unknown_tokens() {
     let s = Sidecar::start().await;
     let (_, session) = s.create_session(json!({"user_id": "u"})).await;
-    let created = chrono::DateTime::parse_from_rfc3339(session["created_at"].as_str().unwrap()).unwrap();
-    let expires = chrono::DateTime::parse_from_rfc3339(session["expires_at"].as_str().unwrap()).unwrap();
-    assert_eq!((expires - created).num_seconds(), 604800, "default ttl is 7 days");
+    let created =
+        chrono::DateTime::parse_from_rfc3339(session["created_at"].as_str().unwrap()).unwrap();
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(session["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (expires - created).num_seconds(),
+        604800,
+        "default ttl is 7 days"
+    );
     assert_eq!(session["data"], json!({}));
     assert_eq!(session["ip_address"], Value::Null);
     // Well-formed but unknown, malformed, and undecodable tokens are all plain 404s.
     let unknown = "A".repeat(43);
-    for t in [unknown.as_str(), "short", "%FF%FE", &"a".repeat(44), "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"] {
+    for t in [
+        unknown.as_str(),
+        "short",
+        "%FF%FE",
+        &"a".repeat(44),
+        "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
+    ] {
         assert_error(validate(&s, t).await, 404, "not_found").await;
     }
-    assert_eq!(s.http.delete(s.url("/v1/sessions/short")).send().await.unwrap().status(), 204);
+    assert_eq!(
+        s.http
+            .delete(s.url("/v1/sessions/short"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_ttl_really_expires() {
     let s = Sidecar::start().await;
-    let (token, _) = s.create_session(json!({"user_id": "u", "ttl_seconds": 1})).await;
+    let (token, _) = s
+        .create_session(json!({"user_id": "u", "ttl_seconds": 1}))
+        .await;
     assert_eq!(validate(&s, &token).await.status(), 200);
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert_error(validate(&s, &token).await, 404, "not_found").await;
-    let r = s.http.patch(s.url(&format!("/v1/sessions/{token}"))).json(&json!({"data": {}})).send().await.unwrap();
+    let r = s
+        .http
+        .patch(s.url(&format!("/v1/sessions/{token}")))
+        .json(&json!({"data": {}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
-    let r: Value = s.http.get(s.url("/v1/users/u/sessions")).send().await.unwrap().json().await.unwrap();
+    let r: Value = s
+        .http
+        .get(s.url("/v1/users/u/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(r["sessions"], json!([]), "expired sessions are not listed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sliding_expiry_writes_at_most_once_per_update_age() {
-    let s = Sidecar::builder().env("PGSIDECAR_SESSIONS__UPDATE_AGE_SECONDS", "1").start().await;
-    let (token, session) = s.create_session(json!({"user_id": "u", "ttl_seconds": 10})).await;
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_SESSIONS__UPDATE_AGE_SECONDS", "1")
+        .start()
+        .await;
+    let (token, session) = s
+        .create_session(json!({"user_id": "u", "ttl_seconds": 10}))
+        .await;
     let mut sql = s.sql().await;
     let id = uuid::Uuid::parse_str(session["id"].as_str().unwrap()).unwrap();
     let before = xmin(&mut sql, id).await;
@@ -98,13 +201,22 @@ async fn sliding_expiry_writes_at_most_once_per_update_age() {
     for _ in 0..5 {
         assert_eq!(validate(&s, &token).await.status(), 200);
     }
-    assert_eq!(xmin(&mut sql, id).await, before, "no write within update_age");
+    assert_eq!(
+        xmin(&mut sql, id).await,
+        before,
+        "no write within update_age"
+    );
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let slid: Value = validate(&s, &token).await.json().await.unwrap();
-    let old_exp = chrono::DateTime::parse_from_rfc3339(session["expires_at"].as_str().unwrap()).unwrap();
-    let new_exp = chrono::DateTime::parse_from_rfc3339(slid["expires_at"].as_str().unwrap()).unwrap();
-    assert!((new_exp - old_exp).num_milliseconds() >= 1400, "expiry moved: {old_exp} -> {new_exp}");
+    let old_exp =
+        chrono::DateTime::parse_from_rfc3339(session["expires_at"].as_str().unwrap()).unwrap();
+    let new_exp =
+        chrono::DateTime::parse_from_rfc3339(slid["expires_at"].as_str().unwrap()).unwrap();
+    assert!(
+        (new_exp - old_exp).num_milliseconds() >= 1400,
+        "expiry moved: {old_exp} -> {new_exp}"
+    );
     let after_slide = xmin(&mut sql, id).await;
     assert_ne!(after_slide, before, "one write to slide");
     // A second validation right after does not write again.
@@ -120,10 +232,19 @@ async fn sliding_expiry_writes_at_most_once_per_update_age() {
     let mut expiries = std::collections::HashSet::new();
     for r in results {
         assert_eq!(r.status(), 200);
-        expiries.insert(r.json::<Value>().await.unwrap()["expires_at"].as_str().unwrap().to_string());
+        expiries.insert(
+            r.json::<Value>().await.unwrap()["expires_at"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     assert_ne!(xmin(&mut sql, id).await, before_burst);
-    assert_eq!(expiries.len(), 1, "every concurrent caller saw the one slid expiry: {expiries:?}");
+    assert_eq!(
+        expiries.len(),
+        1,
+        "every concurrent caller saw the one slid expiry: {expiries:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,32 +253,87 @@ async fn list_and_revoke_all_except_one() {
     let mut tokens = Vec::new();
     let mut ids = Vec::new();
     for i in 0..3 {
-        let (t, sess) = s.create_session(json!({"user_id": "alice", "data": {"device": i}})).await;
+        let (t, sess) = s
+            .create_session(json!({"user_id": "alice", "data": {"device": i}}))
+            .await;
         tokens.push(t);
         ids.push(sess["id"].as_str().unwrap().to_string());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let (bob, _) = s.create_session(json!({"user_id": "bob"})).await;
-    let list: Value = s.http.get(s.url("/v1/users/alice/sessions")).send().await.unwrap().json().await.unwrap();
-    let listed: Vec<&str> = list["sessions"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap()).collect();
-    assert_eq!(listed, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()], "newest first");
+    let list: Value = s
+        .http
+        .get(s.url("/v1/users/alice/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&str> = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()],
+        "newest first"
+    );
     assert!(!list.to_string().contains(&tokens[0]));
 
-    let r = s.http.delete(s.url(&format!("/v1/users/alice/sessions?except={}", ids[1]))).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url(&format!("/v1/users/alice/sessions?except={}", ids[1])))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"revoked": 2}));
     assert_eq!(validate(&s, &tokens[0]).await.status(), 404);
-    assert_eq!(validate(&s, &tokens[1]).await.status(), 200, "the kept device stays logged in");
+    assert_eq!(
+        validate(&s, &tokens[1]).await.status(),
+        200,
+        "the kept device stays logged in"
+    );
     assert_eq!(validate(&s, &tokens[2]).await.status(), 404);
-    assert_eq!(validate(&s, &bob).await.status(), 200, "other users untouched");
+    assert_eq!(
+        validate(&s, &bob).await.status(),
+        200,
+        "other users untouched"
+    );
 
-    let r = s.http.delete(s.url("/v1/users/alice/sessions")).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/v1/users/alice/sessions"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"revoked": 1}));
-    let r = s.http.delete(s.url("/v1/users/nobody/sessions")).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/v1/users/nobody/sessions"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"revoked": 0}));
-    let list: Value = s.http.get(s.url("/v1/users/alice/sessions")).send().await.unwrap().json().await.unwrap();
+    let list: Value = s
+        .http
+        .get(s.url("/v1/users/alice/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list, json!({"sessions": []}));
-    let r = s.http.delete(s.url("/v1/users/alice/sessions?except=not-a-uuid")).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/v1/users/alice/sessions?except=not-a-uuid"))
+        .send()
+        .await
+        .unwrap();
     assert_error(r, 400, "invalid_session_id").await;
 }
 
@@ -174,16 +350,32 @@ async fn user_ids_and_data_are_stored_exactly() {
     ];
     for uid in weird {
         let data = json!({"uid": uid, "nul": "a\u{0}b", "big": 12345678901234567890u64, "deep": {"x": [{"y": "z"}]}});
-        let (token, session) = s.create_session(json!({"user_id": uid, "data": data})).await;
+        let (token, session) = s
+            .create_session(json!({"user_id": uid, "data": data}))
+            .await;
         assert_eq!(session["user_id"], uid);
         let got: Value = validate(&s, &token).await.json().await.unwrap();
         assert_eq!(got["user_id"], uid);
         assert_eq!(got["data"], data);
-        let list: Value = s.http.get(s.url(&format!("/v1/users/{}/sessions", enc(uid)))).send().await.unwrap().json().await.unwrap();
+        let list: Value = s
+            .http
+            .get(s.url(&format!("/v1/users/{}/sessions", enc(uid))))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(list["sessions"].as_array().unwrap().len(), 1, "{uid}");
     }
     // The exact JSON text of data comes back, number spelling included.
-    let r = s.http.post(s.url("/v1/sessions")).body(r#"{"user_id":"x","data":{"n":1.50,"e":1e400}}"#).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/v1/sessions"))
+        .body(r#"{"user_id":"x","data":{"n":1.50,"e":1e400}}"#)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     let text = r.text().await.unwrap();
     assert!(text.contains(r#""data":{"n":1.50,"e":1e400}"#), "{text}");
@@ -191,7 +383,10 @@ async fn user_ids_and_data_are_stored_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_are_400_with_a_code() {
-    let s = Sidecar::builder().env("PGSIDECAR_SESSIONS__MAX_DATA_BYTES", "100").start().await;
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_SESSIONS__MAX_DATA_BYTES", "100")
+        .start()
+        .await;
     let cases = [
         (json!({}), 400, "invalid_user_id"),
         (json!({"user_id": ""}), 400, "invalid_user_id"),
@@ -199,18 +394,58 @@ async fn bad_inputs_are_400_with_a_code() {
         (json!({"user_id": null}), 400, "invalid_user_id"),
         (json!({"user_id": "a".repeat(257)}), 400, "invalid_user_id"),
         (json!({"user_id": "nul\u{0}byte"}), 400, "invalid_user_id"),
-        (json!({"user_id": "u", "ttl_seconds": 0}), 400, "invalid_ttl"),
-        (json!({"user_id": "u", "ttl_seconds": -5}), 400, "invalid_ttl"),
-        (json!({"user_id": "u", "ttl_seconds": 31536001}), 400, "invalid_ttl"),
-        (json!({"user_id": "u", "ttl_seconds": 1.5}), 400, "invalid_ttl"),
-        (json!({"user_id": "u", "ttl_seconds": "60"}), 400, "invalid_ttl"),
-        (json!({"user_id": "u", "ip_address": 1}), 400, "invalid_ip_address"),
-        (json!({"user_id": "u", "ip_address": "x".repeat(65)}), 400, "invalid_ip_address"),
-        (json!({"user_id": "u", "user_agent": "x".repeat(1025)}), 400, "invalid_user_agent"),
-        (json!({"user_id": "u", "user_agent": "a\u{0}"}), 400, "invalid_user_agent"),
+        (
+            json!({"user_id": "u", "ttl_seconds": 0}),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            json!({"user_id": "u", "ttl_seconds": -5}),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            json!({"user_id": "u", "ttl_seconds": 31536001}),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            json!({"user_id": "u", "ttl_seconds": 1.5}),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            json!({"user_id": "u", "ttl_seconds": "60"}),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            json!({"user_id": "u", "ip_address": 1}),
+            400,
+            "invalid_ip_address",
+        ),
+        (
+            json!({"user_id": "u", "ip_address": "x".repeat(65)}),
+            400,
+            "invalid_ip_address",
+        ),
+        (
+            json!({"user_id": "u", "user_agent": "x".repeat(1025)}),
+            400,
+            "invalid_user_agent",
+        ),
+        (
+            json!({"user_id": "u", "user_agent": "a\u{0}"}),
+            400,
+            "invalid_user_agent",
+        ),
         (json!({"user_id": "u", "data": [1]}), 400, "invalid_data"),
         (json!({"user_id": "u", "data": "s"}), 400, "invalid_data"),
-        (json!({"user_id": "u", "data": {"x": "y".repeat(200)}}), 413, "payload_too_large"),
+        (
+            json!({"user_id": "u", "data": {"x": "y".repeat(200)}}),
+            413,
+            "payload_too_large",
+        ),
         (json!({"user_id": "u", "unknown": 1}), 400, "invalid_json"),
         (json!([1, 2]), 400, "invalid_json"),
     ];
@@ -219,18 +454,58 @@ async fn bad_inputs_are_400_with_a_code() {
         let got = r.status();
         let text = r.text().await.unwrap();
         assert_eq!(got, status, "{body}: {text}");
-        assert!(text.contains(&format!("\"code\":\"{code}\"")), "{body}: {text}");
+        assert!(
+            text.contains(&format!("\"code\":\"{code}\"")),
+            "{body}: {text}"
+        );
     }
     let (token, _) = s.create_session(json!({"user_id": "u"})).await;
-    let patch = |b: &'static str| s.http.patch(s.url(&format!("/v1/sessions/{token}"))).body(b).send();
+    let patch = |b: &'static str| {
+        s.http
+            .patch(s.url(&format!("/v1/sessions/{token}")))
+            .body(b)
+            .send()
+    };
     assert_error(patch("{}").await.unwrap(), 400, "invalid_data").await;
     assert_error(patch(r#"{"data": 5}"#).await.unwrap(), 400, "invalid_data").await;
-    assert_error(patch(r#"{"data": {}, "x": 1}"#).await.unwrap(), 400, "invalid_json").await;
+    assert_error(
+        patch(r#"{"data": {}, "x": 1}"#).await.unwrap(),
+        400,
+        "invalid_json",
+    )
+    .await;
     assert_error(patch("nope").await.unwrap(), 400, "invalid_json").await;
     let long_user = "u".repeat(300);
-    assert_error(s.http.get(s.url(&format!("/v1/users/{long_user}/sessions"))).send().await.unwrap(), 400, "invalid_user_id").await;
-    assert_error(s.http.get(s.url("/v1/users/%FF/sessions")).send().await.unwrap(), 400, "invalid_user_id").await;
-    assert_error(s.http.get(s.url("/v1/users/a%00b/sessions")).send().await.unwrap(), 400, "invalid_user_id").await;
+    assert_error(
+        s.http
+            .get(s.url(&format!("/v1/users/{long_user}/sessions")))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_user_id",
+    )
+    .await;
+    assert_error(
+        s.http
+            .get(s.url("/v1/users/%FF/sessions"))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_user_id",
+    )
+    .await;
+    assert_error(
+        s.http
+            .get(s.url("/v1/users/a%00b/sessions"))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_user_id",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,11 +514,16 @@ async fn only_the_token_hash_is_stored() {
     let (token, session) = s.create_session(json!({"user_id": "u"})).await;
     let mut sql = s.sql().await;
     // Dump every column of every row as text: the token is nowhere.
-    let dump: Vec<String> = sqlx::query_scalar("SELECT s::text FROM sessions s").fetch_all(&mut sql).await.unwrap();
+    let dump: Vec<String> = sqlx::query_scalar("SELECT s::text FROM sessions s")
+        .fetch_all(&mut sql)
+        .await
+        .unwrap();
     let all = dump.join("\n");
     assert!(!all.contains(&token), "token stored in clear");
     use base64::Engine;
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&token).unwrap();
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&token)
+        .unwrap();
     let hex_raw: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     assert!(!all.contains(&hex_raw), "token bytes stored");
     use sha2::Digest;
@@ -266,7 +546,11 @@ async fn parallel_validations_and_revocations() {
             let http = s.http.clone();
             let url = s.url(&format!("/v1/sessions/{token}"));
             tasks.push(tokio::spawn(async move {
-                let r = if i % 15 == 0 { http.delete(url).send().await } else { http.get(url).send().await };
+                let r = if i % 15 == 0 {
+                    http.delete(url).send().await
+                } else {
+                    http.get(url).send().await
+                };
                 r.unwrap().status().as_u16()
             }));
         }
@@ -283,5 +567,9 @@ async fn parallel_validations_and_revocations() {
 
 /// The row version of a session: it changes with every write.
 async fn xmin(c: &mut sqlx::PgConnection, id: uuid::Uuid) -> String {
-    sqlx::query_scalar("SELECT xmin::text FROM sessions WHERE id = $1").bind(id).fetch_one(c).await.unwrap()
+    sqlx::query_scalar("SELECT xmin::text FROM sessions WHERE id = $1")
+        .bind(id)
+        .fetch_one(c)
+        .await
+        .unwrap()
 }
