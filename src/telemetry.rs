@@ -44,10 +44,12 @@ pub fn hostname() -> String {
 /// Installs the global subscriber writing JSON lines to `sink` (stdout in production).
 /// `RUST_LOG`, when set, takes precedence over `level`.
 pub fn init<W: Write + Send + 'static>(level: &str, sink: W) -> LogGuard {
+    // The writer thread flushes after each batch of queued lines, so buffering turns a burst of
+    // lines into one write(2) instead of one per line (stdout is line-buffered on its own).
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(64 * 1024)
-        .finish(sink);
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, sink));
     let dropped = writer.error_counter();
     let filter = std::env::var("RUST_LOG")
         .ok()

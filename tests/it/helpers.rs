@@ -123,6 +123,14 @@ impl Builder {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // If the test process dies without dropping us, the sidecar dies too.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
         let mut child = cmd.spawn().expect("start pgsidecar");
         let logs = Logs::default();
         let (tx, rx) = mpsc::channel();
