@@ -2,11 +2,11 @@
 # pgsidecar benchmark: the sidecar over HTTP against the same SQL sent directly (pgbench) and
 # against Redis, in one run, on one machine, on one local PostgreSQL with the same rows.
 #
-#   bench/run.sh                  ~10 s per measured run (about 6 minutes in all)
-#   BENCH_QUICK=1 bench/run.sh    2 s runs, 1 s warm-ups: a smoke test of the script
+#   bench/run.sh                  10 s per measured run: about 4 minutes, plus the release build
+#   BENCH_QUICK=1 bench/run.sh    2 s runs, 1 s warm-ups (about 1 minute): a smoke test
 #
 # Environment:
-#   BENCH_SECONDS=N          seconds per measured run (default 10; BENCH_QUICK=1 makes it 2)
+#   BENCH_SECONDS=N          seconds per measured run (default 10, or 2 with BENCH_QUICK=1)
 #   BENCH_WARMUP_SECONDS=N   seconds of the warm-up run before each measured one (default 2; quick 1)
 #   BENCH_CONNECTIONS="1 64" client connections to measure at
 #
@@ -108,7 +108,9 @@ mkdir -p "$WORK" "$RESULTS"
 log "building the sidecar (cargo build --release)"
 cargo build --release >&2
 # Run a private copy: a rebuild in the same tree during the run must not swap the binary.
-cp target/release/pgsidecar "$WORK/pgsidecar"
+# (Copy, then rename: renaming over a binary that is still running works, writing into it not.)
+cp target/release/pgsidecar "$WORK/pgsidecar.new"
+mv -f "$WORK/pgsidecar.new" "$WORK/pgsidecar"
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 # A fresh cluster every run, so every run starts from the same table contents and layout. A
@@ -121,9 +123,9 @@ done
 log "starting PostgreSQL in $PG_DIR on 127.0.0.1:$PG_PORT"
 # Durability stays at the defaults (fsync and synchronous_commit on): the honest setting, and the
 # one the sidecar is deployed with. 256MB of shared_buffers holds every table and index.
-PG_SETTINGS="shared_buffers=256MB max_connections=200"
+PG_OPTS=(-c shared_buffers=256MB -c max_connections=200)
 PG_STARTED=1
-scripts/pg.sh start "$PG_DIR" "$PG_PORT" -c shared_buffers=256MB -c max_connections=200
+scripts/pg.sh start "$PG_DIR" "$PG_PORT" "${PG_OPTS[@]}"
 
 psql_q() { "$PSQL" "${PG_CONN[@]}" -d postgres -X -q -At -v ON_ERROR_STOP=1 "$@"; }
 
@@ -191,62 +193,103 @@ MANIFEST=$WORK/manifest.tsv
 : >"$MANIFEST"
 
 threads_for() { if [ "$1" -le 1 ]; then echo 1; else echo 2; fi; }
-# utime + stime of the sidecar in clock ticks. Fields are counted after the ") " that closes the
-# command name (which could contain spaces): utime and stime are then the 12th and 13th.
-cpu_ticks() { sed 's/.*) //' "/proc/$SIDECAR_PID/stat" | awk '{print $12 + $13}'; }
 sidecar_alive() { alive "$SIDECAR_PID" || die "the sidecar died (see $WORK/sidecar.log)"; }
 
-# sidecar SCENARIO CONNS: a warm-up run, then the measured one with the sidecar's CPU time
-# taken around it.
-wrk_run() { # DURATION SCENARIO CONNS
-  wrk -t"$(threads_for "$3")" -c"$3" -d"$1" --latency -s "bench/wrk/$2.lua" "$DATA_URL" -- "$WORK/tokens.txt"
+# CPU accounting, in clock ticks (report.py divides by CLK_TCK). Fields of /proc/PID/stat are
+# counted after the ") " that closes the command name (which could contain spaces): utime, stime,
+# cutime, cstime are then the 12th to 15th.
+# cpu_ticks PID: utime + stime of one process (all its threads).
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+# pg_ticks: all of PostgreSQL: the postmaster, its live children (backends, background workers),
+# and its exited children (reaped into the postmaster's cutime + cstime). Exited pgbench backends
+# thus still count.
+pg_ticks() {
+  local pm
+  pm=$(head -n 1 "$PG_DIR/postmaster.pid")
+  { sed 's/.*) //' "/proc/$pm/stat" | awk '{print $12 + $13 + $14 + $15}'
+    for c in $(pgrep -P "$pm"); do
+      sed 's/.*) //' "/proc/$c/stat" 2>/dev/null | awk '{print $12 + $13}' || true # gone meanwhile
+    done
+  } | awk '{s += $1} END {print s}'
 }
+
+# pg_settle: after a pgbench run, wait until its backends have exited and been reaped (no zombie
+# child left), so their CPU time sits in the postmaster's cutime before pg_ticks reads it again;
+# otherwise it would be missed, or charged to the next run.
+pg_settle() {
+  local pm i c z
+  pm=$(head -n 1 "$PG_DIR/postmaster.pid")
+  sleep 0.3
+  for i in $(seq 1 50); do
+    z=0
+    for c in $(pgrep -P "$pm"); do
+      [ "$(sed 's/.*) //' "/proc/$c/stat" 2>/dev/null | cut -c1)" = Z ] && z=1
+    done
+    [ "$z" = 0 ] && return 0
+    sleep 0.1
+  done
+}
+
+# measured TOOL SCENARIO CONNS RAW SERVER_PID EXTRA CMD...: runs the measured command once, its
+# output into RAW, and appends to the manifest: TOOL SCENARIO CONNS RAW EXTRA, then the CPU used
+# meanwhile by the server process (SERVER_PID, or - for none), by all of Postgres, and by the load
+# generator itself (user + system seconds, from bash's time). On 2 cores they all compete, so
+# these tell where the machine's CPU went.
+TIMEFORMAT='%3U %3S'
+measured() {
+  local tool=$1 scen=$2 conns=$3 raw=$4 spid=$5 extra=$6 s0=0 s1=0 p0 p1
+  shift 6
+  [ "$spid" = - ] || s0=$(cpu_ticks "$spid")
+  p0=$(pg_ticks)
+  echo "# $*" >"$raw"
+  { time "$@" >>"$raw" 2>&1; } 2>"$raw.time"
+  [ "$tool" = pgbench ] && pg_settle
+  [ "$spid" = - ] || s1=$(cpu_ticks "$spid")
+  p1=$(pg_ticks)
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tool" "$scen" "$conns" "$raw" "$extra" \
+    "$([ "$spid" = - ] && echo - || echo $((s1 - s0)))" "$((p1 - p0))" "$(awk '{print $1 + $2}' "$raw.time")" >>"$MANIFEST"
+}
+
+# sidecar SCENARIO CONNS: wrk, a warm-up run and then the measured one.
 sidecar() {
-  local scen=$1 conns=$2 raw before after
-  raw=$RAW/sidecar_${scen}_c$conns.txt
+  local scen=$1 conns=$2 wrk
+  wrk=(wrk -t"$(threads_for "$conns")" -c"$conns" --latency -s "bench/wrk/$scen.lua" "$DATA_URL")
   log "sidecar  $scen  @$conns"
   sidecar_alive
-  wrk_run "${WARMUP}s" "$scen" "$conns" >/dev/null
-  before=$(cpu_ticks)
-  { echo "# wrk -t$(threads_for "$conns") -c$conns -d${DURATION}s --latency -s bench/wrk/$scen.lua $DATA_URL"
-    wrk_run "${DURATION}s" "$scen" "$conns"; } >"$raw"
-  after=$(cpu_ticks)
+  "${wrk[@]}" -d"${WARMUP}s" -- "$WORK/tokens.txt" >/dev/null
+  measured sidecar "$scen" "$conns" "$RAW/sidecar_${scen}_c$conns.txt" "$SIDECAR_PID" - \
+    "${wrk[@]}" -d"${DURATION}s" -- "$WORK/tokens.txt"
   sidecar_alive
-  printf 'sidecar\t%s\t%s\t%s\t%s\n' "$scen" "$conns" "$raw" "$((after - before))" >>"$MANIFEST"
 }
 
 # pgbench SCENARIO CONNS: the same shape; the measured run logs every transaction's latency
 # (one file per -j thread) for p50/p99, which pgbench's summary does not give.
 pgbench_run() {
-  local scen=$1 conns=$2 t raw logdir
-  t=$(threads_for "$conns")
-  raw=$RAW/pgbench_${scen}_c$conns.txt
+  local scen=$1 conns=$2 logdir pgb
   logdir=$WORK/pgblog/${scen}_c$conns
   mkdir -p "$logdir"
-  local cmd=("$PGBENCH" "${PG_CONN[@]}" -n -M prepared -c "$conns" -j "$t" -f "bench/pgbench/$scen.sql"
-    -D "payload=$PAYLOAD")
+  pgb=("$PGBENCH" "${PG_CONN[@]}" -n -M prepared -c "$conns" -j "$(threads_for "$conns")"
+    -f "bench/pgbench/$scen.sql" -D "payload=$PAYLOAD")
   log "pgbench  $scen  @$conns"
-  "${cmd[@]}" -T "$WARMUP" postgres >/dev/null 2>&1
-  { echo "# pgbench -n -M prepared -c $conns -j $t -f bench/pgbench/$scen.sql -T $DURATION --log"
-    "${cmd[@]}" -T "$DURATION" --log --log-prefix="$logdir/log" postgres 2>&1; } >"$raw"
-  printf 'pgbench\t%s\t%s\t%s\t%s\n' "$scen" "$conns" "$raw" "$logdir" >>"$MANIFEST"
+  "${pgb[@]}" -T "$WARMUP" postgres >/dev/null 2>&1
+  pg_settle
+  measured pgbench "$scen" "$conns" "$RAW/pgbench_${scen}_c$conns.txt" - "$logdir" \
+    "${pgb[@]}" -T "$DURATION" --log --log-prefix="$logdir/log" postgres
 }
 
 # redis SCENARIO CONNS TEST: redis-benchmark has no duration option, so a short run measures the
 # rate (and warms up), and the measured run asks for DURATION seconds' worth of requests.
 redis_run() {
-  local scen=$1 conns=$2 test=$3 t raw calib rps n
+  local scen=$1 conns=$2 test=$3 t calib rps n rb
   t=$(threads_for "$conns")
-  raw=$RAW/redis_${scen}_c$conns.txt
-  local cmd=(redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$conns" -P 1 -r "$ROWS" -d 1024 -t "$test" --csv)
-  [ "$t" -gt 1 ] && cmd+=(--threads "$t")
+  rb=(redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$conns" -P 1 -r "$ROWS" -d 1024 -t "$test" --csv)
+  [ "$t" -gt 1 ] && rb+=(--threads "$t")
   log "redis    $test  @$conns"
   calib=$((conns == 1 ? 5000 : 50000))
-  rps=$("${cmd[@]}" -n "$calib" | awk -F'","' 'NR > 1 { print int($2) }' | tail -n 1)
+  rps=$("${rb[@]}" -n "$calib" | awk -F'","' 'NR > 1 { print int($2) }' | tail -n 1)
   n=$((rps * DURATION))
   [ "$n" -ge 1000 ] || n=1000
-  { echo "# ${cmd[*]} -n $n"; "${cmd[@]}" -n "$n"; } >"$raw"
-  printf 'redis\t%s\t%s\t%s\t-\n' "$scen" "$conns" "$raw" >>"$MANIFEST"
+  measured redis "$scen" "$conns" "$RAW/redis_${scen}_c$conns.txt" "$REDIS_PID" - "${rb[@]}" -n "$n"
 }
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -281,7 +324,7 @@ misses=$(redis-cli -p "$REDIS_PORT" info stats 2>/dev/null | tr -d '\r' | awk -F
   echo "loadavg_end=$LOAD_END"
   echo "pg_version=$(psql_q -c 'SHOW server_version')"
   echo "pg_version_full=$(psql_q -c 'SELECT version()')"
-  echo "pg_settings=$PG_SETTINGS fsync=$(psql_q -c 'SHOW fsync') synchronous_commit=$(psql_q -c 'SHOW synchronous_commit')"
+  echo "pg_settings=$(printf '%s ' "${PG_OPTS[@]}" | sed 's/-c //g')fsync=$(psql_q -c 'SHOW fsync') synchronous_commit=$(psql_q -c 'SHOW synchronous_commit')"
   echo "redis_version=$(redis-server --version | awk '{print "Redis " $3}' | sed 's/v=//')"
   echo "redis_keyspace_misses=$misses"
   echo "wrk_version=$(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}')"

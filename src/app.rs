@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::telemetry::DroppedLines;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rand::RngExt;
 use tokio::sync::oneshot;
-use tracing_appender::non_blocking::ErrorCounter;
 
 use crate::config::Settings;
 use crate::http::{Listener, serve};
@@ -27,7 +27,7 @@ pub struct Application {
 #[derive(Clone, Default)]
 pub struct Telemetry {
     pub prometheus: Option<PrometheusHandle>,
-    pub log_dropped: Option<ErrorCounter>,
+    pub log_dropped: Option<DroppedLines>,
 }
 
 impl Application {

@@ -222,6 +222,7 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub header_read_timeout_ms: u64,
     pub max_concurrent_requests: usize,
+    pub worker_threads: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -390,6 +391,12 @@ impl Settings {
         }
         positive("server.request_timeout_ms", s.request_timeout_ms)?;
         positive("server.header_read_timeout_ms", s.header_read_timeout_ms)?;
+        if s.worker_threads > 256 {
+            return Err(ConfigError::new(
+                "server.worker_threads",
+                "must be between 0 (one per CPU) and 256",
+            ));
+        }
         positive(
             "server.max_concurrent_requests",
             s.max_concurrent_requests as u64,

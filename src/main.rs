@@ -71,10 +71,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+/// The data-path runtime. `threads` = 0 means one per CPU.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        b.worker_threads(threads);
+    }
+    b.thread_name("pgsidecar-data").enable_all().build()
 }
 
 fn serve(settings: Settings) -> ExitCode {
@@ -95,7 +98,7 @@ fn serve(settings: Settings) -> ExitCode {
             None
         }
     };
-    let rt = match runtime() {
+    let rt = match runtime(settings.server.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
@@ -130,7 +133,7 @@ fn serve(settings: Settings) -> ExitCode {
 
 fn migrate(settings: Settings) -> ExitCode {
     let log = pgsidecar::telemetry::init(&settings.log.level, std::io::stdout());
-    let Ok(rt) = runtime() else {
+    let Ok(rt) = runtime(1) else {
         return ExitCode::FAILURE;
     };
     let code = rt.block_on(async {

@@ -15,6 +15,7 @@ pub mod system;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::telemetry::DroppedLines;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -23,7 +24,6 @@ use axum::routing::get;
 use chrono::{SecondsFormat, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
-use tracing_appender::non_blocking::ErrorCounter;
 
 use crate::metrics as m;
 use crate::shutdown::Lifecycle;
@@ -39,7 +39,7 @@ pub struct OpsState {
     pub service_id: String,
     pub prometheus: Option<PrometheusHandle>,
     pub process: Arc<metrics_process::Collector>,
-    pub log_dropped: Option<ErrorCounter>,
+    pub log_dropped: Option<DroppedLines>,
 }
 
 pub fn router(state: OpsState) -> Router {
@@ -165,14 +165,12 @@ async fn metrics_text(State(state): State<OpsState>) -> Response {
         );
     };
     // Gauges that are cheaper to read at scrape time than to keep updated.
-    let pool = state.store.pool();
-    let size = pool.size() as f64;
-    let idle = pool.num_idle() as f64;
-    metrics::gauge!(m::DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
-    metrics::gauge!(m::DB_POOL_CONNECTIONS, "state" => "in_use").set((size - idle).max(0.0));
+    let (open, idle) = state.store.pool_connections();
+    metrics::gauge!(m::DB_POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
+    metrics::gauge!(m::DB_POOL_CONNECTIONS, "state" => "in_use").set((open - idle) as f64);
     metrics::gauge!(m::DB_POOL_MAX).set(state.max_connections as f64);
     if let Some(c) = &state.log_dropped {
-        metrics::counter!(m::LOG_DROPPED).absolute(c.dropped_lines() as u64);
+        metrics::counter!(m::LOG_DROPPED).absolute(c.get());
     }
     state.process.collect();
     let mut resp = handle.render().into_response();

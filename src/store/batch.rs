@@ -21,9 +21,10 @@ pub trait BatchOp: Send + Sync + 'static {
     /// Label for metrics.
     const NAME: &'static str;
     /// Runs one batch and returns exactly one output per item, in the items' order.
+    /// Must be safe to run twice (it is retried once when the connection broke).
     fn run(
         &self,
-        items: Vec<Self::Item>,
+        items: &[Self::Item],
     ) -> impl Future<Output = Result<Vec<Self::Output>, DbError>> + Send;
 }
 
@@ -88,6 +89,10 @@ async fn dispatch<O: BatchOp>(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
+        // Let every connection task that is already runnable take its turn (and queue its
+        // request) before the batch is cut. Not a timer: when nothing else is runnable this
+        // returns at once, so a lone request still goes straight to the database.
+        tokio::task::yield_now().await;
         let mut jobs = Vec::with_capacity(max_size.min(64));
         jobs.push(first);
         while jobs.len() < max_size {
@@ -108,7 +113,13 @@ async fn dispatch<O: BatchOp>(
             let (items, replies): (Vec<_>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
             let expected = items.len();
-            match op.run(items).await {
+            let mut result = op.run(&items).await;
+            if matches!(result, Err(DbError::Unavailable(_))) {
+                // Usually a connection that died with a Postgres restart: the held connections
+                // were handed back, so the retry gets a fresh one (or fails the same way).
+                result = op.run(&items).await;
+            }
+            match result {
                 Ok(outputs) if outputs.len() == expected => {
                     for (reply, out) in replies.into_iter().zip(outputs) {
                         let _ = reply.send(Ok(out));

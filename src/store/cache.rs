@@ -4,10 +4,11 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use std::sync::Arc;
 
 use super::batch::{BatchOp, Batcher};
-use super::{DbError, Store, timed};
+use super::conns::Conns;
+use super::{DbError, Store};
 use crate::metrics as m;
 
 /// A cache key: 1 to 512 bytes of UTF-8, no control characters, not starting with `_`.
@@ -81,10 +82,16 @@ pub(crate) struct CacheBatchers {
 }
 
 impl CacheBatchers {
-    pub fn new(pool: PgPool, max_size: usize, max_in_flight: usize) -> Self {
+    pub fn new(conns: Arc<Conns>, max_size: usize, max_in_flight: usize) -> Self {
         Self {
-            reads: Batcher::spawn(ReadBatch { pool: pool.clone() }, max_size, max_in_flight),
-            writes: Batcher::spawn(WriteBatch { pool }, max_size, max_in_flight),
+            reads: Batcher::spawn(
+                ReadBatch {
+                    conns: conns.clone(),
+                },
+                max_size,
+                max_in_flight,
+            ),
+            writes: Batcher::spawn(WriteBatch { conns }, max_size, max_in_flight),
         }
     }
 }
@@ -92,7 +99,7 @@ impl CacheBatchers {
 /// Reads of one or more keys, served by one `key = ANY($1)` query per batch. A key asked for by
 /// several callers in the same batch is fetched once (single flight).
 struct ReadBatch {
-    pool: PgPool,
+    conns: Arc<Conns>,
 }
 
 impl BatchOp for ReadBatch {
@@ -100,7 +107,7 @@ impl BatchOp for ReadBatch {
     type Output = Vec<Option<CacheEntry>>;
     const NAME: &'static str = "cache_get";
 
-    async fn run(&self, items: Vec<Self::Item>) -> Result<Vec<Self::Output>, DbError> {
+    async fn run(&self, items: &[Self::Item]) -> Result<Vec<Self::Output>, DbError> {
         let mut unique: Vec<&str> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for key in items.iter().flatten() {
@@ -108,11 +115,9 @@ impl BatchOp for ReadBatch {
                 unique.push(key.as_str());
             }
         }
-        let rows: Vec<(String, String, DateTime<Utc>)> = timed(
-            Self::NAME,
-            sqlx::query_as("SELECT key, value, expires_at FROM cache WHERE key = ANY($1) AND expires_at > now()")
+        let rows: Vec<(String, String, DateTime<Utc>)> = run!(self.conns, Self::NAME, |c| sqlx::query_as("SELECT key, value, expires_at FROM cache WHERE key = ANY($1) AND expires_at > now()")
                 .bind(&unique)
-                .fetch_all(&self.pool),
+                .fetch_all(c)
         )
         .await?;
         let found: HashMap<String, CacheEntry> = rows
@@ -142,7 +147,7 @@ impl BatchOp for ReadBatch {
 /// batch. Within a batch the last write of a key wins (Postgres refuses to update one row twice
 /// in a statement); every caller is answered only after the statement commits.
 struct WriteBatch {
-    pool: PgPool,
+    conns: Arc<Conns>,
 }
 
 impl BatchOp for WriteBatch {
@@ -150,7 +155,7 @@ impl BatchOp for WriteBatch {
     type Output = ();
     const NAME: &'static str = "cache_put";
 
-    async fn run(&self, items: Vec<Self::Item>) -> Result<Vec<()>, DbError> {
+    async fn run(&self, items: &[Self::Item]) -> Result<Vec<()>, DbError> {
         let n = items.len();
         let mut last: HashMap<&str, usize> = HashMap::with_capacity(n);
         for (i, item) in items.iter().enumerate() {
@@ -176,9 +181,7 @@ impl BatchOp for WriteBatch {
             );
             ttls.push(item.ttl_seconds as i32);
         }
-        timed(
-            Self::NAME,
-            sqlx::query(
+        run!(self.conns, Self::NAME, |c| sqlx::query(
                 "INSERT INTO cache (key, value, tags, expires_at) \
                  SELECT k, v, CASE WHEN t = '' THEN '{}'::text[] ELSE string_to_array(t, ',') END, \
                         now() + make_interval(secs => s) \
@@ -190,7 +193,7 @@ impl BatchOp for WriteBatch {
             .bind(&values)
             .bind(&tags)
             .bind(&ttls)
-            .execute(&self.pool),
+            .execute(c)
         )
         .await?;
         Ok(vec![(); n])
@@ -248,12 +251,11 @@ impl Store {
 
     pub async fn cache_delete(&self, key: &CacheKey) -> Result<(), DbError> {
         self.ensure_available()?;
-        timed(
-            "cache_delete",
-            sqlx::query("DELETE FROM cache WHERE key = $1")
-                .bind(key.as_str())
-                .execute(&self.pool),
+        run!(self.conns, "cache_delete", |c| sqlx::query(
+            "DELETE FROM cache WHERE key = $1"
         )
+        .bind(key.as_str())
+        .execute(c))
         .await?;
         Ok(())
     }
@@ -261,12 +263,11 @@ impl Store {
     /// Deletes every key starting with `prefix` (taken literally); returns how many went.
     pub async fn cache_delete_prefix(&self, prefix: &str) -> Result<u64, DbError> {
         self.ensure_available()?;
-        let done = timed(
-            "cache_delete_prefix",
-            sqlx::query("DELETE FROM cache WHERE key LIKE $1")
-                .bind(like_prefix(prefix))
-                .execute(&self.pool),
+        let done = run!(self.conns, "cache_delete_prefix", |c| sqlx::query(
+            "DELETE FROM cache WHERE key LIKE $1"
         )
+        .bind(like_prefix(prefix))
+        .execute(c))
         .await?;
         Ok(done.rows_affected())
     }
@@ -276,12 +277,11 @@ impl Store {
         self.ensure_available()?;
         let tags: Vec<&str> = tags.iter().map(Tag::as_str).collect();
         // The cardinality condition matches the partial GIN index's predicate, so the index is used.
-        let done = timed(
-            "cache_invalidate",
-            sqlx::query("DELETE FROM cache WHERE tags && $1::text[] AND cardinality(tags) > 0")
-                .bind(&tags)
-                .execute(&self.pool),
+        let done = run!(self.conns, "cache_invalidate", |c| sqlx::query(
+            "DELETE FROM cache WHERE tags && $1::text[] AND cardinality(tags) > 0"
         )
+        .bind(&tags)
+        .execute(c))
         .await?;
         Ok(done.rows_affected())
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rand::RngExt;
 
-use super::{DbError, Store, timed};
+use super::{DbError, Store};
 use crate::metrics as m;
 use crate::shutdown::Lifecycle;
 
@@ -43,27 +43,26 @@ impl Store {
         holder: &str,
         lifecycle: &Lifecycle,
     ) -> Result<Option<PassReport>, DbError> {
-        let won: Option<String> = timed(
-            "cleanup_lease",
-            sqlx::query_scalar(
-                "UPDATE leases SET holder = $1, expires_at = now() + make_interval(secs => $2) \
+        let won: Option<String> = run!(self.conns, "cleanup_lease", |c| sqlx::query_scalar(
+            "UPDATE leases SET holder = $1, expires_at = now() + make_interval(secs => $2) \
                  WHERE name = 'cleanup' AND (expires_at <= now() OR holder = $1) RETURNING holder",
-            )
-            .bind(holder)
-            .bind(self.settings.cleanup_lease_seconds as f64)
-            .fetch_optional(&self.pool),
         )
+        .bind(holder)
+        .bind(self.settings.cleanup_lease_seconds as f64)
+        .fetch_optional(c))
         .await?;
         if won.is_none() {
             return Ok(None);
         }
         let result = self.delete_expired(lifecycle).await;
         // Release the lease whatever happened, so the next pass need not wait for it to expire.
-        let _ = sqlx::query(
-            "UPDATE leases SET expires_at = '-infinity' WHERE name = 'cleanup' AND holder = $1",
-        )
-        .bind(holder)
-        .execute(&self.pool)
+        let _ = run!(self.conns, "cleanup_lease", |c| {
+            sqlx::query(
+                "UPDATE leases SET expires_at = '-infinity' WHERE name = 'cleanup' AND holder = $1",
+            )
+            .bind(holder)
+            .execute(c)
+        })
         .await;
         result.map(Some)
     }
@@ -76,10 +75,9 @@ impl Store {
                 if lifecycle.is_stopped() {
                     return Ok(report);
                 }
-                let done = timed(
-                    "cleanup_delete",
-                    sqlx::query(sql).bind(batch).execute(&self.pool),
-                )
+                let done = run!(self.conns, "cleanup_delete", |c| sqlx::query(sql)
+                    .bind(batch)
+                    .execute(c))
                 .await?;
                 let n = done.rows_affected();
                 metrics::counter!(m::EXPIRED_ROWS_DELETED, "table" => table).increment(n);

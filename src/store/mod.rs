@@ -3,11 +3,6 @@
 //! The store never sees HTTP types. Its callers get plain records or a [`DbError`], which says
 //! only whether the database was unavailable, too slow, or failed in some other way.
 
-pub mod batch;
-pub mod cache;
-pub mod cleanup;
-pub mod sessions;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +18,35 @@ pub use sessions::{NewSession, SessionRecord, TokenHash};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Runs one statement on a held connection (see [`conns`]), timed under `operation`:
+/// `run!(self.conns, "cache_delete", |c| sqlx::query("...").execute(c))`.
+/// A future of `Result<T, DbError>`.
+macro_rules! run {
+    ($conns:expr, $op:expr, |$c:ident| $stmt:expr) => {
+        async {
+        match $conns.get().await {
+            Ok(mut held) => {
+                let result = {
+                    let $c = held.conn();
+                    $crate::store::timed($op, $stmt).await
+                };
+                held.finish(&result);
+                result
+            }
+            Err(e) => {
+                ::metrics::counter!($crate::metrics::DB_ERRORS, "operation" => $op).increment(1);
+                Err(e)
+            }
+        }
+        }
+    };
+}
+pub mod batch;
+pub mod cache;
+pub mod cleanup;
+pub mod conns;
+pub mod sessions;
 
 /// Why a database call failed, as far as a caller needs to know.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -72,6 +96,7 @@ pub struct DbStatus {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) pool: PgPool,
+    pub(crate) conns: Arc<conns::Conns>,
     pub(crate) status: Arc<DbStatus>,
     pub(crate) cache: Arc<cache::CacheBatchers>,
     pub(crate) sessions: Arc<sessions::SessionBatchers>,
@@ -97,19 +122,22 @@ impl Store {
 
     pub fn with_pool(pool: PgPool, status: Arc<DbStatus>, settings: &Settings) -> Self {
         let b = &settings.batch;
+        let idle = Duration::from_secs(settings.database.idle_timeout_seconds.max(1));
+        let conns = Arc::new(conns::Conns::new(pool.clone(), idle));
         Self {
             cache: Arc::new(cache::CacheBatchers::new(
-                pool.clone(),
+                conns.clone(),
                 b.max_size,
                 b.max_in_flight,
             )),
             sessions: Arc::new(sessions::SessionBatchers::new(
-                pool.clone(),
+                conns.clone(),
                 b.max_size,
                 b.max_in_flight,
                 settings.sessions.update_age_seconds,
             )),
             pool,
+            conns,
             status,
             settings: Arc::new(StoreSettings {
                 session_update_age_seconds: settings.sessions.update_age_seconds,
@@ -144,6 +172,8 @@ impl Store {
 
     /// Creates the schema if needed and applies the embedded migrations.
     pub async fn migrate(&self, schema: &str) -> Result<(), DbError> {
+        // These statements go through the sqlx pool itself; hand it our free connections first.
+        self.conns.clear();
         // `schema` is validated as a plain lower-case identifier in config, so quoting is enough.
         (&self.pool)
             .execute(AssertSqlSafe(format!(
@@ -163,6 +193,7 @@ impl Store {
     /// For `migrate_on_start = false`: succeeds once every embedded migration has been applied
     /// (by `pgsidecar migrate` or another sidecar).
     pub async fn check_migrated(&self) -> Result<(), DbError> {
+        self.conns.clear();
         let applied: Vec<i64> =
             sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
                 .fetch_all(&self.pool)
@@ -182,27 +213,43 @@ impl Store {
         Ok(())
     }
 
-    /// Opens up to `n` connections at once so the first requests find a warm pool.
+    /// Opens `n` connections so the first requests find them ready (in the free list).
     pub async fn warm_up(&self, n: u32) {
-        let mut conns = Vec::new();
+        let mut held = Vec::new();
         for _ in 0..n {
-            match self.pool.acquire().await {
-                Ok(c) => conns.push(c),
+            match self.conns.get().await {
+                Ok(c) => held.push(c),
                 Err(_) => break,
             }
         }
+        for c in held {
+            c.finish::<()>(&Ok(()));
+        }
+    }
+
+    /// Pooled connections: (open, idle). Held-but-free connections count as idle.
+    pub fn pool_connections(&self) -> (u32, u32) {
+        let open = self.pool.size();
+        let idle = (self.pool.num_idle() + self.conns.idle()) as u32;
+        (open, idle.min(open))
+    }
+
+    /// Hands connections idle longer than `database.idle_timeout_seconds` back to the pool.
+    pub fn trim_idle(&self) {
+        self.conns.trim();
     }
 
     /// One round trip; returns whether the sidecar's tables are present.
     pub async fn probe(&self) -> Result<bool, DbError> {
-        let present: bool = timed(
-            "health_probe",
+        // Through the held connections like every other statement: connections resting in
+        // that free list are invisible to the sqlx pool, so a direct acquire could starve.
+        let present: bool = run!(self.conns, "health_probe", |c| {
             sqlx::query_scalar(
                 "SELECT to_regclass('sessions') IS NOT NULL AND to_regclass('cache') IS NOT NULL \
                  AND to_regclass('leases') IS NOT NULL",
             )
-            .fetch_one(&self.pool),
-        )
+            .fetch_one(c)
+        })
         .await?;
         Ok(present)
     }

@@ -8,11 +8,14 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
-use sqlx::{FromRow, PgPool};
+use std::sync::Arc;
+
+use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::batch::{BatchOp, Batcher};
-use super::{DbError, Store, timed};
+use super::conns::Conns;
+use super::{DbError, Store};
 use crate::metrics as m;
 
 /// Length of a token: 32 random bytes in URL-safe base64 without padding.
@@ -109,7 +112,7 @@ pub(crate) struct SessionBatchers {
 
 impl SessionBatchers {
     pub fn new(
-        pool: PgPool,
+        conns: Arc<Conns>,
         max_size: usize,
         max_in_flight: usize,
         update_age_seconds: u32,
@@ -117,7 +120,7 @@ impl SessionBatchers {
         Self {
             reads: Batcher::spawn(
                 ReadBatch {
-                    pool: pool.clone(),
+                    conns: conns.clone(),
                     update_age_seconds: update_age_seconds as f64,
                 },
                 max_size,
@@ -125,7 +128,7 @@ impl SessionBatchers {
             ),
             refreshes: Batcher::spawn(
                 RefreshBatch {
-                    pool,
+                    conns,
                     update_age_seconds: update_age_seconds as f64,
                 },
                 max_size,
@@ -145,7 +148,7 @@ struct ReadRow {
 /// Validation reads: one `token_hash = ANY($1)` query per batch. Each row also says whether it
 /// was last refreshed more than update_age ago, judged by the database clock.
 struct ReadBatch {
-    pool: PgPool,
+    conns: Arc<Conns>,
     update_age_seconds: f64,
 }
 
@@ -157,18 +160,16 @@ impl BatchOp for ReadBatch {
     type Output = ReadOutcome;
     const NAME: &'static str = "session_get";
 
-    async fn run(&self, items: Vec<TokenHash>) -> Result<Vec<ReadOutcome>, DbError> {
+    async fn run(&self, items: &[TokenHash]) -> Result<Vec<ReadOutcome>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<ReadRow> = timed(
-            Self::NAME,
-            sqlx::query_as(
+        let rows: Vec<ReadRow> = run!(self.conns, Self::NAME, |c| sqlx::query_as(
                 concat!("SELECT ", columns!(), ", \
                         expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) <= now() AS needs_refresh \
                  FROM sessions WHERE token_hash = ANY($1) AND expires_at > now()"),
             )
             .bind(&hashes)
             .bind(self.update_age_seconds)
-            .fetch_all(&self.pool),
+            .fetch_all(c)
         )
         .await?;
         let mut found: HashMap<Vec<u8>, ReadRow> = rows
@@ -178,7 +179,7 @@ impl BatchOp for ReadBatch {
         // A token asked for twice in one batch gets the row once; the second asker takes a copy.
         let mut outcomes = Vec::with_capacity(items.len());
         let mut taken: HashMap<[u8; 32], (SessionRow, bool)> = HashMap::new();
-        for h in &items {
+        for h in items {
             let outcome = match found.remove(h.0.as_slice()) {
                 Some(r) => {
                     taken.insert(h.0, (r.row.clone(), r.needs_refresh));
@@ -198,7 +199,7 @@ impl BatchOp for ReadBatch {
 /// so a session refreshed concurrently by another caller (or another sidecar) is not written
 /// twice; the caller then reads it again.
 struct RefreshBatch {
-    pool: PgPool,
+    conns: Arc<Conns>,
     update_age_seconds: f64,
 }
 
@@ -207,11 +208,9 @@ impl BatchOp for RefreshBatch {
     type Output = Option<SessionRow>;
     const NAME: &'static str = "session_refresh";
 
-    async fn run(&self, items: Vec<TokenHash>) -> Result<Vec<Option<SessionRow>>, DbError> {
+    async fn run(&self, items: &[TokenHash]) -> Result<Vec<Option<SessionRow>>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<SessionRow> = timed(
-            Self::NAME,
-            sqlx::query_as(concat!(
+        let rows: Vec<SessionRow> = run!(self.conns, Self::NAME, |c| sqlx::query_as(concat!(
                 "UPDATE sessions SET expires_at = now() + make_interval(secs => ttl_seconds), updated_at = now() \
                  WHERE token_hash = ANY($1) AND expires_at > now() \
                    AND expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) <= now() \
@@ -221,7 +220,7 @@ impl BatchOp for RefreshBatch {
             )
             .bind(&hashes)
             .bind(self.update_age_seconds)
-            .fetch_all(&self.pool),
+            .fetch_all(c)
         )
         .await?;
         let found: HashMap<Vec<u8>, SessionRow> = rows
@@ -251,9 +250,7 @@ impl Store {
         let hash = TokenHash::of(&token)
             .ok_or_else(|| DbError::Other("generated token is malformed".into()))?;
         let id = Uuid::new_v4();
-        let row: SessionRow = timed(
-            "session_create",
-            sqlx::query_as(concat!(
+        let row: SessionRow = run!(self.conns, "session_create", |c| sqlx::query_as(concat!(
                 "INSERT INTO sessions (id, token_hash, user_id, expires_at, ttl_seconds, ip_address, user_agent, data) \
                  VALUES ($1, $2, $3, now() + make_interval(secs => $4), $4, $5, $6, $7) RETURNING ",
                 columns!()
@@ -265,7 +262,7 @@ impl Store {
             .bind(&new.ip_address)
             .bind(&new.user_agent)
             .bind(&new.data)
-            .fetch_one(&self.pool),
+            .fetch_one(c)
         )
         .await?;
         metrics::counter!(m::SESSIONS_CREATED).increment(1);
@@ -301,30 +298,27 @@ impl Store {
         data: String,
     ) -> Result<Option<SessionRecord>, DbError> {
         self.ensure_available()?;
-        let row: Option<SessionRow> = timed(
-            "session_update",
-            sqlx::query_as(concat!(
+        let row: Option<SessionRow> =
+            run!(self.conns, "session_update", |c| sqlx::query_as(concat!(
                 "UPDATE sessions SET data = $2, updated_at = now() \
                  WHERE token_hash = $1 AND expires_at > now() RETURNING ",
                 columns!()
             ))
             .bind(hash.0.as_slice())
             .bind(&data)
-            .fetch_optional(&self.pool),
-        )
-        .await?;
+            .fetch_optional(c))
+            .await?;
         row.map(SessionRow::into_record).transpose()
     }
 
     /// Revokes a session; revoking one that is already gone is not an error.
     pub async fn session_revoke(&self, hash: TokenHash) -> Result<(), DbError> {
         self.ensure_available()?;
-        let done = timed(
-            "session_revoke",
-            sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
-                .bind(hash.0.as_slice())
-                .execute(&self.pool),
+        let done = run!(self.conns, "session_revoke", |c| sqlx::query(
+            "DELETE FROM sessions WHERE token_hash = $1"
         )
+        .bind(hash.0.as_slice())
+        .execute(c))
         .await?;
         metrics::counter!(m::SESSIONS_REVOKED).increment(done.rows_affected());
         Ok(())
@@ -333,16 +327,13 @@ impl Store {
     /// A user's live sessions, newest first.
     pub async fn sessions_of_user(&self, user_id: &str) -> Result<Vec<SessionRecord>, DbError> {
         self.ensure_available()?;
-        let rows: Vec<SessionRow> = timed(
-            "session_list",
-            sqlx::query_as(concat!(
-                "SELECT ",
-                columns!(),
-                " FROM sessions WHERE user_id = $1 AND expires_at > now() ORDER BY created_at DESC, id"
-            ))
-            .bind(user_id)
-            .fetch_all(&self.pool),
-        )
+        let rows: Vec<SessionRow> = run!(self.conns, "session_list", |c| sqlx::query_as(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM sessions WHERE user_id = $1 AND expires_at > now() ORDER BY created_at DESC, id"
+        ))
+        .bind(user_id)
+        .fetch_all(c))
         .await?;
         rows.into_iter().map(SessionRow::into_record).collect()
     }
@@ -355,15 +346,13 @@ impl Store {
     ) -> Result<u64, DbError> {
         self.ensure_available()?;
         // Expired rows of the user go too, but only live ones count as revoked.
-        let revoked: i64 = timed(
-            "session_revoke_user",
-            sqlx::query_scalar(
+        let revoked: i64 = run!(self.conns, "session_revoke_user", |c| sqlx::query_scalar(
                 "WITH gone AS (DELETE FROM sessions WHERE user_id = $1 AND ($2::uuid IS NULL OR id <> $2) \
                  RETURNING expires_at) SELECT count(*) FILTER (WHERE expires_at > now()) FROM gone",
             )
             .bind(user_id)
             .bind(keep)
-            .fetch_one(&self.pool),
+            .fetch_one(c)
         )
         .await?;
         metrics::counter!(m::SESSIONS_REVOKED).increment(revoked as u64);

@@ -128,7 +128,8 @@ impl Builder {
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
             });
         }
         let mut child = cmd.spawn().expect("start pgsidecar");
