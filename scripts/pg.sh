@@ -49,6 +49,22 @@ as_db_user() {
   if [ -z "$u" ]; then "$@"; else runuser -u "$u" -- "$@"; fi
 }
 
+# data_dir DIR: where the cluster for DIR really lives. PostgreSQL's user must be able to reach
+# it; when the checkout sits under a directory only root can enter (e.g. /root), the data goes
+# to a fixed place under /tmp instead, derived from DIR so start and stop agree.
+data_dir() {
+  local dir=$1 u
+  u=$(run_user)
+  mkdir -p "$(dirname "$dir")"
+  local parent
+  parent=$(cd "$(dirname "$dir")" && pwd)
+  if [ -n "$u" ] && ! runuser -u "$u" -- test -x "$parent" 2>/dev/null; then
+    echo "/tmp/pgsidecar-pgdata/$(printf '%s' "$parent/$(basename "$dir")" | md5sum | cut -c1-16)"
+  else
+    echo "$parent/$(basename "$dir")"
+  fi
+}
+
 cmd=${1:-}
 case "$cmd" in
   bin)
@@ -59,8 +75,8 @@ case "$cmd" in
     port=${3:?usage: pg.sh start DIR PORT [options]}
     shift 3
     bin=$(pg_bindir)
+    dir=$(data_dir "$dir")
     mkdir -p "$dir"
-    dir=$(cd "$dir" && pwd)
     u=$(run_user)
     [ -n "$u" ] && chown "$u" "$dir"
     chmod 700 "$dir"
@@ -71,7 +87,8 @@ case "$cmd" in
     if as_db_user "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
       exit 0
     fi
-    opts="-p $port -k $dir -c listen_addresses=127.0.0.1"
+    # Sockets in /tmp: a data directory path can exceed the 107-byte unix socket path limit.
+    opts="-p $port -k /tmp -c listen_addresses=127.0.0.1"
     for o in "$@"; do opts="$opts $o"; done
     as_db_user "$bin/pg_ctl" -D "$dir" -o "$opts" -l "$dir/server.log" -w -t 60 start >/dev/null \
       || { tail -n 30 "$dir/server.log" >&2; exit 1; }
@@ -79,6 +96,7 @@ case "$cmd" in
   stop)
     dir=${2:?usage: pg.sh stop DIR}
     bin=$(pg_bindir)
+    dir=$(data_dir "$dir")
     [ -f "$dir/PG_VERSION" ] || exit 0
     as_db_user "$bin/pg_ctl" -D "$dir" -m fast -w -t 60 stop >/dev/null 2>&1 || true
     ;;
