@@ -12,7 +12,8 @@ set -euo pipefail
 
 pg_bindir() {
   local d
-  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+  # The newest installed server (a newer client-only version may sit beside it).
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | while read -r b; do [ -x "$b/pg_ctl" ] && [ -x "$b/initdb" ] && echo "$b"; done | tail -n 1 || true)
   if [ -z "$d" ] && command -v pg_ctl >/dev/null 2>&1; then
     d=$(dirname "$(readlink -f "$(command -v pg_ctl)")")
   fi
@@ -22,7 +23,7 @@ pg_bindir() {
       export DEBIAN_FRONTEND=noninteractive
       apt-get update -qq >&2
       apt-get install -y -qq postgresql postgresql-contrib >&2
-      d=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+      d=$(ls -d /usr/lib/postgresql/*/bin | sort -V | while read -r b; do [ -x "$b/pg_ctl" ] && echo "$b"; done | tail -n 1)
     else
       echo "pg.sh: PostgreSQL server binaries not found; install the 'postgresql' package (or run as root to let this script do it)" >&2
       exit 1

@@ -23,6 +23,8 @@ fi
 cleanup() { [ -n "$started" ] && scripts/pg.sh stop .pgdata/test; }
 trap cleanup EXIT
 
+# When promtool is here, the metrics test must run it rather than skip it.
+if command -v promtool >/dev/null 2>&1; then export PGSIDECAR_REQUIRE_PROMTOOL=1; fi
 # The outage test starts and stops its own PostgreSQL through scripts/pg.sh.
 export PGSIDECAR_TEST_PG_SCRIPT="$PWD/scripts/pg.sh"
 cargo build --quiet

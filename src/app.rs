@@ -128,6 +128,9 @@ impl Application {
             lifecycle: lifecycle.clone(),
             store: store.clone(),
             max_connections: settings.database.max_connections,
+            stale_after: Duration::from_millis(
+                3 * settings.health.interval_ms + 2 * settings.health.check_timeout_ms,
+            ),
             service_id,
             prometheus: telemetry.prometheus.clone(),
             process: Arc::new(process_collector()),
@@ -180,16 +183,23 @@ impl Application {
         lifecycle.stop();
         let _ = data_server.await;
         let _ = tokio::time::timeout(grace + Duration::from_secs(1), ops_done).await;
+        // Background loops saw the stop too; give them together 2 s to finish a statement.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                abort.abort();
+            }
         }
+        // Free connections go back to the pool so closing it does not wait for them.
+        store.release_connections();
         let pool = store.pool().clone();
         drop(store);
-        if tokio::time::timeout(Duration::from_secs(5), pool.close())
+        if tokio::time::timeout(Duration::from_secs(2), pool.close())
             .await
             .is_err()
         {
-            tracing::warn!("database pool did not close within 5 s");
+            tracing::warn!("database pool did not close within 2 s");
         }
         tracing::info!("pgsidecar stopped");
         Ok(())
@@ -205,18 +215,17 @@ fn process_collector() -> metrics_process::Collector {
 /// Applies migrations (or waits for them) with capped, jittered backoff until Postgres answers,
 /// then warms the pool. Postgres being down at start-up is normal: no crash loop.
 async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle) {
-    let connect_timeout = Duration::from_secs(settings.database.connect_timeout_seconds);
     let mut delay = Duration::from_millis(250);
     let mut attempt: u32 = 0;
     loop {
         attempt += 1;
         let result = if settings.database.migrate_on_start {
-            tokio::time::timeout(connect_timeout, store.migrate(&settings.database.schema)).await
+            store.migrate(&settings.database.schema).await
         } else {
-            tokio::time::timeout(connect_timeout, store.check_migrated()).await
+            store.check_migrated().await
         };
         match result {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 tracing::info!(
                     attempt,
                     migrate_on_start = settings.database.migrate_on_start,
@@ -225,13 +234,11 @@ async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle) {
                 store.warm_up(settings.database.min_connections).await;
                 return;
             }
-            Ok(Err(e)) => {
-                tracing::warn!(attempt, error = %crate::config::redact_url(&e.to_string()), retry_in_ms = delay.as_millis() as u64, "database not ready; retrying")
-            }
-            Err(_) => tracing::warn!(
+            Err(e) => tracing::warn!(
                 attempt,
+                error = %crate::config::redact_url(&e.to_string()),
                 retry_in_ms = delay.as_millis() as u64,
-                "database did not answer within connect_timeout_seconds; retrying"
+                "database not ready; retrying"
             ),
         }
         let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));

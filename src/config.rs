@@ -286,11 +286,16 @@ pub struct HealthSettings {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSettings {
     pub name: String,
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     #[serde(default = "default_upstream_timeout_ms")]
     pub timeout_ms: u64,
     #[serde(default = "default_true")]
     pub critical: bool,
+}
+
+fn serialize_redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
 }
 
 fn default_upstream_timeout_ms() -> u64 {
@@ -312,6 +317,16 @@ pub struct ShutdownSettings {
 pub struct LogSettings {
     pub level: String,
 }
+
+/// Keys whose environment values are taken verbatim, never parsed as numbers or lists.
+const TEXT_KEYS: [&str; 6] = [
+    "server.auth_token",
+    "server.data_listen",
+    "server.ops_listen",
+    "database.url",
+    "database.schema",
+    "log.level",
+];
 
 /// The longest TTL anyone may ask for: one year.
 pub const MAX_TTL_SECONDS: u32 = 31_536_000;
@@ -345,9 +360,14 @@ impl Settings {
                 continue;
             }
             let key = rest.to_ascii_lowercase().replace("__", ".");
-            let parsed = value
-                .parse::<figment::value::Value>()
-                .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
+            // Text keys stay text: a secret like "0123" must not become the number 123.
+            let parsed = if TEXT_KEYS.contains(&key.as_str()) {
+                figment::value::Value::from(value.clone())
+            } else {
+                value
+                    .parse::<figment::value::Value>()
+                    .unwrap_or_else(|_| figment::value::Value::from(value.clone()))
+            };
             figment = figment.merge(Serialized::default(&key, parsed));
         }
         if let Some((_, url)) = env.iter().find(|(k, _)| k == "DATABASE_URL") {
@@ -614,6 +634,16 @@ mod tests {
             "postgres://u:[redacted]@db:5432/app"
         );
         assert!(!s.redacted_json().to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn leading_zeros_in_a_secret_survive() {
+        let s = Settings::load_from(
+            None,
+            &env(&[("PGSIDECAR_SERVER__AUTH_TOKEN", "0000111122223333")]),
+        )
+        .unwrap();
+        assert_eq!(s.server.auth_token.expose(), "0000111122223333");
     }
 
     #[test]

@@ -50,9 +50,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Db(DbError::Unavailable(_)) | Self::Db(DbError::Timeout) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Db(DbError::Unavailable(_))
+            | Self::Db(DbError::PoolExhausted)
+            | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -66,7 +66,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",
-            Self::Db(DbError::Unavailable(_)) => "database_unavailable",
+            Self::Db(DbError::Unavailable(_)) | Self::Db(DbError::PoolExhausted) => {
+                "database_unavailable"
+            }
             Self::Db(DbError::Timeout) => "database_timeout",
             Self::Db(DbError::Other(_)) | Self::Internal => "internal",
         }
@@ -75,7 +77,7 @@ impl ApiError {
     /// The text sent to the client: never an internal cause.
     fn public_message(&self) -> String {
         match self {
-            Self::Db(DbError::Unavailable(_)) => {
+            Self::Db(DbError::Unavailable(_)) | Self::Db(DbError::PoolExhausted) => {
                 "the database is unavailable; retry shortly".into()
             }
             Self::Db(DbError::Timeout) => {
@@ -98,6 +100,9 @@ impl IntoResponse for ApiError {
                     tracing::warn!(error = %cause, "database unavailable")
                 }
                 DbError::Timeout => tracing::warn!("database statement timed out"),
+                DbError::PoolExhausted => {
+                    tracing::warn!("no database connection free within the acquire timeout")
+                }
             }
         }
         let body = json!({"error": {"code": self.code(), "message": self.public_message()}});

@@ -38,10 +38,17 @@ impl Listener {
             }
             ListenAddr::Unix(path) => {
                 use std::os::unix::fs::PermissionsExt;
-                // A socket file left by a previous run would make bind fail; only remove sockets.
+                // A socket file left by a previous run would make bind fail: remove it, but only
+                // when it is a socket nobody answers on (never a live sidecar's, never a file).
                 if let Ok(meta) = std::fs::symlink_metadata(path) {
                     use std::os::unix::fs::FileTypeExt;
                     if meta.file_type().is_socket() {
+                        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::AddrInUse,
+                                "another process is listening on this socket",
+                            ));
+                        }
                         std::fs::remove_file(path)?;
                     }
                 }

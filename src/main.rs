@@ -149,18 +149,14 @@ fn migrate(settings: Settings) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let timeout = Duration::from_secs(settings.database.connect_timeout_seconds);
-        match tokio::time::timeout(timeout, store.migrate(&settings.database.schema)).await {
-            Ok(Ok(())) => {
+        match store.migrate(&settings.database.schema).await {
+            Ok(()) => {
                 tracing::info!(schema = %settings.database.schema, database = %settings.database.url.redacted(), "migrations applied");
                 ExitCode::SUCCESS
             }
-            Ok(Err(e)) => {
-                tracing::error!(error = %pgsidecar::config::redact_url(&e.to_string()), "migration failed");
-                ExitCode::FAILURE
-            }
-            Err(_) => {
-                tracing::error!("database did not answer within database.connect_timeout_seconds");
+            Err(e) => {
+                let error = pgsidecar::config::redact_url(&e.to_string());
+                tracing::error!(error = %error, "migration failed");
                 ExitCode::FAILURE
             }
         }

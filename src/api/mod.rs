@@ -125,15 +125,17 @@ async fn guard_request(State(g): State<Arc<Guard>>, req: Request, next: Next) ->
     resp
 }
 
-/// `Authorization: Bearer <secret>`, compared in constant time.
+/// `Authorization: Bearer <secret>` (the scheme in any case, as RFC 7235 allows), the secret
+/// compared in constant time.
 fn authorized(req: &Request, secret: &Secret) -> bool {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return false;
     };
-    let Some(given) = value.as_bytes().strip_prefix(b"Bearer ") else {
+    let v = value.as_bytes();
+    if v.len() < 7 || !v[..7].eq_ignore_ascii_case(b"bearer ") {
         return false;
-    };
-    given.ct_eq(secret.expose().as_bytes()).into()
+    }
+    v[7..].ct_eq(secret.expose().as_bytes()).into()
 }
 
 /// The raw request body, with a too-large body mapped to our 413.

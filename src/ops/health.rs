@@ -58,6 +58,8 @@ pub struct Snapshot {
     pub tables_ok: bool,
     /// Names of critical upstreams that failed.
     pub failed_critical: Vec<String>,
+    /// When the round finished.
+    pub taken: Instant,
 }
 
 impl Snapshot {
@@ -81,6 +83,7 @@ impl Snapshot {
             postgres_ok: false,
             tables_ok: false,
             failed_critical: Vec::new(),
+            taken: Instant::now(),
         }
     }
 }
@@ -123,7 +126,8 @@ pub struct Prober {
     store: Store,
     settings: HealthSettings,
     client: Client<HttpConnector, Empty<Bytes>>,
-    system: SystemProbe,
+    // Behind a mutex so the blocking /proc and statvfs reads can run on the blocking pool.
+    system: Arc<std::sync::Mutex<SystemProbe>>,
 }
 
 impl Prober {
@@ -132,7 +136,7 @@ impl Prober {
         connector.set_nodelay(true);
         Self {
             store,
-            system: SystemProbe::new(&settings),
+            system: Arc::new(std::sync::Mutex::new(SystemProbe::new(&settings))),
             settings,
             client: Client::builder(TokioExecutor::new()).build(connector),
         }
@@ -234,8 +238,36 @@ impl Prober {
                 }],
             );
         }
-        for (name, entries) in self.system.check(&self.settings) {
-            checks.insert(name.to_string(), entries);
+        // Off the async threads: a hung filesystem must not stall the data path.
+        let system = self.system.clone();
+        let settings = self.settings.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let mut probe = system.lock().unwrap_or_else(|p| p.into_inner());
+            probe.check(&settings)
+        });
+        match tokio::time::timeout(timeout, job).await {
+            Ok(Ok(results)) => {
+                for (name, entries) in results {
+                    checks.insert(name.to_string(), entries);
+                }
+            }
+            _ => {
+                checks.insert(
+                    "system".to_string(),
+                    vec![CheckEntry {
+                        component_id: None,
+                        component_type: "system",
+                        observed_value: None,
+                        observed_unit: None,
+                        status: Status::Warn,
+                        time: t.clone(),
+                        output: Some(format!(
+                            "system checks did not finish within {} ms",
+                            timeout.as_millis()
+                        )),
+                    }],
+                );
+            }
         }
 
         let status = checks
@@ -258,6 +290,7 @@ impl Prober {
             postgres_ok,
             tables_ok,
             failed_critical,
+            taken: Instant::now(),
         }
     }
 

@@ -36,6 +36,8 @@ pub struct OpsState {
     pub lifecycle: Lifecycle,
     pub store: Store,
     pub max_connections: u32,
+    /// A health snapshot older than this means the probe loop is stuck: not ready.
+    pub stale_after: std::time::Duration,
     pub service_id: String,
     pub prometheus: Option<PrometheusHandle>,
     pub process: Arc<metrics_process::Collector>,
@@ -62,6 +64,9 @@ pub fn not_ready_reason(state: &OpsState) -> Option<String> {
         return Some("database migrations not applied yet".into());
     }
     let snap = state.health.snapshot();
+    if snap.taken.elapsed() > state.stale_after {
+        return Some("health probes stalled".into());
+    }
     if !snap.postgres_ok {
         return Some("postgres unreachable".into());
     }

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -16,10 +17,19 @@ use crate::metrics as m;
 
 /// One kind of batched database work.
 pub trait BatchOp: Send + Sync + 'static {
-    type Item: Send + 'static;
+    type Item: Send + Sync + 'static;
     type Output: Send + 'static;
     /// Label for metrics.
     const NAME: &'static str;
+    /// Whether a batch that failed because its connection broke may run again. True only for
+    /// work whose repetition cannot undo a newer write (reads, conditional refreshes).
+    const RETRY_ON_BROKEN_CONNECTION: bool;
+    /// A batch is cut once its items weigh this much (see [`BatchOp::weight`]).
+    const MAX_BATCH_WEIGHT: usize = usize::MAX;
+    /// The weight of one item, e.g. its bytes.
+    fn weight(_item: &Self::Item) -> usize {
+        1
+    }
     /// Runs one batch and returns exactly one output per item, in the items' order.
     /// Must be safe to run twice (it is retried once when the connection broke).
     fn run(
@@ -31,6 +41,18 @@ pub trait BatchOp: Send + Sync + 'static {
 struct Job<O: BatchOp> {
     item: O::Item,
     reply: oneshot::Sender<Result<O::Output, DbError>>,
+}
+
+/// How batches are cut and bounded.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchLimits {
+    /// Most items per batch.
+    pub max_size: usize,
+    /// Batches of one kind running at once.
+    pub max_in_flight: usize,
+    /// Bounds one batch statement on the client side: the server's statement_timeout cannot
+    /// fire when the connection itself hangs (a dead host, a partition).
+    pub deadline: Duration,
 }
 
 /// The handle callers use; cloning shares the dispatcher.
@@ -52,13 +74,19 @@ const QUEUE_CAPACITY: usize = 8192;
 
 impl<O: BatchOp> Batcher<O> {
     /// Spawns the dispatcher on the current runtime. It ends when the last handle is dropped.
-    pub fn spawn(op: O, max_size: usize, max_in_flight: usize) -> Self {
+    pub fn spawn(op: O, limits: BatchLimits) -> Self {
+        let BatchLimits {
+            max_size,
+            max_in_flight,
+            deadline,
+        } = limits;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         tokio::spawn(dispatch(
             Arc::new(op),
             rx,
             max_size.max(1),
             Arc::new(Semaphore::new(max_in_flight.max(1))),
+            deadline,
         ));
         Self { tx }
     }
@@ -84,6 +112,7 @@ async fn dispatch<O: BatchOp>(
     mut rx: mpsc::Receiver<Job<O>>,
     max_size: usize,
     permits: Arc<Semaphore>,
+    deadline: Duration,
 ) {
     while let Some(first) = rx.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -93,11 +122,15 @@ async fn dispatch<O: BatchOp>(
         // request) before the batch is cut. Not a timer: when nothing else is runnable this
         // returns at once, so a lone request still goes straight to the database.
         tokio::task::yield_now().await;
+        let mut weight = O::weight(&first.item);
         let mut jobs = Vec::with_capacity(max_size.min(64));
         jobs.push(first);
-        while jobs.len() < max_size {
+        while jobs.len() < max_size && weight < O::MAX_BATCH_WEIGHT {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(job) => {
+                    weight = weight.saturating_add(O::weight(&job.item));
+                    jobs.push(job);
+                }
                 Err(_) => break,
             }
         }
@@ -113,11 +146,22 @@ async fn dispatch<O: BatchOp>(
             let (items, replies): (Vec<_>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
             let expected = items.len();
-            let mut result = op.run(&items).await;
-            if matches!(result, Err(DbError::Unavailable(_))) {
+            let run = || async {
+                tokio::time::timeout(deadline, op.run(&items))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(DbError::Unavailable(format!(
+                            "{} batch got no answer within {} ms",
+                            O::NAME,
+                            deadline.as_millis()
+                        )))
+                    })
+            };
+            let mut result = run().await;
+            if O::RETRY_ON_BROKEN_CONNECTION && matches!(result, Err(DbError::Unavailable(_))) {
                 // Usually a connection that died with a Postgres restart: the held connections
                 // were handed back, so the retry gets a fresh one (or fails the same way).
-                result = op.run(&items).await;
+                result = run().await;
             }
             match result {
                 Ok(outputs) if outputs.len() == expected => {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
 
-use super::batch::{BatchOp, Batcher};
+use super::batch::{BatchLimits, BatchOp, Batcher};
 use super::conns::Conns;
 use super::{DbError, Store};
 use crate::metrics as m;
@@ -82,16 +82,15 @@ pub(crate) struct CacheBatchers {
 }
 
 impl CacheBatchers {
-    pub fn new(conns: Arc<Conns>, max_size: usize, max_in_flight: usize) -> Self {
+    pub fn new(conns: Arc<Conns>, limits: BatchLimits) -> Self {
         Self {
             reads: Batcher::spawn(
                 ReadBatch {
                     conns: conns.clone(),
                 },
-                max_size,
-                max_in_flight,
+                limits,
             ),
-            writes: Batcher::spawn(WriteBatch { conns }, max_size, max_in_flight),
+            writes: Batcher::spawn(WriteBatch { conns }, limits),
         }
     }
 }
@@ -106,6 +105,7 @@ impl BatchOp for ReadBatch {
     type Item = Vec<CacheKey>;
     type Output = Vec<Option<CacheEntry>>;
     const NAME: &'static str = "cache_get";
+    const RETRY_ON_BROKEN_CONNECTION: bool = true;
 
     async fn run(&self, items: &[Self::Item]) -> Result<Vec<Self::Output>, DbError> {
         let mut unique: Vec<&str> = Vec::new();
@@ -154,6 +154,15 @@ impl BatchOp for WriteBatch {
     type Item = CachePut;
     type Output = ();
     const NAME: &'static str = "cache_put";
+    // The upsert may have committed before the connection broke; running it again could put
+    // back a value another batch has since replaced.
+    const RETRY_ON_BROKEN_CONNECTION: bool = false;
+    /// About 4 MiB of values per statement, so one batch of large values stays well inside
+    /// the statement timeout.
+    const MAX_BATCH_WEIGHT: usize = 4 << 20;
+    fn weight(item: &CachePut) -> usize {
+        item.key.as_str().len() + item.value.len()
+    }
 
     async fn run(&self, items: &[Self::Item]) -> Result<Vec<()>, DbError> {
         let n = items.len();
@@ -161,14 +170,15 @@ impl BatchOp for WriteBatch {
         for (i, item) in items.iter().enumerate() {
             last.insert(item.key.as_str(), i);
         }
-        let mut keys = Vec::with_capacity(last.len());
-        let mut values = Vec::with_capacity(last.len());
-        let mut tags = Vec::with_capacity(last.len());
-        let mut ttls = Vec::with_capacity(last.len());
-        for (i, item) in items.iter().enumerate() {
-            if last.get(item.key.as_str()) != Some(&i) {
-                continue;
-            }
+        // Rows in key order (byte order, as the column's "C" collation sorts): two batches
+        // writing overlapping keys then lock them in the same order and cannot deadlock.
+        let mut rows: Vec<&CachePut> = last.values().map(|&i| &items[i]).collect();
+        rows.sort_unstable_by(|a, b| a.key.as_str().as_bytes().cmp(b.key.as_str().as_bytes()));
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut values = Vec::with_capacity(rows.len());
+        let mut tags = Vec::with_capacity(rows.len());
+        let mut ttls = Vec::with_capacity(rows.len());
+        for item in rows {
             keys.push(item.key.as_str());
             values.push(item.value.as_str());
             // Tags cannot contain commas, so one comma-joined string per row carries the list.

@@ -54,7 +54,7 @@ impl Store {
         if won.is_none() {
             return Ok(None);
         }
-        let result = self.delete_expired(lifecycle).await;
+        let result = self.delete_expired(holder, lifecycle).await;
         // Release the lease whatever happened, so the next pass need not wait for it to expire.
         let _ = run!(self.conns, "cleanup_lease", |c| {
             sqlx::query(
@@ -67,12 +67,32 @@ impl Store {
         result.map(Some)
     }
 
-    async fn delete_expired(&self, lifecycle: &Lifecycle) -> Result<PassReport, DbError> {
+    /// Extends our lease before each batch; false when another sidecar has taken it over (ours
+    /// expired: this pass ran longer than cleanup.lease_seconds), so two passes never overlap.
+    async fn renew_lease(&self, holder: &str) -> Result<bool, DbError> {
+        let renewed: Option<String> = run!(self.conns, "cleanup_lease", |c| {
+            sqlx::query_scalar(
+                "UPDATE leases SET expires_at = now() + make_interval(secs => $2) \
+                 WHERE name = 'cleanup' AND holder = $1 AND expires_at > now() RETURNING holder",
+            )
+            .bind(holder)
+            .bind(self.settings.cleanup_lease_seconds as f64)
+            .fetch_optional(c)
+        })
+        .await?;
+        Ok(renewed.is_some())
+    }
+
+    async fn delete_expired(
+        &self,
+        holder: &str,
+        lifecycle: &Lifecycle,
+    ) -> Result<PassReport, DbError> {
         let batch = self.settings.cleanup_batch_size as i64;
         let mut report = PassReport::default();
         for (table, sql) in TABLES {
             loop {
-                if lifecycle.is_stopped() {
+                if lifecycle.is_stopped() || !self.renew_lease(holder).await? {
                     return Ok(report);
                 }
                 let done = run!(self.conns, "cleanup_delete", |c| sqlx::query(sql)

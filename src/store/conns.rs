@@ -7,9 +7,12 @@
 //! connection whose statement did not finish cleanly (the future was dropped, or the connection
 //! broke) is not kept: it goes back to sqlx, which pings it or closes it as before.
 //!
-//! Every connection still belongs to the sqlx pool, so `database.max_connections` holds.
+//! Every connection still belongs to the sqlx pool, so `database.max_connections` holds. A
+//! connection resting in the free list is invisible to callers already waiting inside sqlx's
+//! `acquire()`; so while anyone waits there, finished connections go back to sqlx instead.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
@@ -19,6 +22,8 @@ use super::DbError;
 
 pub struct Conns {
     pool: PgPool,
+    /// Callers inside `pool.acquire()` right now.
+    waiting: AtomicUsize,
     free: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
     idle_timeout: Duration,
 }
@@ -27,6 +32,7 @@ impl Conns {
     pub fn new(pool: PgPool, idle_timeout: Duration) -> Self {
         Self {
             pool,
+            waiting: AtomicUsize::new(0),
             free: Mutex::new(Vec::new()),
             idle_timeout,
         }
@@ -55,7 +61,10 @@ impl Conns {
         };
         let conn = match reused {
             Some(c) => c,
-            None => self.pool.acquire().await?,
+            None => {
+                let _waiting = Waiting::enter(&self.waiting);
+                self.pool.acquire().await?
+            }
         };
         Ok(Held {
             conn: Some(conn),
@@ -116,8 +125,27 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take()
             && self.clean
+            && self.owner.waiting.load(Ordering::Acquire) == 0
         {
             self.owner.free_list().push((conn, Instant::now()));
         }
+        // Otherwise the connection drops here and returns to sqlx (which hands it to a waiter).
+    }
+}
+
+/// Counts a caller waiting inside `pool.acquire()` for as long as it waits (also when the
+/// wait is cancelled).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -54,6 +54,9 @@ pub enum DbError {
     /// No connection could be had, or it broke: retrying later may work.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// Every pooled connection stayed busy for `database.acquire_timeout_ms`.
+    #[error("no database connection free within the acquire timeout")]
+    PoolExhausted,
     /// Postgres cancelled the statement (statement_timeout).
     #[error("database statement timed out")]
     Timeout,
@@ -64,16 +67,26 @@ pub enum DbError {
 impl From<sqlx::Error> for DbError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
+            sqlx::Error::PoolTimedOut => DbError::PoolExhausted,
+            sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
             | sqlx::Error::WorkerCrashed => DbError::Unavailable(e.to_string()),
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("57014") => DbError::Timeout,
-                // 08xxx connection exceptions; 57P01-03 admin shutdown, crash, cannot connect now.
-                Some(c) if c.starts_with("08") || c.starts_with("57P") => {
+                // Conditions a retry may clear, answered 503 rather than 500: 08xxx connection
+                // exceptions; 57P01-03 shutdown, crash, cannot connect now; 40001/40P01
+                // serialization failure, deadlock; 55P03 lock not available; 53xxx insufficient
+                // resources; 25006 read-only transaction (e.g. just after a failover).
+                Some(c)
+                    if c.starts_with("08")
+                        || c.starts_with("57P")
+                        || c.starts_with("40")
+                        || c.starts_with("53")
+                        || c == "55P03"
+                        || c == "25006" =>
+                {
                     DbError::Unavailable(e.to_string())
                 }
                 _ => DbError::Other(e.to_string()),
@@ -106,6 +119,7 @@ pub struct Store {
 /// The settings the store reads, copied out of [`Settings`].
 #[derive(Clone, Debug)]
 pub struct StoreSettings {
+    pub connect_timeout: Duration,
     pub session_update_age_seconds: u32,
     pub cleanup_batch_size: u32,
     pub cleanup_lease_seconds: u32,
@@ -124,22 +138,25 @@ impl Store {
         let b = &settings.batch;
         let idle = Duration::from_secs(settings.database.idle_timeout_seconds.max(1));
         let conns = Arc::new(conns::Conns::new(pool.clone(), idle));
+        let d = &settings.database;
+        let limits = batch::BatchLimits {
+            max_size: b.max_size,
+            max_in_flight: b.max_in_flight,
+            // Waiting for a connection, then the statement, then a margin for the round trip.
+            deadline: Duration::from_millis(d.acquire_timeout_ms + d.statement_timeout_ms + 1000),
+        };
         Self {
-            cache: Arc::new(cache::CacheBatchers::new(
-                conns.clone(),
-                b.max_size,
-                b.max_in_flight,
-            )),
+            cache: Arc::new(cache::CacheBatchers::new(conns.clone(), limits)),
             sessions: Arc::new(sessions::SessionBatchers::new(
                 conns.clone(),
-                b.max_size,
-                b.max_in_flight,
+                limits,
                 settings.sessions.update_age_seconds,
             )),
             pool,
             conns,
             status,
             settings: Arc::new(StoreSettings {
+                connect_timeout: Duration::from_secs(d.connect_timeout_seconds),
                 session_update_age_seconds: settings.sessions.update_age_seconds,
                 cleanup_batch_size: settings.cleanup.batch_size,
                 cleanup_lease_seconds: settings.cleanup.lease_seconds,
@@ -172,8 +189,7 @@ impl Store {
 
     /// Creates the schema if needed and applies the embedded migrations.
     pub async fn migrate(&self, schema: &str) -> Result<(), DbError> {
-        // These statements go through the sqlx pool itself; hand it our free connections first.
-        self.conns.clear();
+        self.reach().await?;
         // `schema` is validated as a plain lower-case identifier in config, so quoting is enough.
         (&self.pool)
             .execute(AssertSqlSafe(format!(
@@ -190,10 +206,26 @@ impl Store {
         Ok(())
     }
 
+    /// Makes sure a connection can be had within `database.connect_timeout_seconds`. Only this
+    /// part is bounded: a migration that has started is never cut off halfway (it holds the
+    /// migration lock until it finishes).
+    async fn reach(&self) -> Result<(), DbError> {
+        // The following statements go through the sqlx pool itself; hand it our free connections.
+        self.conns.clear();
+        let timeout = self.settings.connect_timeout;
+        match tokio::time::timeout(timeout, self.pool.acquire()).await {
+            Ok(conn) => conn.map(drop).map_err(DbError::from),
+            Err(_) => Err(DbError::Unavailable(format!(
+                "no connection within {} s (database.connect_timeout_seconds)",
+                timeout.as_secs()
+            ))),
+        }
+    }
+
     /// For `migrate_on_start = false`: succeeds once every embedded migration has been applied
     /// (by `pgsidecar migrate` or another sidecar).
     pub async fn check_migrated(&self) -> Result<(), DbError> {
-        self.conns.clear();
+        self.reach().await?;
         let applied: Vec<i64> =
             sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
                 .fetch_all(&self.pool)
@@ -232,6 +264,11 @@ impl Store {
         let open = self.pool.size();
         let idle = (self.pool.num_idle() + self.conns.idle()) as u32;
         (open, idle.min(open))
+    }
+
+    /// Hands every free connection back to the pool (at shutdown, before closing it).
+    pub fn release_connections(&self) {
+        self.conns.clear();
     }
 
     /// Hands connections idle longer than `database.idle_timeout_seconds` back to the pool.

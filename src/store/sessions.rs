@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sqlx::FromRow;
 use uuid::Uuid;
 
-use super::batch::{BatchOp, Batcher};
+use super::batch::{BatchLimits, BatchOp, Batcher};
 use super::conns::Conns;
 use super::{DbError, Store};
 use crate::metrics as m;
@@ -111,28 +111,21 @@ pub(crate) struct SessionBatchers {
 }
 
 impl SessionBatchers {
-    pub fn new(
-        conns: Arc<Conns>,
-        max_size: usize,
-        max_in_flight: usize,
-        update_age_seconds: u32,
-    ) -> Self {
+    pub fn new(conns: Arc<Conns>, limits: BatchLimits, update_age_seconds: u32) -> Self {
         Self {
             reads: Batcher::spawn(
                 ReadBatch {
                     conns: conns.clone(),
                     update_age_seconds: update_age_seconds as f64,
                 },
-                max_size,
-                max_in_flight,
+                limits,
             ),
             refreshes: Batcher::spawn(
                 RefreshBatch {
                     conns,
                     update_age_seconds: update_age_seconds as f64,
                 },
-                max_size,
-                max_in_flight,
+                limits,
             ),
         }
     }
@@ -159,6 +152,7 @@ impl BatchOp for ReadBatch {
     type Item = TokenHash;
     type Output = ReadOutcome;
     const NAME: &'static str = "session_get";
+    const RETRY_ON_BROKEN_CONNECTION: bool = true;
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<ReadOutcome>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
@@ -207,6 +201,8 @@ impl BatchOp for RefreshBatch {
     type Item = TokenHash;
     type Output = Option<SessionRow>;
     const NAME: &'static str = "session_refresh";
+    // Conditional on the session still being due, so a second run writes nothing new.
+    const RETRY_ON_BROKEN_CONNECTION: bool = true;
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<Option<SessionRow>>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
@@ -327,13 +323,15 @@ impl Store {
     /// A user's live sessions, newest first.
     pub async fn sessions_of_user(&self, user_id: &str) -> Result<Vec<SessionRecord>, DbError> {
         self.ensure_available()?;
-        let rows: Vec<SessionRow> = run!(self.conns, "session_list", |c| sqlx::query_as(concat!(
+        let rows: Vec<SessionRow> = run!(self.conns, "session_list", |c| {
+            sqlx::query_as(concat!(
             "SELECT ",
             columns!(),
             " FROM sessions WHERE user_id = $1 AND expires_at > now() ORDER BY created_at DESC, id"
         ))
         .bind(user_id)
-        .fetch_all(c))
+        .fetch_all(c)
+        })
         .await?;
         rows.into_iter().map(SessionRow::into_record).collect()
     }

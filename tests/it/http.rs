@@ -221,7 +221,8 @@ async fn slow_database_gives_timeout_and_overload_answers() {
         let r = http.put(url).body("2").send().await.unwrap();
         (r, t.elapsed())
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut watcher = sqlx::PgConnection::connect(&s.db).await.unwrap();
+    wait_for_lock_wait(&mut watcher).await;
     // The one permit is taken: shed at once with 503 + Retry-After.
     let r = s.get_cache("other").await;
     assert_eq!(r.headers()["retry-after"], "1");

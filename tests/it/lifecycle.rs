@@ -184,6 +184,9 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
 async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
     let mut s = Sidecar::builder()
         .env("PGSIDECAR_SHUTDOWN__DRAIN_SECONDS", "2")
+        // The held request below waits ~3 s on a lock: longer than the default timeouts.
+        .env("PGSIDECAR_DATABASE__STATEMENT_TIMEOUT_MS", "20000")
+        .env("PGSIDECAR_SERVER__REQUEST_TIMEOUT_MS", "30000")
         .start()
         .await;
     assert_eq!(s.put_cache("slow", "1", "").await.status(), 204);
@@ -212,6 +215,8 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
             .await
             .map(|r| r.status().as_u16())
     });
+    let mut watcher = sqlx::PgConnection::connect(&s.db).await.unwrap();
+    wait_for_lock_wait(&mut watcher).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // The drain is over: new connections are refused.
     let fresh = reqwest::Client::new();
@@ -220,10 +225,12 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
         "listener closed after the drain"
     );
     blocker.execute("ROLLBACK").await.unwrap();
+    let status = in_flight.await.unwrap().unwrap();
     assert_eq!(
-        in_flight.await.unwrap().unwrap(),
+        status,
         204,
-        "in-flight request finished"
+        "in-flight request finished; logs:\n{}",
+        s.logs.lines().join("\n")
     );
 
     let code = s.wait_exit(Duration::from_secs(10)).and_then(|e| e.code());

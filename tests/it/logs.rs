@@ -162,12 +162,22 @@ async fn database_password_is_never_logged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_log_and_log_level_filter_lines() {
     // Access lines off, the start-up line (which the test harness reads) kept.
-    let s = Sidecar::builder()
+    let mut s = Sidecar::builder()
         .env("PGSIDECAR_LOG__LEVEL", "warn,pgsidecar::app=info")
         .start()
         .await;
     s.put_cache("k", "1", "").await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // After a clean exit every line is flushed: then the absence of access lines means something.
+    s.sigterm();
+    assert_eq!(
+        s.wait_exit(std::time::Duration::from_secs(10))
+            .and_then(|e| e.code()),
+        Some(0)
+    );
+    assert!(
+        s.logs
+            .wait_for("pgsidecar stopped", std::time::Duration::from_secs(2))
+    );
     assert!(
         !s.logs.contains("pgsidecar::access"),
         "info lines filtered at warn"
