@@ -13,10 +13,6 @@ use pgsidecar::store::Store;
 
 const EX_CONFIG: u8 = 64;
 
-// mimalloc: the hot path allocates many small, short-lived buffers (requests, rows, log lines);
-// it measured cheaper than glibc's allocator there.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
