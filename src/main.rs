@@ -13,7 +13,6 @@ use pgsidecar::store::Store;
 
 const EX_CONFIG: u8 = 64;
 
-
 #[derive(Parser)]
 #[command(
     name = "pgsidecar",
