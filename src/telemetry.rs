@@ -34,11 +34,6 @@ pub struct LogGuard {
 }
 
 impl LogGuard {
-    /// Lines dropped so far because the output could not keep up.
-    pub fn dropped_lines(&self) -> u64 {
-        self.lines.dropped.load(Ordering::Relaxed)
-    }
-
     /// A handle for reading the dropped-line count elsewhere (the metrics endpoint).
     pub fn dropped_counter(&self) -> DroppedLines {
         DroppedLines(self.lines.clone())

@@ -38,10 +38,6 @@ impl Conns {
         }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     fn free_list(&self) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, Instant)>> {
         // A panic while holding this lock cannot leave the Vec inconsistent: keep using it.
         self.free.lock().unwrap_or_else(|p| p.into_inner())

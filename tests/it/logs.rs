@@ -194,3 +194,83 @@ async fn rust_log_and_log_level_filter_lines() {
             .wait_for("pgsidecar::access", std::time::Duration::from_secs(3))
     );
 }
+
+/// A free local port (bound and released; fine for a test that starts right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_pipe_drops_lines_and_never_stalls_requests() {
+    // stdout is a pipe nobody reads: it fills after 64 KiB, then the writer's queue fills.
+    let db = fresh_db().await;
+    let (data, ops) = (free_port(), free_port());
+    let mut child = std::process::Command::new(BIN)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db)
+        .env("PGSIDECAR_SERVER__DATA_LISTEN", format!("127.0.0.1:{data}"))
+        .env("PGSIDECAR_SERVER__OPS_LISTEN", format!("127.0.0.1:{ops}"))
+        .env("PGSIDECAR_HEALTH__INTERVAL_MS", "200")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{ops}/ready");
+    for _ in 0..200 {
+        if http
+            .get(&ready)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Enough access lines (about 200 bytes each) to overflow the pipe and the writer's queue.
+    let url = format!("http://127.0.0.1:{data}/v1/nothing-here");
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..1800 {
+                assert_eq!(http.get(&url).send().await.unwrap().status(), 404);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let metrics = http
+        .get(format!("http://127.0.0.1:{ops}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("pgsidecar_log_lines_dropped_total "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(dropped > 0.0, "lines were dropped and counted:\n{metrics}");
+    assert_eq!(
+        http.get(&ready).send().await.unwrap().status(),
+        200,
+        "still serving"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
