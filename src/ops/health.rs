@@ -20,7 +20,7 @@ use super::system::SystemProbe;
 use crate::config::{HealthSettings, UpstreamSettings};
 use crate::metrics as m;
 use crate::shutdown::Lifecycle;
-use crate::store::Store;
+use crate::store::{DbError, Store};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -128,6 +128,8 @@ pub struct Prober {
     client: Client<HttpConnector, Empty<Bytes>>,
     // Behind a mutex so the blocking /proc and statvfs reads can run on the blocking pool.
     system: Arc<std::sync::Mutex<SystemProbe>>,
+    /// The tables check of the previous round, kept when a round could not run it.
+    last_tables_ok: bool,
 }
 
 impl Prober {
@@ -137,6 +139,7 @@ impl Prober {
         Self {
             store,
             system: Arc::new(std::sync::Mutex::new(SystemProbe::new(&settings))),
+            last_tables_ok: false,
             settings,
             client: Client::builder(TokioExecutor::new()).build(connector),
         }
@@ -161,8 +164,20 @@ impl Prober {
 
         let t = now();
         let mut checks = BTreeMap::new();
+        // A probe that only waited for a busy pool is not an outage: when other statements
+        // succeeded during this round, Postgres is up and the sidecar merely loaded (shedding
+        // is the concurrency limit's job, not readiness').
+        let busy_but_answering = || {
+            self.store
+                .answered_within(timeout + Duration::from_millis(self.settings.interval_ms))
+        };
         let (postgres_ok, tables_ok, pg_output) = match pg_result {
             Ok(Ok(present)) => (true, present, None),
+            Ok(Err(DbError::PoolExhausted)) | Err(_) if busy_but_answering() => (
+                true,
+                self.last_tables_ok,
+                Some("every pooled connection busy; other statements are succeeding".to_string()),
+            ),
             Ok(Err(e)) => (false, false, Some(e.to_string())),
             Err(_) => (
                 false,
@@ -170,6 +185,7 @@ impl Prober {
                 Some(format!("no answer within {} ms", timeout.as_millis())),
             ),
         };
+        self.last_tables_ok = tables_ok;
         self.store
             .status()
             .reachable

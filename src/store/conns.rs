@@ -12,7 +12,7 @@
 //! `acquire()`; so while anyone waits there, finished connections go back to sqlx instead.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
@@ -24,6 +24,9 @@ pub struct Conns {
     pool: PgPool,
     /// Callers inside `pool.acquire()` right now.
     waiting: AtomicUsize,
+    /// When a statement last succeeded (milliseconds since `started`).
+    last_ok_ms: AtomicU64,
+    started: Instant,
     free: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
     idle_timeout: Duration,
 }
@@ -33,6 +36,8 @@ impl Conns {
         Self {
             pool,
             waiting: AtomicUsize::new(0),
+            last_ok_ms: AtomicU64::new(0),
+            started: Instant::now(),
             free: Mutex::new(Vec::new()),
             idle_timeout,
         }
@@ -67,6 +72,15 @@ impl Conns {
             owner: self,
             clean: false,
         })
+    }
+
+    /// Whether some statement succeeded within `window`: Postgres answered recently, even if
+    /// every connection is busy right now.
+    pub fn succeeded_within(&self, window: Duration) -> bool {
+        let last = self.last_ok_ms.load(Ordering::Acquire);
+        last > 0
+            && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
+                <= window.as_millis() as u64
     }
 
     /// Connections waiting in the free list (they count as idle).
@@ -112,7 +126,12 @@ impl Held<'_> {
     pub fn finish<T>(mut self, result: &Result<T, DbError>) {
         match result {
             Err(DbError::Unavailable(_)) => self.owner.clear(),
-            _ => self.clean = true,
+            Ok(_) => {
+                let ms = self.owner.started.elapsed().as_millis() as u64;
+                self.owner.last_ok_ms.store(ms.max(1), Ordering::Release);
+                self.clean = true;
+            }
+            Err(_) => self.clean = true,
         }
     }
 }

@@ -266,6 +266,11 @@ impl Store {
         (open, idle.min(open))
     }
 
+    /// Whether any statement succeeded within `window` (see [`conns::Conns::succeeded_within`]).
+    pub fn answered_within(&self, window: Duration) -> bool {
+        self.conns.succeeded_within(window)
+    }
+
     /// Hands every free connection back to the pool (at shutdown, before closing it).
     pub fn release_connections(&self) {
         self.conns.clear();
