@@ -1,10 +1,12 @@
 //! Coalescing: concurrent calls of one kind are served by one query per batch.
 //!
 //! Callers push a job on a channel and wait for their own answer. A dispatcher takes the first
-//! job, waits for one of `max_in_flight` permits, then drains whatever else is already queued
-//! (up to `max_size`) into the same batch. There is no timer: a lone request finds a free permit
-//! and goes to the database at once; batches grow only while every permit is busy, which is
-//! exactly when one `= ANY($1)` query beats many single-row ones.
+//! job, waits for one of `max_in_flight` permits, yields once so connection tasks that are
+//! already runnable can queue their jobs too, then drains whatever is queued (up to `max_size`,
+//! and up to `MAX_BATCH_WEIGHT`) into the same batch. There is no timer: a lone request finds a
+//! free permit and goes to the database at once; batches grow only while requests arrive faster
+//! than single queries could serve them, which is exactly when one `= ANY($1)` query beats many
+//! single-row ones.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,7 +33,6 @@ pub trait BatchOp: Send + Sync + 'static {
         1
     }
     /// Runs one batch and returns exactly one output per item, in the items' order.
-    /// Must be safe to run twice (it is retried once when the connection broke).
     fn run(
         &self,
         items: &[Self::Item],
