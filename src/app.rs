@@ -128,8 +128,15 @@ impl Application {
             lifecycle: lifecycle.clone(),
             store: store.clone(),
             max_connections: settings.database.max_connections,
+            // Three missed rounds; a round lasts as long as its slowest check.
             stale_after: Duration::from_millis(
-                3 * settings.health.interval_ms + 2 * settings.health.check_timeout_ms,
+                3 * settings.health.interval_ms
+                    + 2 * settings
+                        .health
+                        .upstreams
+                        .iter()
+                        .map(|u| u.timeout_ms)
+                        .fold(settings.health.check_timeout_ms, u64::max),
             ),
             service_id,
             prometheus: telemetry.prometheus.clone(),
