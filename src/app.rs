@@ -96,6 +96,7 @@ impl Application {
             store.clone(),
             settings.clone(),
             lifecycle.clone(),
+            health.clone(),
         )));
         tasks.push(tokio::spawn(ops::health::run(
             health.clone(),
@@ -221,7 +222,7 @@ fn process_collector() -> metrics_process::Collector {
 
 /// Applies migrations (or waits for them) with capped, jittered backoff until Postgres answers,
 /// then warms the pool. Postgres being down at start-up is normal: no crash loop.
-async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle) {
+async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, health: Arc<Health>) {
     let mut delay = Duration::from_millis(250);
     let mut attempt: u32 = 0;
     loop {
@@ -238,6 +239,8 @@ async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle) {
                     migrate_on_start = settings.database.migrate_on_start,
                     "database ready: migrations applied"
                 );
+                // Readiness follows at once rather than at the next probe round.
+                health.probe_now();
                 store.warm_up(settings.database.min_connections).await;
                 return;
             }

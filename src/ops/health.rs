@@ -91,17 +91,25 @@ impl Snapshot {
 /// The shared health state.
 pub struct Health {
     snapshot: RwLock<Arc<Snapshot>>,
+    /// Asks the probe loop for a round now (e.g. right after migrations were applied).
+    wake: tokio::sync::Notify,
 }
 
 impl Default for Health {
     fn default() -> Self {
         Self {
             snapshot: RwLock::new(Arc::new(Snapshot::initial())),
+            wake: tokio::sync::Notify::new(),
         }
     }
 }
 
 impl Health {
+    /// Runs the next probe round now instead of at the end of the interval.
+    pub fn probe_now(&self) {
+        self.wake.notify_one();
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot
             .read()
@@ -369,6 +377,7 @@ pub async fn run(
         tokio::select! {
             _ = lifecycle.stopped() => return,
             _ = tokio::time::sleep(interval) => {}
+            _ = health.wake.notified() => {}
         }
     }
 }
