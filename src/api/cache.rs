@@ -149,7 +149,7 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
         ));
     }
     let mut keys = Vec::with_capacity(req.keys.len());
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = foldhash::HashSet::default();
     for raw in req.keys {
         let k = key(raw)?;
         if seen.insert(k.clone()) {

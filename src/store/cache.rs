@@ -1,6 +1,6 @@
 //! The shared cache table: batched reads and upserts, deletes by key, prefix and tag.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -109,7 +109,7 @@ impl BatchOp for ReadBatch {
 
     async fn run(&self, items: &[Self::Item]) -> Result<Vec<Self::Output>, DbError> {
         let mut unique: Vec<&str> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::default();
         for key in items.iter().flatten() {
             if seen.insert(key.as_str()) {
                 unique.push(key.as_str());
@@ -224,14 +224,17 @@ fn like_prefix(prefix: &str) -> String {
 }
 
 fn count_hits(operation: &'static str, hits: usize, misses: usize) {
-    if hits > 0 {
-        metrics::counter!(m::CACHE_REQUESTS, "operation" => operation, "result" => "hit")
-            .increment(hits as u64);
-    }
-    if misses > 0 {
-        metrics::counter!(m::CACHE_REQUESTS, "operation" => operation, "result" => "miss")
-            .increment(misses as u64);
-    }
+    let counter = |result, n: usize| {
+        if n > 0 {
+            m::cached::increment(
+                m::CACHE_REQUESTS,
+                &[("operation", operation), ("result", result)],
+                n as u64,
+            );
+        }
+    };
+    counter("hit", hits);
+    counter("miss", misses);
 }
 
 impl Store {

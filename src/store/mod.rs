@@ -331,8 +331,11 @@ where
 {
     let start = Instant::now();
     let result = fut.await;
-    metrics::histogram!(m::DB_QUERY_DURATION, "operation" => operation)
-        .record(start.elapsed().as_secs_f64());
+    m::cached::record(
+        m::DB_QUERY_DURATION,
+        &[("operation", operation)],
+        start.elapsed().as_secs_f64(),
+    );
     result.map_err(|e| {
         metrics::counter!(m::DB_ERRORS, "operation" => operation).increment(1);
         DbError::from(e)
