@@ -125,32 +125,36 @@ struct Lines {
 
 impl Lines {
     fn push(&self, line: &[u8]) {
-        let full = {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.bytes.extend_from_slice(line);
-            p.lines += 1;
-            (p.bytes.len() >= CHUNK_BYTES).then(|| std::mem::take(&mut *p))
-        };
-        if let Some(chunk) = full {
-            self.send(chunk);
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.bytes.capacity() == 0 {
+            p.bytes.reserve(CHUNK_BYTES + 1024);
+        }
+        p.bytes.extend_from_slice(line);
+        p.lines += 1;
+        if p.bytes.len() >= CHUNK_BYTES {
+            self.send(&mut p);
         }
     }
 
     fn flush(&self) {
-        let chunk = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        if chunk.lines > 0 {
-            self.send(chunk);
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.lines > 0 {
+            self.send(&mut p);
         }
     }
 
-    fn send(&self, chunk: Pending) {
-        // One sender at a time, so a rise of the writer's drop counter is this chunk's.
+    /// Hands the pending lines to the writer (which copies them) and empties the buffer,
+    /// keeping its allocation. Called with `pending` locked, so chunks go out in order and a
+    /// rise of the writer's drop counter is this chunk's.
+    fn send(&self, p: &mut Pending) {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let before = self.writer_errors.dropped_lines();
-        let _ = w.write_all(&chunk.bytes);
+        let _ = w.write_all(&p.bytes);
         if self.writer_errors.dropped_lines() > before {
-            self.dropped.fetch_add(chunk.lines, Ordering::Relaxed);
+            self.dropped.fetch_add(p.lines, Ordering::Relaxed);
         }
+        p.bytes.clear();
+        p.lines = 0;
     }
 }
 
@@ -160,8 +164,31 @@ struct JsonLines {
     hostname: String,
 }
 
+/// Per-thread buffers for building a line: the line, its fields, its message.
+#[derive(Default)]
+struct Scratch {
+    line: Vec<u8>,
+    fields: Vec<u8>,
+    message: String,
+    /// The last timestamp written, and the millisecond it stands for: consecutive lines
+    /// within one millisecond reuse it instead of formatting the date again.
+    stamp: String,
+    stamp_ms: i64,
+}
+
 thread_local! {
-    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+fn timestamp(s: &mut Scratch) {
+    let now = chrono::Utc::now();
+    let ms = now.timestamp_millis();
+    if ms != s.stamp_ms || s.stamp.is_empty() {
+        s.stamp.clear();
+        s.stamp
+            .push_str(&now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        s.stamp_ms = ms;
+    }
 }
 
 impl<S: Subscriber> Layer<S> for JsonLines {
@@ -171,22 +198,28 @@ impl<S: Subscriber> Layer<S> for JsonLines {
             let Ok(mut scratch) = scratch.try_borrow_mut() else {
                 return;
             };
-            let (line, fields) = &mut *scratch;
+            let scratch = &mut *scratch;
+            timestamp(scratch);
+            let Scratch {
+                line,
+                fields,
+                message,
+                stamp,
+                ..
+            } = scratch;
             line.clear();
             fields.clear();
-            let mut visitor = FieldWriter {
+            message.clear();
+            event.record(&mut FieldWriter {
                 out: fields,
-                message: None,
-            };
-            event.record(&mut visitor);
-            let message = visitor.message.take().unwrap_or_default();
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                message,
+            });
             line.extend_from_slice(b"{\"timestamp\":\"");
-            line.extend_from_slice(now.as_bytes());
+            line.extend_from_slice(stamp.as_bytes());
             line.extend_from_slice(b"\",\"level\":\"");
             line.extend_from_slice(level_name(meta.level()).as_bytes());
             line.extend_from_slice(b"\",\"message\":");
-            write_str(line, &message);
+            write_str(line, message);
             line.extend_from_slice(b",\"target\":");
             write_str(line, meta.target());
             line.extend_from_slice(b",\"hostname\":");
@@ -195,6 +228,36 @@ impl<S: Subscriber> Layer<S> for JsonLines {
             line.extend_from_slice(b"}\n");
             self.lines.push(line);
         });
+    }
+}
+
+/// Writes a finite float as JSON. Durations in milliseconds with microsecond precision (the
+/// common case: `duration_ms`) are written from integers, which is several times cheaper
+/// than the general float formatting; anything else goes through `Display`.
+fn write_f64(out: &mut Vec<u8>, value: f64) {
+    let thousandths = (value * 1000.0).round();
+    // `t / 1000.0 == value`: the decimal text of t/1000 reads back as exactly this float,
+    // so it is what `Display` (shortest round trip) would print too.
+    if (0.0..1e12).contains(&thousandths) && thousandths / 1000.0 == value {
+        let t = thousandths as u64;
+        let (whole, mut frac) = (t / 1000, t % 1000);
+        let _ = write!(out, "{whole}");
+        if frac != 0 {
+            out.push(b'.');
+            let digits = [
+                b'0' + (frac / 100) as u8,
+                b'0' + (frac / 10 % 10) as u8,
+                b'0' + (frac % 10) as u8,
+            ];
+            let mut n = 3;
+            while frac % 10 == 0 {
+                frac /= 10;
+                n -= 1;
+            }
+            out.extend_from_slice(&digits[..n]);
+        }
+    } else {
+        let _ = write!(out, "{value}");
     }
 }
 
@@ -219,7 +282,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 /// Writes each field as `,"name":value`. Names that the fixed fields use get a `field_` prefix.
 struct FieldWriter<'a> {
     out: &'a mut Vec<u8>,
-    message: Option<String>,
+    message: &'a mut String,
 }
 
 impl FieldWriter<'_> {
@@ -236,11 +299,12 @@ impl FieldWriter<'_> {
 
 impl Visit for FieldWriter<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let text = format!("{value:?}");
         if field.name() == "message" {
-            self.message = Some(text);
+            use std::fmt::Write as _;
+            let _ = write!(self.message, "{value:?}");
             return;
         }
+        let text = format!("{value:?}");
         self.key(field);
         // Structured fields (`config = %settings_json`) stay objects instead of quoted strings.
         if field.name() == "config" && serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok()
@@ -252,7 +316,7 @@ impl Visit for FieldWriter<'_> {
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
-            self.message = Some(value.to_string());
+            self.message.push_str(value);
             return;
         }
         self.key(field);
@@ -269,7 +333,7 @@ impl Visit for FieldWriter<'_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.key(field);
         if value.is_finite() {
-            let _ = write!(self.out, "{value}");
+            write_f64(self.out, value);
         } else {
             self.out.extend_from_slice(b"null");
         }
@@ -282,5 +346,44 @@ impl Visit for FieldWriter<'_> {
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         self.key(field);
         write_str(self.out, &value.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_f64;
+
+    #[test]
+    fn floats_print_like_display() {
+        for v in [
+            0.0,
+            0.001,
+            0.01,
+            0.1,
+            1.0,
+            1.5,
+            1.234,
+            12.05,
+            0.123,
+            999.999,
+            1234567.891,
+            0.0005,
+            1.0 / 3.0,
+            2.5e-7,
+            1e20,
+            123456789012.5,
+            -1.25,
+        ] {
+            let mut out = Vec::new();
+            write_f64(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{v}"), "{v}");
+        }
+        // What the access log writes: whole microseconds, as milliseconds.
+        for us in (0..20_000u64).chain(4_990_000..5_010_000) {
+            let v = us as f64 / 1000.0;
+            let mut out = Vec::new();
+            write_f64(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{v}"), "{v}");
+        }
     }
 }
