@@ -144,7 +144,13 @@ impl Application {
             process: Arc::new(process_collector()),
             log_dropped: telemetry.log_dropped.clone(),
         };
-        let ops_router = crate::http::finish_router(ops::router(ops_state), "ops");
+        let ops_router = crate::http::edge(
+            ops::router(ops_state),
+            "ops",
+            ops::PATHS,
+            None,
+            settings.server.max_body_bytes,
+        );
         let (ops_done_tx, ops_done) = oneshot::channel::<()>();
         let ops_lifecycle = lifecycle.clone();
         std::thread::Builder::new()
@@ -163,7 +169,13 @@ impl Application {
             })
             .map_err(|e| format!("cannot start the ops thread: {e}"))?;
 
-        let data_router = crate::api::router(store.clone(), &settings);
+        let data_router = crate::http::edge(
+            crate::api::router(store.clone(), &settings),
+            "data",
+            crate::api::route_table().into_iter().map(|(_, path)| path),
+            Some(crate::http::Guard::new(&settings.server)),
+            settings.server.max_body_bytes,
+        );
         let data_server = tokio::spawn(serve(
             data,
             data_router,

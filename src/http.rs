@@ -1,22 +1,33 @@
 //! HTTP plumbing shared by both listeners: the accept loop with a header-read timeout and
-//! graceful shutdown, request ids, the access log and request metrics, JSON fallbacks.
+//! graceful shutdown, and the [`Edge`] every request passes: request ids, the data API's guard
+//! (auth, load shedding, timeout), the access log and request metrics, JSON fallbacks.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
 use axum::Router;
-use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
+use axum::body::Bytes;
+use axum::extract::Request;
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tower::{Service, ServiceExt};
 
-use crate::config::ListenAddr;
+use crate::config::{ListenAddr, Secret, ServerSettings};
 use crate::error::{ApiError, error_response};
 use crate::metrics as m;
+use crate::metrics::cached::ByAddr;
 use crate::shutdown::Lifecycle;
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -71,13 +82,19 @@ impl Listener {
 
 /// Serves `app` on `listener` until `lifecycle` stops, then lets in-flight requests finish for
 /// at most `grace`. Must run inside a tokio runtime.
-pub async fn serve(
+pub async fn serve<S>(
     listener: Listener,
-    app: Router,
+    app: S,
     header_timeout: Duration,
     lifecycle: Lifecycle,
     grace: Duration,
-) {
+) where
+    S: Service<axum::http::Request<hyper::body::Incoming>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -174,50 +191,227 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-/// Request ids, one access log line and the request metrics, for every request. The route is
-/// the matched template (`/v1/sessions/{token}`), never the raw path.
-pub async fn access_log(listener: &'static str, mut req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let id = request_id(&req);
-    req.headers_mut().insert(REQUEST_ID, id.clone());
-    let method = method_label(req.method());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
-    let mut resp = next.run(req).await;
-    resp.headers_mut().insert(REQUEST_ID, id.clone());
-    let elapsed = start.elapsed();
-    let status = resp.status().as_u16();
-    metrics::counter!(m::HTTP_REQUESTS, "listener" => listener, "method" => method, "route" => route.clone(), "status" => status.to_string())
-        .increment(1);
-    metrics::histogram!(m::HTTP_DURATION, "listener" => listener, "method" => method, "route" => route.clone())
-        .record(elapsed.as_secs_f64());
-    tracing::info!(
-        target: "pgsidecar::access",
-        listener,
-        method,
-        route,
-        status,
-        duration_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
-        request_id = id.to_str().unwrap_or(""),
-        "request"
-    );
-    resp
+/// What every request passes through, around the whole router of a listener: a request id,
+/// the data API's guard, one access log line and the request metrics.
+///
+/// It wraps the router once, from outside. axum's `Router::layer` would wrap every route
+/// separately, and each wrapper is a boxed service that is cloned for every request; on a
+/// cache hit those clones and boxes cost more than the rest of the middleware together.
+#[derive(Clone)]
+pub struct Edge<S> {
+    inner: S,
+    ctx: Arc<EdgeContext>,
 }
 
-/// Adds the JSON fallbacks (404, 405) and the common layers to a router.
-pub fn finish_router(router: Router, listener: &'static str) -> Router {
-    router
-        .fallback(|| async { ApiError::NotFound("no such route").into_response() })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
+struct EdgeContext {
+    listener: &'static str,
+    /// Route templates, for the `route` label and log field (never the raw path).
+    routes: matchit::Router<&'static str>,
+    guard: Option<Guard>,
+}
+
+/// The router of one listener, finished (JSON 404/405 fallbacks, panics turned into JSON 500s,
+/// a body limit) and wrapped in the [`Edge`]. `templates` are the router's path templates.
+pub fn edge(
+    router: Router,
+    listener: &'static str,
+    templates: impl IntoIterator<Item = &'static str>,
+    guard: Option<Guard>,
+    max_body_bytes: usize,
+) -> Edge<
+    impl Service<Request, Response = Response, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+> {
+    let mut routes = matchit::Router::new();
+    for t in templates {
+        // Several methods share a path; the first insert wins, the rest are the same template.
+        let _ = routes.insert(t, t);
+    }
+    let inner = tower::ServiceBuilder::new()
+        // A panicking handler is answered with a JSON 500 and logged; the process and the
+        // connection keep serving.
+        .map_response(|r: Response<_>| r.map(axum::body::Body::new))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
         ))
-        .layer(axum::middleware::from_fn(move |req, next| {
-            access_log(listener, req, next)
-        }))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .service(
+            router
+                .fallback(|| async { ApiError::NotFound("no such route").into_response() })
+                .method_not_allowed_fallback(|| async {
+                    ApiError::MethodNotAllowed.into_response()
+                }),
+        );
+    Edge {
+        inner,
+        ctx: Arc::new(EdgeContext {
+            listener,
+            routes,
+            guard,
+        }),
+    }
+}
+
+impl<S, B> Service<axum::http::Request<B>> for Edge<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Readiness is the inner service's, checked per request by `oneshot` below.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let mut req = req.map(axum::body::Body::new);
+        let id = request_id(&req);
+        req.headers_mut().insert(REQUEST_ID, id.clone());
+        let method = method_label(req.method());
+        let ctx = self.ctx.clone();
+        let route = ctx
+            .routes
+            .at(req.uri().path())
+            .map_or("unmatched", |m| *m.value);
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let mut resp = match &ctx.guard {
+                Some(guard) => guard.run(req, inner).await,
+                None => inner.oneshot(req).await.unwrap_or_else(|e| match e {}),
+            };
+            resp.headers_mut().insert(REQUEST_ID, id.clone());
+            let elapsed = start.elapsed();
+            let status = resp.status().as_u16();
+            RequestMetrics::observe(ctx.listener, method, route, status, elapsed);
+            tracing::info!(
+                target: "pgsidecar::access",
+                listener = ctx.listener,
+                method,
+                route,
+                status,
+                duration_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+                request_id = id.to_str().unwrap_or(""),
+                "request"
+            );
+            Ok(resp)
+        })
+    }
+}
+
+/// The data API's guard: auth first, then a concurrency permit (or 503 at once: shedding
+/// beats queueing without bound), then the request under its timeout. It covers every
+/// request on the data listener, unknown paths included.
+pub struct Guard {
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+    token: Secret,
+    in_flight: metrics::Gauge,
+    shed: metrics::Counter,
+}
+
+impl Guard {
+    pub fn new(settings: &ServerSettings) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(settings.max_concurrent_requests)),
+            timeout: Duration::from_millis(settings.request_timeout_ms),
+            token: settings.auth_token.clone(),
+            in_flight: metrics::gauge!(m::HTTP_IN_FLIGHT),
+            shed: metrics::counter!(m::HTTP_SHED),
+        }
+    }
+
+    async fn run<S>(&self, req: Request, inner: S) -> Response
+    where
+        S: Service<Request, Response = Response, Error = Infallible>,
+    {
+        if !self.token.is_empty() && !authorized(&req, &self.token) {
+            return ApiError::Unauthorized.into_response();
+        }
+        let Ok(_permit) = self.permits.try_acquire() else {
+            self.shed.increment(1);
+            return ApiError::Overloaded.into_response();
+        };
+        let _in_flight = InFlight::enter(&self.in_flight);
+        match tokio::time::timeout(self.timeout, inner.oneshot(req)).await {
+            Ok(resp) => resp.unwrap_or_else(|e| match e {}),
+            Err(_) => ApiError::Timeout.into_response(),
+        }
+    }
+}
+
+/// Counts a request in the in-flight gauge until dropped, also when the client goes away and
+/// the request's future is dropped half-way.
+struct InFlight<'a>(&'a metrics::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(g: &'a metrics::Gauge) -> Self {
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// `Authorization: Bearer <secret>` (the scheme in any case, as RFC 7235 allows), the secret
+/// compared in constant time.
+fn authorized(req: &Request, secret: &Secret) -> bool {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let v = value.as_bytes();
+    if v.len() < 7 || !v[..7].eq_ignore_ascii_case(b"bearer ") {
+        return false;
+    }
+    v[7..].ct_eq(secret.expose().as_bytes()).into()
+}
+
+/// The request counter and latency histogram of one listener, method, route and status, kept
+/// per thread (see [`m::cached`]). Every label is a static string (the route is a template
+/// from the route table), found by its address.
+struct RequestMetrics {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+type RequestKey = (ByAddr, ByAddr, ByAddr, u16);
+
+thread_local! {
+    static REQUEST_METRICS: std::cell::RefCell<foldhash::HashMap<RequestKey, RequestMetrics>> =
+        std::cell::RefCell::default();
+}
+
+impl RequestMetrics {
+    fn observe(
+        listener: &'static str,
+        method: &'static str,
+        route: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let key = (ByAddr(listener), ByAddr(method), ByAddr(route), status);
+        REQUEST_METRICS.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let entry = cache.entry(key).or_insert_with(|| RequestMetrics {
+                requests: metrics::counter!(m::HTTP_REQUESTS, "listener" => listener, "method" => method, "route" => route, "status" => status.to_string()),
+                duration: metrics::histogram!(m::HTTP_DURATION, "listener" => listener, "method" => method, "route" => route),
+            });
+            entry.requests.increment(1);
+            entry.duration.record(elapsed.as_secs_f64());
+        });
+    }
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {

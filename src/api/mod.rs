@@ -5,24 +5,18 @@ pub mod cache;
 pub mod sessions;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use serde::de::DeserializeOwned;
-use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
 
-use crate::config::{Secret, Settings};
+use crate::config::Settings;
 use crate::error::ApiError;
-use crate::metrics as m;
 use crate::store::Store;
 
 /// What handlers share.
@@ -41,7 +35,8 @@ pub struct Limits {
     pub cache_max_value_bytes: usize,
 }
 
-/// Builds the data router with its guards: auth, load shedding, request timeout, body limit.
+/// Builds the data router. Its guard (auth, load shedding, request timeout) and body limit are
+/// put around it by [`crate::http::edge`].
 pub fn router(store: Store, settings: &Settings) -> Router {
     let state = AppState {
         store,
@@ -52,23 +47,12 @@ pub fn router(store: Store, settings: &Settings) -> Router {
             cache_max_value_bytes: settings.cache.max_value_bytes,
         }),
     };
-    let guard = Arc::new(Guard {
-        permits: Arc::new(Semaphore::new(settings.server.max_concurrent_requests)),
-        timeout: settings.request_timeout(),
-        token: settings.server.auth_token.clone(),
-    });
     let mut router = Router::new();
     for (_, path, handler) in routes() {
         // Routes sharing a path merge their methods.
         router = router.route(path, handler);
     }
-    let router = router
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(guard, guard_request))
-        .layer(axum::extract::DefaultBodyLimit::max(
-            settings.server.max_body_bytes,
-        ));
-    crate::http::finish_router(router, "data")
+    router.with_state(state)
 }
 
 /// Every data route: method, path template, handler. The router is built from this list and
@@ -97,45 +81,6 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
 /// Method and path template of every data route, for documentation checks.
 pub fn route_table() -> Vec<(&'static str, &'static str)> {
     routes().into_iter().map(|(m, p, _)| (m, p)).collect()
-}
-
-struct Guard {
-    permits: Arc<Semaphore>,
-    timeout: Duration,
-    token: Secret,
-}
-
-/// Auth first, then a concurrency permit (or 503 at once: shedding beats queueing without
-/// bound), then the request under its timeout.
-async fn guard_request(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Response {
-    if !g.token.is_empty() && !authorized(&req, &g.token) {
-        return ApiError::Unauthorized.into_response();
-    }
-    let Ok(_permit) = g.permits.clone().try_acquire_owned() else {
-        metrics::counter!(m::HTTP_SHED).increment(1);
-        return ApiError::Overloaded.into_response();
-    };
-    let in_flight = metrics::gauge!(m::HTTP_IN_FLIGHT);
-    in_flight.increment(1.0);
-    let resp = match tokio::time::timeout(g.timeout, next.run(req)).await {
-        Ok(resp) => resp,
-        Err(_) => ApiError::Timeout.into_response(),
-    };
-    in_flight.decrement(1.0);
-    resp
-}
-
-/// `Authorization: Bearer <secret>` (the scheme in any case, as RFC 7235 allows), the secret
-/// compared in constant time.
-fn authorized(req: &Request, secret: &Secret) -> bool {
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return false;
-    };
-    let v = value.as_bytes();
-    if v.len() < 7 || !v[..7].eq_ignore_ascii_case(b"bearer ") {
-        return false;
-    }
-    v[7..].ct_eq(secret.expose().as_bytes()).into()
 }
 
 /// The raw request body, with a too-large body mapped to our 413.

@@ -44,14 +44,32 @@ pub struct OpsState {
     pub log_dropped: Option<DroppedLines>,
 }
 
+/// The ops routes' paths (all GET), for the route label of the access log and metrics.
+pub const PATHS: [&str; 6] = [
+    "/health",
+    "/ready",
+    "/live",
+    "/metrics",
+    "/api/health",
+    "/api/ready",
+];
+
 pub fn router(state: OpsState) -> Router {
+    let [
+        health,
+        ready_path,
+        live_path,
+        metrics,
+        api_health_path,
+        api_ready_path,
+    ] = PATHS;
     Router::new()
-        .route("/health", get(health_json))
-        .route("/ready", get(ready))
-        .route("/live", get(live))
-        .route("/metrics", get(metrics_text))
-        .route("/api/health", get(api_health))
-        .route("/api/ready", get(api_ready))
+        .route(health, get(health_json))
+        .route(ready_path, get(ready))
+        .route(live_path, get(live))
+        .route(metrics, get(metrics_text))
+        .route(api_health_path, get(api_health))
+        .route(api_ready_path, get(api_ready))
         .with_state(state)
 }
 

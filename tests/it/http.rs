@@ -46,6 +46,14 @@ async fn shared_secret_guards_every_data_route() {
         .await
         .unwrap();
     assert_error(r, 401, "unauthorized").await;
+    // Unknown paths too: without the secret nothing on the data listener answers more.
+    let r = s
+        .http
+        .get(format!("http://127.0.0.1:{port}/v2/anything"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 401, "unauthorized").await;
     let r = s
         .http
         .get(&url)
@@ -300,11 +308,14 @@ async fn unix_socket_data_listener() {
 async fn a_panicking_handler_is_a_json_500_and_serving_goes_on() {
     use axum::routing::get;
     use tower::ServiceExt;
-    let app = pgsidecar::http::finish_router(
+    let app = pgsidecar::http::edge(
         axum::Router::new()
             .route("/boom", get(boom))
             .route("/ok", get(|| async { "ok" })),
         "data",
+        ["/boom", "/ok"],
+        None,
+        1 << 20,
     );
     let req = axum::http::Request::get("/boom")
         .body(axum::body::Body::empty())
