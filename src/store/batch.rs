@@ -147,10 +147,8 @@ async fn dispatch<O: BatchOp>(
             let (items, replies): (Vec<_>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
             let expected = items.len();
-            // Boxed: the statement's future is large, and without the box every move of this
-            // task (spawning it, storing it) would copy it.
             let run = || async {
-                tokio::time::timeout(deadline, Box::pin(op.run(&items)))
+                tokio::time::timeout(deadline, op.run(&items))
                     .await
                     .unwrap_or_else(|_| {
                         Err(DbError::Unavailable(format!(

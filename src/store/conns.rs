@@ -64,7 +64,10 @@ impl Conns {
             Some(c) => c,
             None => {
                 let _waiting = Waiting::enter(&self.waiting);
-                self.pool.acquire().await?
+                // Boxed: sqlx's acquire future is about 8 KiB, and inline it would make every
+                // statement's future (and every move of one) that large, though the free list
+                // above serves almost every call.
+                Box::pin(self.pool.acquire()).await?
             }
         };
         Ok(Held {
