@@ -275,8 +275,19 @@ fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
+/// Writes `s` as a JSON string. Most values (routes, methods, ids) need no escaping and are
+/// copied as they are; the rest go through serde_json.
 fn write_str(out: &mut Vec<u8>, s: &str) {
-    let _ = serde_json::to_writer(&mut *out, s);
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
 }
 
 /// Writes each field as `,"name":value`. Names that the fixed fields use get a `field_` prefix.
@@ -352,6 +363,29 @@ impl Visit for FieldWriter<'_> {
 #[cfg(test)]
 mod tests {
     use super::write_f64;
+
+    #[test]
+    fn strings_are_json_strings() {
+        for s in [
+            "",
+            "plain /v1/cache/{key}",
+            "quo\"te",
+            "back\\slash",
+            "new\nline",
+            "tab\t",
+            "\u{7f}",
+            "é ü 日本",
+            "\u{1}",
+        ] {
+            let mut out = Vec::new();
+            super::write_str(&mut out, s);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(s).unwrap(),
+                "{s:?}"
+            );
+        }
+    }
 
     #[test]
     fn floats_print_like_display() {
