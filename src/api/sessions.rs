@@ -146,7 +146,7 @@ pub async fn create(State(s): State<AppState>, Body(body): Body) -> Result<Respo
     let (token, session) = s.store.session_create(new).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(Created {
+        super::json_response(&Created {
             token: &token,
             session: &session,
         }),
@@ -168,7 +168,7 @@ pub async fn validate(
         .session_validate(hash)
         .await?
         .ok_or_else(not_found)?;
-    Ok(axum::Json(session).into_response())
+    Ok(super::json_response(&session))
 }
 
 #[derive(Deserialize)]
@@ -198,7 +198,7 @@ pub async fn update(
         .session_update_data(hash, data)
         .await?
         .ok_or_else(not_found)?;
-    Ok(axum::Json(session).into_response())
+    Ok(super::json_response(&session))
 }
 
 /// `DELETE /v1/sessions/{token}`: 204, also when it was already gone.
@@ -219,10 +219,9 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let user = user_id(raw)?;
     let sessions = s.store.sessions_of_user(&user).await?;
-    Ok(axum::Json(SessionList {
+    Ok(super::json_response(&SessionList {
         sessions: &sessions,
-    })
-    .into_response())
+    }))
 }
 
 #[derive(Deserialize)]

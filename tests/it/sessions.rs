@@ -565,6 +565,32 @@ async fn parallel_validations_and_revocations() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_validated_many_times_at_once_is_found_by_every_caller() {
+    // Concurrent validations share batches; a token asked for several times in one batch is
+    // read once and every caller must still get its own full answer.
+    let s = Sidecar::start().await;
+    let mut tokens = Vec::new();
+    for u in ["dup-a", "dup-b", "dup-c"] {
+        tokens.push((s.create_session(json!({"user_id": u})).await.0, u));
+    }
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let (token, user) = tokens[i % tokens.len()].clone();
+        let http = s.http.clone();
+        let url = s.url(&format!("/v1/sessions/{token}"));
+        tasks.push(tokio::spawn(async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap(), user)
+        }));
+    }
+    for t in tasks {
+        let (status, body, user) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["user_id"], user);
+    }
+}
+
 /// The row version of a session: it changes with every write.
 async fn xmin(c: &mut sqlx::PgConnection, id: uuid::Uuid) -> String {
     sqlx::query_scalar("SELECT xmin::text FROM sessions WHERE id = $1")
