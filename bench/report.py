@@ -4,8 +4,12 @@
 usage: report.py WORK_DIR RESULTS_DIR
 
 WORK_DIR holds what run.sh left:
-  manifest.tsv   one line per measured run: tool, scenario, connections, raw output file, extra
-                 (sidecar: CPU clock ticks used during the run; pgbench: its --log directory)
+  manifest.tsv   one line per measured run: round, tool, scenario, connections, raw output file,
+                 extra (pgbench: its --log directory), then CPU clock ticks of the server and of
+                 Postgres and the load generator's CPU seconds during the run
+With several rounds, every figure shown is the median over the rounds, and each ratio is the
+median of the per-round ratios (a sidecar run against the baseline runs next to it in time), with
+its range; the JSON keeps every round.
   meta.env       key=value lines: machine, versions, settings, sidecar memory
 Writes RESULTS_DIR/latest.json, RESULTS_DIR/<timestamp>.json, latest.txt (the printed tables) and
 latest.md (the main table in Markdown, for the README).
@@ -166,6 +170,44 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def median(values):
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return None
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+# Figures that are summarized as the median over the rounds.
+MEDIAN_KEYS = ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_us_per_request",
+               "postgres_cpu_us_per_request", "client_cpu_us_per_request")
+
+
+def summarize(rounds):
+    """One tool's runs of one scenario: the median of each figure, the counts summed, every round kept."""
+    if not rounds:
+        return None
+    s = {k: median(r.get(k) for r in rounds) for k in MEDIAN_KEYS}
+    s["requests"] = sum(r.get("requests") or 0 for r in rounds)
+    s["errors"] = sum(r.get("errors") or 0 for r in rounds)
+    if all("server_cpu_seconds" in r for r in rounds):
+        s["server_cpu_seconds"] = sum(r["server_cpu_seconds"] for r in rounds)
+    s["rounds"] = rounds
+    return s
+
+
+def round_ratios(a, b, key):
+    """Per-round a/b of one figure, for the rounds both tools completed, in round order."""
+    if not a or not b:
+        return []
+    bs = {r["round"]: r.get(key) for r in b["rounds"]}
+    return [x for x in (ratio(r.get(key), bs.get(r["round"])) for r in a["rounds"]) if x is not None]
+
+
+def fmt_range(values):
+    return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else ""
+
+
 def fmt(v, spec, width):
     return (format(v, spec) if v is not None else "n/a").rjust(width)
 
@@ -187,9 +229,15 @@ def markdown(record):
         return (f"{fmt_rps(r.get('throughput_rps'), 0)} req/s, p50 {fmt(r.get('p50_ms'), '.2f', 0)}"
                 f" / p99 {fmt(r.get('p99_ms'), '.2f', 0)} ms")
 
+    def with_range(median_ratio, per_round):
+        r = fmt_range(per_round)
+        return fmt_ratio(median_ratio, 0) + (f" ({r})" if r else "")
+
     m = record["machine"]
+    rounds = record.get("rounds", 1)
     lines = [
-        f"{record['timestamp']}, {record['seconds_per_run']} s per run, {m['nproc']} CPUs ({m['cpu_model']}),"
+        f"{record['timestamp']}, {rounds} rounds of {record['seconds_per_run']} s runs"
+        f"{' (medians; ratio ranges over the rounds in brackets)' if rounds > 1 else ''}, {m['nproc']} CPUs ({m['cpu_model']}),"
         f" PostgreSQL {record['versions']['postgres']}, {record['versions']['redis']}, sidecar {record['versions']['sidecar_commit']}",
         "",
         "| scenario | conn | sidecar | pgbench (direct SQL) | Redis | sidecar/pgbench req/s | sidecar/Redis req/s |",
@@ -199,7 +247,8 @@ def markdown(record):
         ra = e["ratios"]
         lines.append(
             f"| {e['label']} | {e['connections']} | {trio(e['sidecar'])} | {trio(e['pgbench'])} | {trio(e['redis'])}"
-            f" | {fmt_ratio(ra['sidecar_over_pgbench_throughput'], 0)} | {fmt_ratio(ra['sidecar_over_redis_throughput'], 0)} |"
+            f" | {with_range(ra['sidecar_over_pgbench_throughput'], e['ratio_rounds']['sidecar_over_pgbench_throughput'])}"
+            f" | {with_range(ra['sidecar_over_redis_throughput'], e['ratio_rounds']['sidecar_over_redis_throughput'])} |"
         )
     peak = record["sidecar"]["peak_rss_kib"]
     lines += ["", f"Sidecar peak RSS {peak / 1024:.1f} MiB." if peak else ""]
@@ -210,9 +259,9 @@ def main():
     work, results_dir = sys.argv[1], sys.argv[2]
     meta = read_meta(os.path.join(work, "meta.env"))
     clk_tck = int(meta.get("clk_tck", "100"))
-    runs = {}
+    rounds_by_run = {}
     for line in open(os.path.join(work, "manifest.tsv"), encoding="utf-8"):
-        tool, scen, conns, raw, extra, server_ticks, pg_ticks, client_s = line.rstrip("\n").split("\t")
+        rnd, tool, scen, conns, raw, extra, server_ticks, pg_ticks, client_s = line.rstrip("\n").split("\t")
         conns = int(conns)
         if tool == "sidecar":
             r = parse_wrk(raw)
@@ -231,7 +280,10 @@ def main():
             if tool != "redis":
                 r["postgres_cpu_us_per_request"] = per_req(int(pg_ticks) / clk_tck)
             r["client_cpu_us_per_request"] = per_req(float(client_s))
-        runs[(scen, conns, tool)] = r
+        if r is not None:
+            r["round"] = int(rnd)
+            rounds_by_run.setdefault((scen, conns, tool), []).append(r)
+    runs = {k: summarize(v) for k, v in rounds_by_run.items()}
 
     conn_list = sorted({k[1] for k in runs})
     rows = []
@@ -249,6 +301,14 @@ def main():
                 "sidecar_over_redis_p50": ratio(sc.get("p50_ms"), rd.get("p50_ms")),
                 "sidecar_over_redis_p99": ratio(sc.get("p99_ms"), rd.get("p99_ms")),
             }
+            # Throughput ratios round by round; the median of these is the one reported.
+            entry["ratio_rounds"] = {
+                "sidecar_over_pgbench_throughput": round_ratios(sc, pg, "throughput_rps"),
+                "sidecar_over_redis_throughput": round_ratios(sc, rd, "throughput_rps"),
+            }
+            for k, per_round in entry["ratio_rounds"].items():
+                if per_round:
+                    entry["ratios"][k] = median(per_round)
             rows.append(entry)
 
     def get(scen, conns, tool, key):
@@ -258,8 +318,9 @@ def main():
     # --- the table ---
     out = []
     seconds = meta.get("seconds", "?")
+    rounds = int(meta.get("rounds", "1"))
     out.append(
-        f"pgsidecar benchmark, {meta.get('timestamp', '')}: {seconds} s per run"
+        f"pgsidecar benchmark, {meta.get('timestamp', '')}: {rounds} round(s) of {seconds} s runs"
         + (" (BENCH_QUICK)" if meta.get("quick") == "1" else "")
         + f", {meta.get('rows', '100000')} rows, warm-up {meta.get('warmup', '?')} s"
     )
@@ -274,11 +335,11 @@ def main():
     out.append("")
     head1 = (
         f"{'scenario':<17}{'conn':>4} | {'sidecar':^30} | {'pgbench (direct SQL)':^30} | {'redis-benchmark':^30} |"
-        f" {'sidecar/pgbench':^15} | {'sidecar/redis':^15}"
+        f" {'sidecar/pgbench':^25} | {'sidecar/redis':^15}"
     )
     sub = f"{'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}"
     head2 = (
-        f"{'':<17}{'':>4} | {sub} | {sub} | {sub} | {'req/s':>7} {'p50':>7} | {'req/s':>7} {'p50':>7}"
+        f"{'':<17}{'':>4} | {sub} | {sub} | {sub} | {'req/s':>7} {'range':>9} {'p50':>7} | {'req/s':>7} {'p50':>7}"
     )
     out += [head1, head2, "-" * len(head2)]
 
@@ -292,7 +353,8 @@ def main():
         ra = e["ratios"]
         out.append(
             f"{e['label']:<17}{e['connections']:>4} | {cells(e['sidecar'])} | {cells(e['pgbench'])} | {cells(e['redis'])} |"
-            f" {fmt_ratio(ra['sidecar_over_pgbench_throughput'], 7)} {fmt_ratio(ra['sidecar_over_pgbench_p50'], 7)} |"
+            f" {fmt_ratio(ra['sidecar_over_pgbench_throughput'], 7)} {fmt_range(e['ratio_rounds']['sidecar_over_pgbench_throughput']):>9}"
+            f" {fmt_ratio(ra['sidecar_over_pgbench_p50'], 7)} |"
             f" {fmt_ratio(ra['sidecar_over_redis_throughput'], 7)} {fmt_ratio(ra['sidecar_over_redis_p50'], 7)}"
         )
     out.append("")
@@ -327,6 +389,8 @@ def main():
     errors = [(e["label"], e["connections"], t, e[t]["errors"]) for e in rows for t in TOOLS if e[t] and e[t].get("errors")]
 
     notes = [
+        f"{rounds} round(s): each figure is the median over the rounds; a ratio is the median of the per-round ratios,"
+        " range = lowest-highest per-round ratio.",
         "req/s: completed requests (or transactions) per second; p50/p99: per-request latency seen by the client.",
         "ratios: sidecar value divided by the baseline's (req/s above 1 = sidecar faster; p50 below 1 = sidecar faster).",
         "sidecar: wrk over HTTP/1.1 keep-alive; CPU µs/r = sidecar process utime+stime during the run / requests."
@@ -356,8 +420,11 @@ def main():
 
     for scen, label, need in (("cache_get", "cache GET", 1.3), ("session_get", "session validation", 1.3),
                               ("cache_put", "cache PUT", 1.5)):
-        r = ratio(get(scen, 64, "sidecar", "throughput_rps"), get(scen, 64, "pgbench", "throughput_rps"))
-        target(f"{label} @64 throughput vs pgbench", f">= {need:.1f}x", fmt_ratio(r, 0), None if r is None else r >= need)
+        e = next((e for e in rows if e["scenario"] == scen and e["connections"] == 64), None)
+        r = e["ratios"]["sidecar_over_pgbench_throughput"] if e else None
+        per_round = e["ratio_rounds"]["sidecar_over_pgbench_throughput"] if e else []
+        shown = fmt_ratio(r, 0) + (" (rounds: " + ", ".join(f"{x:.2f}x" for x in per_round) + ")" if len(per_round) > 1 else "")
+        target(f"{label} @64 throughput vs pgbench", f">= {need:.1f}x", shown, None if r is None else r >= need)
     sp, pp = get("cache_get", 1, "sidecar", "p50_ms"), get("cache_get", 1, "pgbench", "p50_ms")
     target("cache GET @1 p50 vs pgbench p50 + 0.06 ms", "<= pgbench + 0.060 ms",
            f"{sp:.3f} ms vs {pp + 0.06:.3f} ms (pgbench {pp:.3f})" if sp is not None and pp is not None else "n/a",
@@ -374,7 +441,8 @@ def main():
     target("sidecar CPU per request (worst scenario)", "<= 15 µs",
            f"{worst_cpu[2]:.1f} µs; worst {detail}; all runs {overall_cpu:.1f}" if worst_cpu else "n/a",
            None if worst_cpu is None else worst_cpu[2] <= 15)
-    r = ratio(get("cache_get", 64, "sidecar", "throughput_rps"), get("cache_get", 64, "redis", "throughput_rps"))
+    e = next((e for e in rows if e["scenario"] == "cache_get" and e["connections"] == 64), None)
+    r = e["ratios"]["sidecar_over_redis_throughput"] if e else None
     target("stretch: cache GET @64 throughput vs Redis GET", ">= 1.00x", fmt_ratio(r, 0), None if r is None else r >= 1.0, True)
 
     out.append("targets (from the issue; a benchmark reports, it does not fail):")
@@ -390,6 +458,7 @@ def main():
         "timestamp": meta.get("timestamp"),
         "quick": meta.get("quick") == "1",
         "seconds_per_run": int(seconds) if str(seconds).isdigit() else seconds,
+        "rounds": rounds,
         "warmup_seconds": meta.get("warmup"),
         "rows": int(meta.get("rows", "100000")),
         "machine": {

@@ -2,17 +2,21 @@
 # pgsidecar benchmark: the sidecar over HTTP against the same SQL sent directly (pgbench) and
 # against Redis, in one run, on one machine, on one local PostgreSQL with the same rows.
 #
-#   bench/run.sh                  10 s per measured run: about 4 minutes, plus the release build
-#   BENCH_QUICK=1 bench/run.sh    2 s runs, 1 s warm-ups (about 1 minute): a smoke test
+#   bench/run.sh                  3 rounds of 5 s runs: about 8 minutes, plus the release build
+#   BENCH_QUICK=1 bench/run.sh    1 round of 2 s runs, 1 s warm-ups (about 1 minute): a smoke test
 #
 # Environment:
-#   BENCH_SECONDS=N          seconds per measured run (default 10, or 2 with BENCH_QUICK=1)
+#   BENCH_ROUNDS=N           times the whole sequence below is repeated (default 3; quick 1)
+#   BENCH_SECONDS=N          seconds per measured run (default 5, or 2 with BENCH_QUICK=1)
 #   BENCH_WARMUP_SECONDS=N   seconds of the warm-up run before each measured one (default 2; quick 1)
 #   BENCH_CONNECTIONS="1 64" client connections to measure at
 #
 # Scenarios, for each connection count, in this order (PUTs last: they rewrite rows, keeping
 # them valid): sidecar GET, pgbench GET, redis GET, sidecar session, pgbench session,
 # sidecar PUT, pgbench PUT, redis SET. Load generators use 1 thread at 1 connection, 2 above.
+# Why rounds: on a small shared machine one run's throughput can swing by a third from one
+# minute to the next. Each sidecar run sits right next to its baselines, so their ratio within
+# a round is fair; the report gives the median over the rounds and the range.
 #
 # Prints one table (req/s, p50, p99, ratios, the issue's targets) and writes it as JSON to
 # bench/results/latest.json plus a timestamped copy. Scratch: bench/work/ (gitignored).
@@ -24,10 +28,12 @@ cd "$(dirname "$0")/.."
 # --- settings ----------------------------------------------------------------------------------
 QUICK=${BENCH_QUICK:-0}
 if [ "$QUICK" = 1 ]; then
+  ROUNDS=${BENCH_ROUNDS:-1}
   DURATION=${BENCH_SECONDS:-2}
   WARMUP=${BENCH_WARMUP_SECONDS:-1}
 else
-  DURATION=${BENCH_SECONDS:-10}
+  ROUNDS=${BENCH_ROUNDS:-3}
+  DURATION=${BENCH_SECONDS:-5}
   WARMUP=${BENCH_WARMUP_SECONDS:-2}
 fi
 CONNECTIONS=${BENCH_CONNECTIONS:-"1 64"}
@@ -231,7 +237,7 @@ pg_settle() {
 }
 
 # measured TOOL SCENARIO CONNS RAW SERVER_PID EXTRA CMD...: runs the measured command once, its
-# output into RAW, and appends to the manifest: TOOL SCENARIO CONNS RAW EXTRA, then the CPU used
+# output into RAW, and appends to the manifest: ROUND TOOL SCENARIO CONNS RAW EXTRA, then the CPU used
 # meanwhile by the server process (SERVER_PID, or - for none), by all of Postgres, and by the load
 # generator itself (user + system seconds, from bash's time). On 2 cores they all compete, so
 # these tell where the machine's CPU went.
@@ -246,7 +252,7 @@ measured() {
   [ "$tool" = pgbench ] && pg_settle
   [ "$spid" = - ] || s1=$(cpu_ticks "$spid")
   p1=$(pg_ticks)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tool" "$scen" "$conns" "$raw" "$extra" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$tool" "$scen" "$conns" "$raw" "$extra" \
     "$([ "$spid" = - ] && echo - || echo $((s1 - s0)))" "$((p1 - p0))" "$(awk '{print $1 + $2}' "$raw.time")" >>"$MANIFEST"
 }
 
@@ -257,7 +263,7 @@ sidecar() {
   log "sidecar  $scen  @$conns"
   sidecar_alive
   "${wrk[@]}" -d"${WARMUP}s" -- "$WORK/tokens.txt" >/dev/null
-  measured sidecar "$scen" "$conns" "$RAW/sidecar_${scen}_c$conns.txt" "$SIDECAR_PID" - \
+  measured sidecar "$scen" "$conns" "$RAW/sidecar_${scen}_c${conns}_r$ROUND.txt" "$SIDECAR_PID" - \
     "${wrk[@]}" -d"${DURATION}s" -- "$WORK/tokens.txt"
   sidecar_alive
 }
@@ -266,14 +272,14 @@ sidecar() {
 # (one file per -j thread) for p50/p99, which pgbench's summary does not give.
 pgbench_run() {
   local scen=$1 conns=$2 logdir pgb
-  logdir=$WORK/pgblog/${scen}_c$conns
+  logdir=$WORK/pgblog/${scen}_c${conns}_r$ROUND
   mkdir -p "$logdir"
   pgb=("$PGBENCH" "${PG_CONN[@]}" -n -M prepared -c "$conns" -j "$(threads_for "$conns")"
     -f "bench/pgbench/$scen.sql" -D "payload=$PAYLOAD")
   log "pgbench  $scen  @$conns"
   "${pgb[@]}" -T "$WARMUP" postgres >/dev/null 2>&1
   pg_settle
-  measured pgbench "$scen" "$conns" "$RAW/pgbench_${scen}_c$conns.txt" - "$logdir" \
+  measured pgbench "$scen" "$conns" "$RAW/pgbench_${scen}_c${conns}_r$ROUND.txt" - "$logdir" \
     "${pgb[@]}" -T "$DURATION" --log --log-prefix="$logdir/log" postgres
 }
 
@@ -289,19 +295,22 @@ redis_run() {
   rps=$("${rb[@]}" -n "$calib" | awk -F'","' 'NR > 1 { print int($2) }' | tail -n 1)
   n=$((rps * DURATION))
   [ "$n" -ge 1000 ] || n=1000
-  measured redis "$scen" "$conns" "$RAW/redis_${scen}_c$conns.txt" "$REDIS_PID" - "${rb[@]}" -n "$n"
+  measured redis "$scen" "$conns" "$RAW/redis_${scen}_c${conns}_r$ROUND.txt" "$REDIS_PID" - "${rb[@]}" -n "$n"
 }
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-for c in $CONNECTIONS; do
-  sidecar cache_get "$c"
-  pgbench_run cache_get "$c"
-  redis_run cache_get "$c" get
-  sidecar session_get "$c"
-  pgbench_run session_get "$c"
-  sidecar cache_put "$c"
-  pgbench_run cache_put "$c"
-  redis_run cache_put "$c" set
+for ROUND in $(seq 1 "$ROUNDS"); do
+  log "round $ROUND of $ROUNDS"
+  for c in $CONNECTIONS; do
+    sidecar cache_get "$c"
+    pgbench_run cache_get "$c"
+    redis_run cache_get "$c" get
+    sidecar session_get "$c"
+    pgbench_run session_get "$c"
+    sidecar cache_put "$c"
+    pgbench_run cache_put "$c"
+    redis_run cache_put "$c" set
+  done
 done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -314,6 +323,7 @@ misses=$(redis-cli -p "$REDIS_PORT" info stats 2>/dev/null | tr -d '\r' | awk -F
   echo "timestamp=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "quick=$QUICK"
   echo "seconds=$DURATION"
+  echo "rounds=$ROUNDS"
   echo "warmup=$WARMUP"
   echo "rows=$ROWS"
   echo "nproc=$(nproc)"
