@@ -473,10 +473,12 @@ impl Settings {
                 "must be between 1 and 10000",
             ));
         }
-        if self.batch.max_in_flight == 0 || self.batch.max_in_flight > d.max_connections as usize {
+        // Above database.max_connections it is capped (see `Store::with_pool`), so that a small
+        // pool does not also require lowering this.
+        if !(1..=1000).contains(&self.batch.max_in_flight) {
             return Err(ConfigError::new(
                 "batch.max_in_flight",
-                "must be between 1 and database.max_connections",
+                "must be between 1 and 1000",
             ));
         }
 

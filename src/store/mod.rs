@@ -141,7 +141,8 @@ impl Store {
         let d = &settings.database;
         let limits = batch::BatchLimits {
             max_size: b.max_size,
-            max_in_flight: b.max_in_flight,
+            // More batches of one kind than connections could only queue for a connection.
+            max_in_flight: b.max_in_flight.min(d.max_connections as usize),
             // Waiting for a connection, then the statement, then a margin for the round trip.
             deadline: Duration::from_millis(d.acquire_timeout_ms + d.statement_timeout_ms + 1000),
         };
