@@ -238,7 +238,8 @@ def markdown(record):
     lines = [
         f"{record['timestamp']}, {rounds} rounds of {record['seconds_per_run']} s runs"
         f"{' (medians; ratio ranges over the rounds in brackets)' if rounds > 1 else ''}, {m['nproc']} CPUs ({m['cpu_model']}),"
-        f" PostgreSQL {record['versions']['postgres']}, {record['versions']['redis']}, sidecar {record['versions']['sidecar_commit']}",
+        f" PostgreSQL {record['versions']['postgres']}, {record['versions']['redis']}, sidecar {record['versions']['sidecar_commit']}"
+        + (f" (batch: {record['sidecar']['batch_settings']})" if record["sidecar"].get("batch_settings") else ""),
         "",
         "| scenario | conn | sidecar | pgbench (direct SQL) | Redis | sidecar/pgbench req/s | sidecar/Redis req/s |",
         "|---|---:|---|---|---|---:|---:|",
@@ -252,6 +253,9 @@ def markdown(record):
         )
     peak = record["sidecar"]["peak_rss_kib"]
     lines += ["", f"Sidecar peak RSS {peak / 1024:.1f} MiB." if peak else ""]
+    if rounds > 1:
+        lines[-1] += (" A ratio is the median of the per-round ratios (each sidecar run against the"
+                      " baseline runs next to it), so it can differ from the quotient of the medians shown.")
     return "\n".join(lines).rstrip()
 
 
@@ -331,6 +335,7 @@ def main():
     out.append(
         f"PostgreSQL {meta.get('pg_version')}, {meta.get('redis_version')}, {meta.get('wrk_version')}, "
         f"sidecar {meta.get('git_commit')}"
+        + (f" (batch: {meta['sidecar_batch']})" if meta.get("sidecar_batch") else "")
     )
     out.append("")
     head1 = (
@@ -484,6 +489,7 @@ def main():
             "rss_at_end_kib": int(meta["sidecar_rss_end_kib"]) if meta.get("sidecar_rss_end_kib", "").isdigit() else None,
             "cpu_us_per_request_all_runs": overall_cpu,
             "log_bytes": int(meta.get("sidecar_log_bytes", "0")),
+            "batch_settings": meta.get("sidecar_batch") or None,
         },
         "scenarios": rows,
         "targets": targets,

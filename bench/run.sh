@@ -112,6 +112,8 @@ mkdir -p "$WORK" "$RESULTS"
 
 # --- build ---------------------------------------------------------------------------------------
 log "building the sidecar (cargo build --release)"
+# The commit is read now, with the build: the tree may change while the benchmark runs.
+GIT_COMMIT=$(git describe --always --dirty 2>/dev/null || echo unknown)
 cargo build --release >&2
 # Run a private copy: a rebuild in the same tree during the run must not swap the binary.
 # (Copy, then rename: renaming over a binary that is still running works, writing into it not.)
@@ -339,7 +341,11 @@ misses=$(redis-cli -p "$REDIS_PORT" info stats 2>/dev/null | tr -d '\r' | awk -F
   echo "redis_keyspace_misses=$misses"
   echo "wrk_version=$(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}')"
   echo "pgbench_version=$("$PGBENCH" --version)"
-  echo "git_commit=$(git describe --always --dirty 2>/dev/null || echo unknown)"
+  echo "git_commit=$GIT_COMMIT"
+  # The effective batching settings, from the configuration the sidecar logs at start-up.
+  echo "sidecar_batch=$(head -n 1 "$WORK/sidecar.log" | python3 -c 'import json, sys
+b = json.loads(sys.stdin.read() or "{}").get("config", {}).get("batch", {})
+print(" ".join(f"{k}={v}" for k, v in sorted(b.items())))' 2>/dev/null || true)"
   echo "sidecar_sha256=$(sha256sum "$WORK/pgsidecar" | cut -d' ' -f1)"
   echo "sidecar_peak_rss_kib=$peak"
   echo "sidecar_rss_end_kib=$rss_end"

@@ -688,6 +688,19 @@ mod tests {
     }
 
     #[test]
+    fn batch_in_flight_may_exceed_a_small_pool_but_not_the_bounds() {
+        // The default (8) with a pool of 4 is fine: the store caps it at its share of the pool.
+        let s = Settings::load_from(None, &env(&[("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "4")]))
+            .unwrap();
+        assert_eq!(s.batch.max_in_flight, 8);
+        for bad in ["0", "1001"] {
+            let e = Settings::load_from(None, &env(&[("PGSIDECAR_BATCH__MAX_IN_FLIGHT", bad)]))
+                .unwrap_err();
+            assert_eq!(e.key, "batch.max_in_flight", "{bad}");
+        }
+    }
+
+    #[test]
     fn redacts_passwords_in_urls() {
         assert_eq!(
             redact_url("postgres://a:b@h/d"),

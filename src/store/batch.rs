@@ -45,12 +45,16 @@ struct Job<O: BatchOp> {
 }
 
 /// How batches are cut and bounded.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct BatchLimits {
     /// Most items per batch.
     pub max_size: usize,
     /// Batches of one kind running at once.
     pub max_in_flight: usize,
+    /// Batches of every kind running at once: one permit per batch, shared by all batchers,
+    /// so that together they leave connections for unbatched statements. A pool with nobody
+    /// waiting in it also lets `Conns` keep reusing connections without sqlx's ping.
+    pub shared: Arc<Semaphore>,
     /// Bounds one batch statement on the client side: the server's statement_timeout cannot
     /// fire when the connection itself hangs (a dead host, a partition).
     pub deadline: Duration,
@@ -79,6 +83,7 @@ impl<O: BatchOp> Batcher<O> {
         let BatchLimits {
             max_size,
             max_in_flight,
+            shared,
             deadline,
         } = limits;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
@@ -87,6 +92,7 @@ impl<O: BatchOp> Batcher<O> {
             rx,
             max_size.max(1),
             Arc::new(Semaphore::new(max_in_flight.max(1))),
+            shared,
             deadline,
         ));
         Self { tx }
@@ -113,10 +119,15 @@ async fn dispatch<O: BatchOp>(
     mut rx: mpsc::Receiver<Job<O>>,
     max_size: usize,
     permits: Arc<Semaphore>,
+    shared: Arc<Semaphore>,
     deadline: Duration,
 ) {
     while let Some(first) = rx.recv().await {
+        // Always this kind's permit first, then the shared one: one order for every dispatcher.
         let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok(shared_permit) = shared.clone().acquire_owned().await else {
             return;
         };
         // Let every connection task that is already runnable take its turn (and queue its
@@ -142,7 +153,7 @@ async fn dispatch<O: BatchOp>(
         }
         let op = op.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, shared_permit);
             m::cached::record(m::BATCH_SIZE, &[("operation", O::NAME)], jobs.len() as f64);
             let (items, replies): (Vec<_>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.item, j.reply)).unzip();

@@ -88,7 +88,7 @@ impl CacheBatchers {
                 ReadBatch {
                     conns: conns.clone(),
                 },
-                limits,
+                limits.clone(),
             ),
             writes: Batcher::spawn(WriteBatch { conns }, limits),
         }

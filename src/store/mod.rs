@@ -139,15 +139,20 @@ impl Store {
         let idle = Duration::from_secs(settings.database.idle_timeout_seconds.max(1));
         let conns = Arc::new(conns::Conns::new(pool.clone(), idle));
         let d = &settings.database;
+        // All batches together may hold four fifths of the pool; the rest stays free for
+        // unbatched statements (session create and revoke, deletes, cleanup, the health probe).
+        let pool_size = d.max_connections as usize;
+        let batch_conns = (pool_size - pool_size / 5).max(1);
         let limits = batch::BatchLimits {
             max_size: b.max_size,
-            // More batches of one kind than connections could only queue for a connection.
-            max_in_flight: b.max_in_flight.min(d.max_connections as usize),
+            // More batches of one kind than that could only queue for a connection.
+            max_in_flight: b.max_in_flight.min(batch_conns),
+            shared: Arc::new(tokio::sync::Semaphore::new(batch_conns)),
             // Waiting for a connection, then the statement, then a margin for the round trip.
             deadline: Duration::from_millis(d.acquire_timeout_ms + d.statement_timeout_ms + 1000),
         };
         Self {
-            cache: Arc::new(cache::CacheBatchers::new(conns.clone(), limits)),
+            cache: Arc::new(cache::CacheBatchers::new(conns.clone(), limits.clone())),
             sessions: Arc::new(sessions::SessionBatchers::new(
                 conns.clone(),
                 limits,

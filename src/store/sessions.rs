@@ -128,7 +128,7 @@ impl SessionBatchers {
                     conns: conns.clone(),
                     update_age_seconds: update_age_seconds as f64,
                 },
-                limits,
+                limits.clone(),
             ),
             refreshes: Batcher::spawn(
                 RefreshBatch {
