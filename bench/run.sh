@@ -342,7 +342,7 @@ misses=$(redis-cli -p "$REDIS_PORT" info stats 2>/dev/null | tr -d '\r' | awk -F
   echo "wrk_version=$(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}')"
   echo "pgbench_version=$("$PGBENCH" --version)"
   echo "git_commit=$GIT_COMMIT"
-  # The effective batching settings, from the configuration the sidecar logs at start-up.
+  # The configured batching settings, from the configuration the sidecar logs at start-up.
   echo "sidecar_batch=$(head -n 1 "$WORK/sidecar.log" | python3 -c 'import json, sys
 b = json.loads(sys.stdin.read() or "{}").get("config", {}).get("batch", {})
 print(" ".join(f"{k}={v}" for k, v in sorted(b.items())))' 2>/dev/null || true)"

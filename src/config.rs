@@ -473,7 +473,7 @@ impl Settings {
                 "must be between 1 and 10000",
             ));
         }
-        // Above database.max_connections it is capped (see `Store::with_pool`), so that a small
+        // Above what one kind can get of the pool it is capped (`batch::Share`), so that a small
         // pool does not also require lowering this.
         if !(1..=1000).contains(&self.batch.max_in_flight) {
             return Err(ConfigError::new(

@@ -51,9 +51,9 @@ pub struct BatchLimits {
     pub max_size: usize,
     /// Batches of one kind running at once.
     pub max_in_flight: usize,
-    /// Batches of every kind running at once: one permit per batch, shared by all batchers,
-    /// so that together they leave connections for unbatched statements. A pool with nobody
-    /// waiting in it also lets `Conns` keep reusing connections without sqlx's ping.
+    /// Connections this kind has to itself (see [`Share`]).
+    pub reserved: usize,
+    /// Connections every kind may take beyond its reserved ones, shared by all batchers.
     pub shared: Arc<Semaphore>,
     /// Bounds one batch statement on the client side: the server's statement_timeout cannot
     /// fire when the connection itself hangs (a dead host, a partition).
@@ -77,12 +77,44 @@ impl<O: BatchOp> Clone for Batcher<O> {
 /// concurrency limit sheds load long before).
 const QUEUE_CAPACITY: usize = 8192;
 
+/// How the batchers of a store divide its pool.
+///
+/// All batches together hold at most `pool - pool / 5` connections (16 of 20), so unbatched
+/// statements (session create and revoke, deletes, cleanup, the health probe) are not queued
+/// behind them, and nobody waits inside sqlx's pool (which would make `Conns` hand connections
+/// back to sqlx, to be pinged). An eighth of that share is reserved per kind (2 of 16): writes
+/// stuck on locks until their statement timeout cannot take every slot from the reads. The rest
+/// is shared, first come, first served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// Batches of one kind running at once: `max_in_flight`, at most what one kind can get.
+    pub per_kind: usize,
+    /// Slots each kind has to itself.
+    pub reserved: usize,
+    /// Slots all kinds take from.
+    pub shared: usize,
+}
+
+impl Share {
+    pub fn new(pool: usize, kinds: usize, max_in_flight: usize) -> Self {
+        let total = (pool - pool / 5).max(1);
+        let reserved = total / 8;
+        let shared = total.saturating_sub(kinds * reserved).max(1);
+        Self {
+            per_kind: max_in_flight.clamp(1, reserved + shared),
+            reserved,
+            shared,
+        }
+    }
+}
+
 impl<O: BatchOp> Batcher<O> {
     /// Spawns the dispatcher on the current runtime. It ends when the last handle is dropped.
     pub fn spawn(op: O, limits: BatchLimits) -> Self {
         let BatchLimits {
             max_size,
             max_in_flight,
+            reserved,
             shared,
             deadline,
         } = limits;
@@ -92,6 +124,7 @@ impl<O: BatchOp> Batcher<O> {
             rx,
             max_size.max(1),
             Arc::new(Semaphore::new(max_in_flight.max(1))),
+            Arc::new(Semaphore::new(reserved)),
             shared,
             deadline,
         ));
@@ -119,15 +152,22 @@ async fn dispatch<O: BatchOp>(
     mut rx: mpsc::Receiver<Job<O>>,
     max_size: usize,
     permits: Arc<Semaphore>,
+    reserved: Arc<Semaphore>,
     shared: Arc<Semaphore>,
     deadline: Duration,
 ) {
     while let Some(first) = rx.recv().await {
-        // Always this kind's permit first, then the shared one: one order for every dispatcher.
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        let Ok(shared_permit) = shared.clone().acquire_owned().await else {
+        // A connection slot: one of this kind's own if free, else one of the shared ones,
+        // whichever frees first.
+        let slot = tokio::select! {
+            biased;
+            p = reserved.clone().acquire_owned() => p,
+            p = shared.clone().acquire_owned() => p,
+        };
+        let Ok(slot) = slot else {
             return;
         };
         // Let every connection task that is already runnable take its turn (and queue its
@@ -153,7 +193,7 @@ async fn dispatch<O: BatchOp>(
         }
         let op = op.clone();
         tokio::spawn(async move {
-            let _permits = (permit, shared_permit);
+            let _permits = (permit, slot);
             m::cached::record(m::BATCH_SIZE, &[("operation", O::NAME)], jobs.len() as f64);
             let (items, replies): (Vec<_>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
@@ -196,5 +236,112 @@ async fn dispatch<O: BatchOp>(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn share_of_the_pool() {
+        let s = |pool| {
+            let s = Share::new(pool, 4, 8);
+            (s.per_kind, s.reserved, s.shared)
+        };
+        assert_eq!(s(20), (8, 2, 8), "16 of 20: 2 each reserved, 8 shared");
+        assert_eq!(s(1), (1, 0, 1));
+        assert_eq!(s(2), (2, 0, 2));
+        assert_eq!(s(5), (4, 0, 4));
+        assert_eq!(s(10), (5, 1, 4));
+        assert_eq!(s(1000), (8, 100, 400));
+        assert_eq!(Share::new(20, 4, 100).per_kind, 10);
+    }
+
+    /// Counts batches running at once (per kind and in all) and holds each until released.
+    struct Held {
+        running: Arc<AtomicUsize>,
+        peak: Arc<AtomicUsize>,
+        gate: Arc<Semaphore>,
+    }
+
+    impl BatchOp for Held {
+        type Item = ();
+        type Output = ();
+        const NAME: &'static str = "test";
+        const RETRY_ON_BROKEN_CONNECTION: bool = false;
+        async fn run(&self, items: &[()]) -> Result<Vec<()>, DbError> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(now, Ordering::SeqCst);
+            let _ = self.gate.acquire().await.map(|p| p.forget());
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            Ok(vec![(); items.len()])
+        }
+    }
+
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    #[tokio::test]
+    async fn kinds_share_the_slots_but_keep_their_reserved_ones() {
+        // Pool of 20: 2 slots reserved per kind, 8 shared, 8 per kind at most.
+        let share = Share::new(20, 4, 8);
+        let shared = Arc::new(Semaphore::new(share.shared));
+        let all = Arc::new(AtomicUsize::new(0));
+        let all_peak = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        let mut kinds = Vec::new();
+        for _ in 0..4 {
+            let op = Held {
+                running: all.clone(),
+                peak: all_peak.clone(),
+                gate: gate.clone(),
+            };
+            let limits = BatchLimits {
+                max_size: 1,
+                max_in_flight: share.per_kind,
+                reserved: share.reserved,
+                shared: shared.clone(),
+                deadline: Duration::from_secs(30),
+            };
+            kinds.push(Batcher::spawn(op, limits));
+        }
+        // Two kinds, each asked for 20 batches: the first gets its 2 reserved and 6 shared
+        // (its own limit is 8), the second its 2 reserved and the 2 shared left.
+        let mut calls = Vec::new();
+        for (k, kind) in kinds.iter().enumerate().take(2) {
+            for _ in 0..20 {
+                let b = kind.clone();
+                calls.push(tokio::spawn(async move { b.call(()).await }));
+                if k == 0 {
+                    settle().await;
+                }
+            }
+        }
+        settle().await;
+        assert_eq!(all.load(Ordering::SeqCst), 12, "8 + 4 batches running");
+        // The shared slots are gone, yet a third kind still runs on its reserved ones.
+        for _ in 0..5 {
+            let b = kinds[2].clone();
+            calls.push(tokio::spawn(async move { b.call(()).await }));
+        }
+        settle().await;
+        assert_eq!(
+            all.load(Ordering::SeqCst),
+            14,
+            "2 more on the reserved slots"
+        );
+        assert_eq!(all_peak.load(Ordering::SeqCst), 14);
+        // Let everything finish: every call is answered, and never more than 16 ran at once.
+        gate.add_permits(1000);
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        assert!(all_peak.load(Ordering::SeqCst) <= 16);
     }
 }

@@ -13,6 +13,9 @@ use sqlx::{AssertSqlSafe, Executor};
 use crate::config::Settings;
 use crate::metrics as m;
 
+/// Batchers that share the pool: cache reads and writes, session reads and refreshes.
+const BATCH_KINDS: usize = 4;
+
 pub use cache::{CacheEntry, CacheKey};
 pub use sessions::{NewSession, SessionRecord, TokenHash};
 
@@ -139,15 +142,12 @@ impl Store {
         let idle = Duration::from_secs(settings.database.idle_timeout_seconds.max(1));
         let conns = Arc::new(conns::Conns::new(pool.clone(), idle));
         let d = &settings.database;
-        // All batches together may hold four fifths of the pool; the rest stays free for
-        // unbatched statements (session create and revoke, deletes, cleanup, the health probe).
-        let pool_size = d.max_connections as usize;
-        let batch_conns = (pool_size - pool_size / 5).max(1);
+        let share = batch::Share::new(d.max_connections as usize, BATCH_KINDS, b.max_in_flight);
         let limits = batch::BatchLimits {
             max_size: b.max_size,
-            // More batches of one kind than that could only queue for a connection.
-            max_in_flight: b.max_in_flight.min(batch_conns),
-            shared: Arc::new(tokio::sync::Semaphore::new(batch_conns)),
+            max_in_flight: share.per_kind,
+            reserved: share.reserved,
+            shared: Arc::new(tokio::sync::Semaphore::new(share.shared)),
             // Waiting for a connection, then the statement, then a margin for the round trip.
             deadline: Duration::from_millis(d.acquire_timeout_ms + d.statement_timeout_ms + 1000),
         };
