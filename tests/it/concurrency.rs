@@ -275,3 +275,99 @@ async fn overlapping_write_batches_do_not_deadlock() {
         t.await.unwrap();
     }
 }
+
+/// Sidecar statements waiting on a lock, counted once the number has stopped changing.
+async fn settled_lock_waits(watcher: &mut sqlx::PgConnection) -> i64 {
+    let mut last = -1;
+    let mut same = 0;
+    for _ in 0..200 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsidecar' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut *watcher)
+        .await
+        .unwrap();
+        same = if n == last { same + 1 } else { 0 };
+        if n > 0 && same >= 10 {
+            return n;
+        }
+        last = n;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    panic!("lock waits never settled (last count {last})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_stuck_on_a_lock_leave_connections_for_other_work() {
+    use sqlx::{Connection, Executor};
+    // A pool of 10: batches of all kinds hold at most 8 connections, 1 reserved per kind and 4
+    // shared, at most 5 per kind. Statements wait on the lock longer than this test runs.
+    let s = Arc::new(
+        Sidecar::builder()
+            .env("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "10")
+            .env("PGSIDECAR_DATABASE__STATEMENT_TIMEOUT_MS", "20000")
+            .env("PGSIDECAR_SERVER__REQUEST_TIMEOUT_MS", "30000")
+            .env("PGSIDECAR_CLEANUP__ENABLED", "false")
+            .start()
+            .await,
+    );
+    let (token, _) = s.create_session(json!({"user_id": "u1"})).await;
+    assert_eq!(s.put_cache("warm", "1", "").await.status(), 204);
+
+    let mut blocker = sqlx::PgConnection::connect(&s.db).await.unwrap();
+    blocker.execute("BEGIN").await.unwrap();
+    blocker
+        .execute("LOCK TABLE pgsidecar.cache IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // Cache writes, then cache reads, one at a time so that each can start its own batch (more
+    // than can run, so a few that share a batch on a slow machine change nothing).
+    let mut stuck = Vec::new();
+    for i in 0..12 {
+        let s = s.clone();
+        stuck.push(tokio::spawn(async move {
+            (204, s.put_cache(&format!("w{i}"), "1", "").await.status())
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for _ in 0..6 {
+        let s = s.clone();
+        stuck.push(tokio::spawn(async move {
+            (200, s.get_cache("warm").await.status())
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut watcher = sqlx::PgConnection::connect(&s.db).await.unwrap();
+    // Writes: their reserved slot and the 4 shared ones (5, their own limit); reads: only
+    // their reserved slot is left.
+    assert_eq!(settled_lock_waits(&mut watcher).await, 6);
+
+    // Session reads still have their reserved slot, and unbatched statements the 2 connections
+    // batches may not take.
+    let t = Instant::now();
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sessions/{token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "session validation while the cache is locked"
+    );
+    s.create_session(json!({"user_id": "u2"})).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // Once the lock goes, every stuck request completes.
+    blocker.execute("ROLLBACK").await.unwrap();
+    for task in stuck {
+        let (want, got) = task.await.unwrap();
+        assert_eq!(got.as_u16(), want);
+    }
+    assert_eq!(s.get_cache("w11").await.status(), 200);
+}
