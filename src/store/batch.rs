@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(Share::new(20, 4, 100).per_kind, 10);
     }
 
-    /// Counts batches running at once (per kind and in all) and holds each until released.
+    /// Counts the batches running at once (all kinds together) and holds each until released.
     struct Held {
         running: Arc<AtomicUsize>,
         peak: Arc<AtomicUsize>,
