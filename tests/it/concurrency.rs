@@ -276,27 +276,6 @@ async fn overlapping_write_batches_do_not_deadlock() {
     }
 }
 
-/// Sidecar statements waiting on a lock, counted once the number has stopped changing.
-async fn settled_lock_waits(watcher: &mut sqlx::PgConnection) -> i64 {
-    let mut last = -1;
-    let mut same = 0;
-    for _ in 0..200 {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsidecar' AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut *watcher)
-        .await
-        .unwrap();
-        same = if n == last { same + 1 } else { 0 };
-        if n > 0 && same >= 10 {
-            return n;
-        }
-        last = n;
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    panic!("lock waits never settled (last count {last})");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_stuck_on_a_lock_leave_connections_for_other_work() {
     use sqlx::{Connection, Executor};
@@ -314,12 +293,9 @@ async fn batches_stuck_on_a_lock_leave_connections_for_other_work() {
     let (token, _) = s.create_session(json!({"user_id": "u1"})).await;
     assert_eq!(s.put_cache("warm", "1", "").await.status(), 204);
 
-    let mut blocker = sqlx::PgConnection::connect(&s.db).await.unwrap();
-    blocker.execute("BEGIN").await.unwrap();
-    blocker
-        .execute("LOCK TABLE pgsidecar.cache IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let mut blocker = s
+        .hold_lock("LOCK TABLE pgsidecar.cache IN ACCESS EXCLUSIVE MODE")
+        .await;
     // Cache writes, then cache reads, one at a time so that each can start its own batch (more
     // than can run, so a few that share a batch on a slow machine change nothing).
     let mut stuck = Vec::new();

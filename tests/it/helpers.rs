@@ -267,6 +267,15 @@ impl Sidecar {
         c
     }
 
+    /// A connection inside a transaction that has run `lock_sql`, so it holds that lock until
+    /// it runs `ROLLBACK` (or is dropped).
+    pub async fn hold_lock(&self, lock_sql: &'static str) -> PgConnection {
+        let mut c = PgConnection::connect(&self.db).await.unwrap();
+        c.execute("BEGIN").await.unwrap();
+        c.execute(lock_sql).await.unwrap();
+        c
+    }
+
     // Shorthands for the data API.
 
     pub async fn put_cache(&self, key: &str, body: &str, query: &str) -> reqwest::Response {
@@ -369,20 +378,40 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
+/// How many of the sidecar's statements are blocked on a lock right now.
+async fn lock_waits(conn: &mut PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsidecar' AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
 /// Waits until a statement of the sidecar's is blocked on a lock (so a test knows its request
 /// reached Postgres).
-pub async fn wait_for_lock_wait(conn: &mut sqlx::PgConnection) {
+pub async fn wait_for_lock_wait(conn: &mut PgConnection) {
     for _ in 0..200 {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsidecar' AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-        if n > 0 {
+        if lock_waits(conn).await > 0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("no sidecar statement ever waited on the lock");
+}
+
+/// The sidecar's statements blocked on a lock, counted once the number has stopped changing.
+pub async fn settled_lock_waits(conn: &mut PgConnection) -> i64 {
+    let mut last = -1;
+    let mut same = 0;
+    for _ in 0..200 {
+        let n = lock_waits(conn).await;
+        same = if n == last { same + 1 } else { 0 };
+        if n > 0 && same >= 10 {
+            return n;
+        }
+        last = n;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    panic!("lock waits never settled (last count {last})");
 }

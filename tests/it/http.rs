@@ -215,12 +215,9 @@ async fn slow_database_gives_timeout_and_overload_answers() {
         .start()
         .await;
     assert_eq!(s.put_cache("locked", "1", "").await.status(), 204);
-    let mut blocker = sqlx::PgConnection::connect(&s.db).await.unwrap();
-    blocker.execute("BEGIN").await.unwrap();
-    blocker
-        .execute("SELECT * FROM pgsidecar.cache WHERE key = 'locked' FOR UPDATE")
-        .await
-        .unwrap();
+    let mut blocker = s
+        .hold_lock("SELECT * FROM pgsidecar.cache WHERE key = 'locked' FOR UPDATE")
+        .await;
 
     let http = s.http.clone();
     let url = s.url("/v1/cache/locked");
@@ -249,12 +246,9 @@ async fn statement_timeout_is_a_503() {
         .start()
         .await;
     assert_eq!(s.put_cache("locked", "1", "").await.status(), 204);
-    let mut blocker = sqlx::PgConnection::connect(&s.db).await.unwrap();
-    blocker.execute("BEGIN").await.unwrap();
-    blocker
-        .execute("SELECT * FROM pgsidecar.cache WHERE key = 'locked' FOR UPDATE")
-        .await
-        .unwrap();
+    let mut blocker = s
+        .hold_lock("SELECT * FROM pgsidecar.cache WHERE key = 'locked' FOR UPDATE")
+        .await;
     let r = s
         .http
         .delete(s.url("/v1/cache/locked"))

@@ -192,12 +192,9 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
     assert_eq!(s.put_cache("slow", "1", "").await.status(), 204);
 
     // Hold a row lock so a PUT on that key stays in flight across the end of the drain.
-    let mut blocker = sqlx::PgConnection::connect(&s.db).await.unwrap();
-    blocker.execute("BEGIN").await.unwrap();
-    blocker
-        .execute("SELECT * FROM pgsidecar.cache WHERE key = 'slow' FOR UPDATE")
-        .await
-        .unwrap();
+    let mut blocker = s
+        .hold_lock("SELECT * FROM pgsidecar.cache WHERE key = 'slow' FOR UPDATE")
+        .await;
 
     s.sigterm();
     wait_status(&s, "/ready", 503, Duration::from_millis(500)).await;
