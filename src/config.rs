@@ -417,6 +417,12 @@ impl Settings {
                 "must be between 0 (one per CPU) and 256",
             ));
         }
+        if s.worker_threads > self.database.max_connections as usize {
+            return Err(ConfigError::new(
+                "server.worker_threads",
+                "must not exceed database.max_connections: each data thread has its own connections",
+            ));
+        }
         positive(
             "server.max_concurrent_requests",
             s.max_concurrent_requests as u64,
@@ -562,6 +568,35 @@ impl Settings {
         Ok(())
     }
 
+    /// How many threads serve the data API: `server.worker_threads`, or for 0 one per CPU (as
+    /// the process's CPU affinity and cgroup quota allow), but at most one per
+    /// [`CONNECTIONS_PER_AUTO_THREAD`] pool connections: every thread has its own slice of the pool.
+    pub fn data_threads(&self) -> usize {
+        match self.server.worker_threads {
+            0 => {
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let by_pool =
+                    (self.database.max_connections / CONNECTIONS_PER_AUTO_THREAD) as usize;
+                cpus.min(by_pool).max(1)
+            }
+            n => n,
+        }
+    }
+
+    /// The settings of data thread `i` of `n`: `database.max_connections` and
+    /// `min_connections` divided among the threads, the first ones taking the remainder, so the
+    /// threads together open no more connections than configured.
+    pub fn for_data_thread(&self, i: usize, n: usize) -> Settings {
+        let share = |total: u32| {
+            let (n, i) = (n as u32, i as u32);
+            total / n + u32::from(i < total % n)
+        };
+        let mut s = self.clone();
+        s.database.max_connections = share(self.database.max_connections);
+        s.database.min_connections = share(self.database.min_connections);
+        s
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.server.request_timeout_ms)
     }
@@ -571,6 +606,10 @@ impl Settings {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 }
+
+/// `server.worker_threads = 0` starts one data thread per CPU, but none with fewer pool
+/// connections than this: below it the batchers of a thread would have too few to work with.
+pub const CONNECTIONS_PER_AUTO_THREAD: u32 = 8;
 
 fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
     if v == 0 {
@@ -636,6 +675,37 @@ mod tests {
             "postgres://u:[redacted]@db:5432/app"
         );
         assert!(!s.redacted_json().to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn data_threads_split_the_pool_without_exceeding_it() {
+        let load = |pairs: &[(&str, &str)]| Settings::load_from(None, &env(pairs)).unwrap();
+        let s = load(&[
+            ("PGSIDECAR_SERVER__WORKER_THREADS", "3"),
+            ("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "20"),
+            ("PGSIDECAR_DATABASE__MIN_CONNECTIONS", "2"),
+        ]);
+        assert_eq!(s.data_threads(), 3);
+        let parts: Vec<_> = (0..3)
+            .map(|i| s.for_data_thread(i, 3).database)
+            .map(|d| (d.max_connections, d.min_connections))
+            .collect();
+        assert_eq!(parts, [(7, 1), (7, 1), (6, 0)]);
+        // Auto: one per CPU, but never a thread with fewer than 8 connections of its own.
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        let auto = |max: &str| load(&[("PGSIDECAR_DATABASE__MAX_CONNECTIONS", max)]).data_threads();
+        assert_eq!(auto("20"), cpus.min(2));
+        assert_eq!(auto("7"), 1);
+        assert_eq!(auto("1000"), cpus.min(125));
+        let e = Settings::load_from(
+            None,
+            &env(&[
+                ("PGSIDECAR_SERVER__WORKER_THREADS", "5"),
+                ("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "4"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "server.worker_threads");
     }
 
     #[test]

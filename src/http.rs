@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use axum::Router;
@@ -21,7 +22,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tower::{Service, ServiceExt};
 
 use crate::config::{ListenAddr, Secret, ServerSettings};
@@ -80,8 +81,40 @@ impl Listener {
     }
 }
 
-/// Serves `app` on `listener` until `lifecycle` stops, then lets in-flight requests finish for
-/// at most `grace`. Must run inside a tokio runtime.
+/// A connection a listener accepted, not yet tied to a runtime.
+pub enum Accepted {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+/// The way into one serving loop (see [`serve_lane`]): accepted connections, and how many of
+/// them are open there, so the acceptor can pick the least busy loop.
+#[derive(Clone)]
+pub struct Lane {
+    tx: mpsc::UnboundedSender<Accepted>,
+    open: Arc<AtomicUsize>,
+}
+
+/// The serving loop's end of a [`Lane`].
+pub struct LaneRx {
+    rx: mpsc::UnboundedReceiver<Accepted>,
+    open: Arc<AtomicUsize>,
+}
+
+pub fn lane() -> (Lane, LaneRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let open = Arc::new(AtomicUsize::new(0));
+    (
+        Lane {
+            tx,
+            open: open.clone(),
+        },
+        LaneRx { rx, open },
+    )
+}
+
+/// Serves `app` on `listener` on the current runtime until `lifecycle` stops, then lets
+/// in-flight requests finish for at most `grace`.
 pub async fn serve<S>(
     listener: Listener,
     app: S,
@@ -95,6 +128,72 @@ pub async fn serve<S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    let (lane, rx) = lane();
+    tokio::join!(
+        accept(listener, vec![lane], lifecycle),
+        serve_lane(rx, app, header_timeout, grace)
+    );
+}
+
+/// Accepts connections on `listener` until `lifecycle` stops and hands each to the lane with
+/// the fewest open connections. Keep-alive clients hold their connection, so balancing
+/// connections balances the load. Returning drops the listener (new connections are refused
+/// from then on) and the lanes (their loops finish what they have).
+pub async fn accept(listener: Listener, lanes: Vec<Lane>, lifecycle: Lifecycle) {
+    let hand_over = |conn: Accepted| {
+        let Some(lane) = lanes.iter().min_by_key(|l| l.open.load(Ordering::Relaxed)) else {
+            return;
+        };
+        lane.open.fetch_add(1, Ordering::Relaxed);
+        if lane.tx.send(conn).is_err() {
+            // That loop has ended (it only does at shutdown): the connection is closed.
+            lane.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    };
+    match listener {
+        Listener::Tcp(l) => {
+            let Ok(l) = TcpListener::from_std(l) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = lifecycle.stopped() => break,
+                    accepted = l.accept() => match accepted.and_then(|(io, _)| io.into_std()) {
+                        Ok(io) => hand_over(Accepted::Tcp(io)),
+                        Err(e) => accept_failed(e).await,
+                    }
+                }
+            }
+        }
+        Listener::Unix(l, path) => {
+            let Ok(l) = UnixListener::from_std(l) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = lifecycle.stopped() => break,
+                    accepted = l.accept() => match accepted.and_then(|(io, _)| io.into_std()) {
+                        Ok(io) => hand_over(Accepted::Unix(io)),
+                        Err(e) => accept_failed(e).await,
+                    }
+                }
+            }
+            drop(l);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Serves the connections arriving on `lane` with `app`, on the current runtime, until the
+/// acceptor has stopped; then lets in-flight requests finish for at most `grace`.
+pub async fn serve_lane<S>(mut lane: LaneRx, app: S, header_timeout: Duration, grace: Duration)
+where
+    S: Service<axum::http::Request<hyper::body::Incoming>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -102,49 +201,27 @@ pub async fn serve<S>(
         .header_read_timeout(header_timeout)
         .keep_alive(true);
     let service = TowerToHyperService::new(app);
-    let unix_path;
-    match listener {
-        Listener::Tcp(l) => {
-            unix_path = None;
-            let Ok(l) = TcpListener::from_std(l) else {
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = lifecycle.stopped() => break,
-                    accepted = l.accept() => match accepted {
-                        Ok((io, _)) => {
-                            // Small request/response pairs: do not let Nagle hold them back.
-                            let _ = io.set_nodelay(true);
-                            let conn = builder.serve_connection(TokioIo::new(io), service.clone());
-                            let fut = graceful.watch(conn);
-                            tokio::spawn(fut);
-                        }
-                        Err(e) => accept_failed(e).await,
-                    }
-                }
+    while let Some(conn) = lane.rx.recv().await {
+        let open = OpenConnection(lane.open.clone());
+        match conn {
+            Accepted::Tcp(io) => {
+                let Ok(io) = tokio::net::TcpStream::from_std(io) else {
+                    continue;
+                };
+                // Small request/response pairs: do not let Nagle hold them back.
+                let _ = io.set_nodelay(true);
+                let conn = builder.serve_connection(TokioIo::new(io), service.clone());
+                tokio::spawn(counted(graceful.watch(conn), open));
             }
-        }
-        Listener::Unix(l, path) => {
-            unix_path = Some(path);
-            let Ok(l) = UnixListener::from_std(l) else {
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = lifecycle.stopped() => break,
-                    accepted = l.accept() => match accepted {
-                        Ok((io, _)) => {
-                            let conn = builder.serve_connection(TokioIo::new(io), service.clone());
-                            tokio::spawn(graceful.watch(conn));
-                        }
-                        Err(e) => accept_failed(e).await,
-                    }
-                }
+            Accepted::Unix(io) => {
+                let Ok(io) = tokio::net::UnixStream::from_std(io) else {
+                    continue;
+                };
+                let conn = builder.serve_connection(TokioIo::new(io), service.clone());
+                tokio::spawn(counted(graceful.watch(conn), open));
             }
         }
     }
-    // The listener is dropped here: new connections are refused from now on.
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -154,8 +231,20 @@ pub async fn serve<S>(
             "in-flight requests did not finish within the grace period"
         );
     }
-    if let Some(path) = unix_path {
-        let _ = std::fs::remove_file(path);
+}
+
+/// Runs a connection, counted among its lane's open ones until it ends.
+async fn counted<F: Future>(conn: F, open: OpenConnection) {
+    conn.await;
+    drop(open);
+}
+
+/// Counts a connection among its lane's open ones until dropped.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -309,7 +398,8 @@ where
 
 /// The data API's guard: auth first, then a concurrency permit (or 503 at once: shedding
 /// beats queueing without bound), then the request under its timeout. It covers every
-/// request on the data listener, unknown paths included.
+/// request on the data listener, unknown paths included. Clones share the concurrency limit.
+#[derive(Clone)]
 pub struct Guard {
     permits: Arc<Semaphore>,
     timeout: Duration,

@@ -79,21 +79,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// The data-path runtime. `threads` = 0 means one per CPU. One thread (the default) is a
-/// current-thread runtime on the main thread: no work-stealing bookkeeping and no hand-off
-/// between the main thread and a worker, which measured about 2% fewer instructions per cache
-/// hit than a one-worker multi-thread runtime.
-fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if threads == 1 {
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build();
-    }
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if threads > 0 {
-        b.worker_threads(threads);
-    }
-    b.thread_name("pgsidecar-data").enable_all().build()
+/// The main thread's runtime: a current-thread one. It accepts connections, runs the
+/// background tasks, and is data thread 0 (see `server.worker_threads` and `app::DataThread`).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 fn serve(settings: Settings) -> ExitCode {
@@ -114,7 +105,7 @@ fn serve(settings: Settings) -> ExitCode {
             None
         }
     };
-    let rt = match runtime(settings.server.worker_threads) {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
@@ -149,7 +140,7 @@ fn serve(settings: Settings) -> ExitCode {
 
 fn migrate(settings: Settings) -> ExitCode {
     let log = pgsidecar::telemetry::init(&settings.log.level, std::io::stdout());
-    let Ok(rt) = runtime(1) else {
+    let Ok(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
     let code = rt.block_on(async {

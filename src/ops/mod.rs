@@ -34,7 +34,8 @@ use health::{Health, Status};
 pub struct OpsState {
     pub health: Arc<Health>,
     pub lifecycle: Lifecycle,
-    pub store: Store,
+    /// Every data thread's store (they share one status).
+    pub stores: Arc<[Store]>,
     pub max_connections: u32,
     /// A health snapshot older than this means the probe loop is stuck: not ready.
     pub stale_after: std::time::Duration,
@@ -78,7 +79,7 @@ pub fn not_ready_reason(state: &OpsState) -> Option<String> {
     if state.lifecycle.is_draining() {
         return Some("shutting down".into());
     }
-    if !state.store.status().migrated.load(Ordering::Acquire) {
+    if !state.stores[0].status().migrated.load(Ordering::Acquire) {
         return Some("database migrations not applied yet".into());
     }
     let snap = state.health.snapshot();
@@ -188,7 +189,11 @@ async fn metrics_text(State(state): State<OpsState>) -> Response {
         );
     };
     // Gauges that are cheaper to read at scrape time than to keep updated.
-    let (open, idle) = state.store.pool_connections();
+    let (open, idle) = state
+        .stores
+        .iter()
+        .map(Store::pool_connections)
+        .fold((0, 0), |(o, i), (open, idle)| (o + open, i + idle));
     metrics::gauge!(m::DB_POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
     metrics::gauge!(m::DB_POOL_CONNECTIONS, "state" => "in_use").set((open - idle) as f64);
     metrics::gauge!(m::DB_POOL_MAX).set(state.max_connections as f64);

@@ -11,33 +11,31 @@
 //! connection resting in the free list is invisible to callers already waiting inside sqlx's
 //! `acquire()`; so while anyone waits there, finished connections go back to sqlx instead.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 
-use super::DbError;
+use super::{DbError, DbStatus};
 
 pub struct Conns {
     pool: PgPool,
     /// Callers inside `pool.acquire()` right now.
     waiting: AtomicUsize,
-    /// When a statement last succeeded (milliseconds since `started`).
-    last_ok_ms: AtomicU64,
-    started: Instant,
+    /// Where a statement's success is recorded (for the health probe).
+    status: Arc<DbStatus>,
     free: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
     idle_timeout: Duration,
 }
 
 impl Conns {
-    pub fn new(pool: PgPool, idle_timeout: Duration) -> Self {
+    pub fn new(pool: PgPool, idle_timeout: Duration, status: Arc<DbStatus>) -> Self {
         Self {
             pool,
             waiting: AtomicUsize::new(0),
-            last_ok_ms: AtomicU64::new(0),
-            started: Instant::now(),
+            status,
             free: Mutex::new(Vec::new()),
             idle_timeout,
         }
@@ -75,15 +73,6 @@ impl Conns {
             owner: self,
             clean: false,
         })
-    }
-
-    /// Whether some statement succeeded within `window`: Postgres answered recently, even if
-    /// every connection is busy right now.
-    pub fn succeeded_within(&self, window: Duration) -> bool {
-        let last = self.last_ok_ms.load(Ordering::Acquire);
-        last > 0
-            && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
-                <= window.as_millis() as u64
     }
 
     /// Connections waiting in the free list (they count as idle).
@@ -130,8 +119,7 @@ impl Held<'_> {
         match result {
             Err(DbError::Unavailable(_)) => self.owner.clear(),
             Ok(_) => {
-                let ms = self.owner.started.elapsed().as_millis() as u64;
-                self.owner.last_ok_ms.store(ms.max(1), Ordering::Release);
+                self.owner.status.record_success();
                 self.clean = true;
             }
             Err(_) => self.clean = true,

@@ -4,7 +4,7 @@
 //! only whether the database was unavailable, too slow, or failed in some other way.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -99,16 +99,62 @@ impl From<sqlx::Error> for DbError {
     }
 }
 
-/// What the store knows about the database, shared with the health probes.
-#[derive(Default)]
+/// What the stores know about the database, shared by every data thread's store and the
+/// health probes.
 pub struct DbStatus {
-    /// Migrations are applied (set once by the bootstrap task).
+    /// Migrations are applied (set once by the bootstrap task, through [`DbStatus::mark_migrated`]).
     pub migrated: AtomicBool,
+    migrated_signal: tokio::sync::watch::Sender<bool>,
     /// The last health probe reached Postgres.
     pub reachable: AtomicBool,
+    /// When a statement last succeeded on any store (milliseconds since `started`, 0 = never).
+    last_ok_ms: AtomicU64,
+    started: Instant,
+}
+
+impl Default for DbStatus {
+    fn default() -> Self {
+        Self {
+            migrated: AtomicBool::new(false),
+            migrated_signal: tokio::sync::watch::Sender::new(false),
+            reachable: AtomicBool::new(false),
+            last_ok_ms: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl DbStatus {
+    fn mark_migrated(&self) {
+        self.migrated.store(true, Ordering::Release);
+        self.migrated_signal.send_replace(true);
+    }
+
+    /// Returns once migrations are applied (at once if they already are).
+    pub async fn wait_migrated(&self) {
+        let _ = self.migrated_signal.subscribe().wait_for(|m| *m).await;
+    }
+
+    pub(crate) fn record_success(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ok_ms.store(ms.max(1), Ordering::Release);
+    }
+
+    /// Whether some statement succeeded within `window`: Postgres answered recently, even if
+    /// every connection is busy right now.
+    pub fn succeeded_within(&self, window: Duration) -> bool {
+        let last = self.last_ok_ms.load(Ordering::Acquire);
+        last > 0
+            && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
+                <= window.as_millis() as u64
+    }
 }
 
 /// The store: one pool and the batchers in front of it. Cheap to clone.
+///
+/// Each data thread has its own store (see `app`), because a connection's socket belongs to
+/// the runtime that opened it. A store is used only on the runtime that built it; its read-only
+/// accessors (pool sizes, status) may be called from anywhere.
 #[derive(Clone)]
 pub struct Store {
     pub(crate) pool: PgPool,
@@ -132,15 +178,19 @@ impl Store {
     /// Builds the pool (lazily: no connection is opened here) and the batchers.
     /// Must be called inside a tokio runtime.
     pub fn new(settings: &Settings) -> Result<Self, DbError> {
+        Self::with_status(settings, Arc::new(DbStatus::default()))
+    }
+
+    /// Like [`Store::new`], sharing `status` with other stores on the same database.
+    pub fn with_status(settings: &Settings, status: Arc<DbStatus>) -> Result<Self, DbError> {
         let pool = build_pool(settings)?;
-        let status = Arc::new(DbStatus::default());
         Ok(Self::with_pool(pool, status, settings))
     }
 
     pub fn with_pool(pool: PgPool, status: Arc<DbStatus>, settings: &Settings) -> Self {
         let b = &settings.batch;
         let idle = Duration::from_secs(settings.database.idle_timeout_seconds.max(1));
-        let conns = Arc::new(conns::Conns::new(pool.clone(), idle));
+        let conns = Arc::new(conns::Conns::new(pool.clone(), idle, status.clone()));
         let d = &settings.database;
         let share = batch::Share::new(d.max_connections as usize, BATCH_KINDS, b.max_in_flight);
         let limits = batch::BatchLimits {
@@ -208,7 +258,7 @@ impl Store {
             sqlx::migrate::MigrateError::Execute(inner) => DbError::from(inner),
             other => DbError::Other(other.to_string()),
         })?;
-        self.status.migrated.store(true, Ordering::Release);
+        self.status.mark_migrated();
         Ok(())
     }
 
@@ -247,7 +297,7 @@ impl Store {
                 "migrations not applied; run `pgsidecar migrate`".into(),
             ));
         }
-        self.status.migrated.store(true, Ordering::Release);
+        self.status.mark_migrated();
         Ok(())
     }
 
@@ -272,9 +322,10 @@ impl Store {
         (open, idle.min(open))
     }
 
-    /// Whether any statement succeeded within `window` (see [`conns::Conns::succeeded_within`]).
+    /// Whether any statement succeeded within `window`, on this store or another sharing its
+    /// status (see [`DbStatus::succeeded_within`]).
     pub fn answered_within(&self, window: Duration) -> bool {
-        self.conns.succeeded_within(window)
+        self.status.succeeded_within(window)
     }
 
     /// Hands every free connection back to the pool (at shutdown, before closing it).

@@ -188,10 +188,21 @@ async fn more_requests_than_connections_all_succeed() {
     // Two connections, four batchers, and plenty of unbatched statements competing for them:
     // nobody may starve while connections rest in the sidecar's free list. The default
     // batch.max_in_flight (8) is left as it is: the sidecar caps it at the pool's size.
+    more_requests_than_connections(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_requests_than_connections_on_two_data_threads_all_succeed() {
+    // The same with one connection per data thread.
+    more_requests_than_connections(2).await;
+}
+
+async fn more_requests_than_connections(data_threads: u32) {
     let s = Arc::new(
         Sidecar::builder()
             .env("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "2")
             .env("PGSIDECAR_DATABASE__MIN_CONNECTIONS", "0")
+            .env("PGSIDECAR_SERVER__WORKER_THREADS", data_threads)
             .start()
             .await,
     );
@@ -284,6 +295,8 @@ async fn batches_stuck_on_a_lock_leave_connections_for_other_work() {
     let s = Arc::new(
         Sidecar::builder()
             .env("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "10")
+            // One data thread: the counts below are one store's share of the pool.
+            .env("PGSIDECAR_SERVER__WORKER_THREADS", "1")
             .env("PGSIDECAR_DATABASE__STATEMENT_TIMEOUT_MS", "20000")
             .env("PGSIDECAR_SERVER__REQUEST_TIMEOUT_MS", "30000")
             .env("PGSIDECAR_CLEANUP__ENABLED", "false")
@@ -346,4 +359,69 @@ async fn batches_stuck_on_a_lock_leave_connections_for_other_work() {
         assert_eq!(got.as_u16(), want);
     }
     assert_eq!(s.get_cache("w11").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_threads_split_the_pool_and_see_each_others_writes() {
+    // Two data threads with one connection each. Two client connections open at once land on
+    // different threads (the acceptor hands a connection to the thread with the fewest open),
+    // so each step below reads on one thread what the other has just acknowledged.
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_SERVER__WORKER_THREADS", "2")
+        .env("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "2")
+        .env("PGSIDECAR_DATABASE__MIN_CONNECTIONS", "2")
+        .env("PGSIDECAR_CLEANUP__ENABLED", "false")
+        .start()
+        .await;
+    let (mut a, mut b) = (s.connection().await, s.connection().await);
+    for i in 0..20 {
+        let (writer, reader) = if i % 2 == 0 {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        let key = format!("/v1/cache/k{i}");
+        let value = json!({ "n": i }).to_string();
+        assert_eq!(writer.send("PUT", &key, Some(&value)).await.0, 204);
+        assert_eq!(
+            reader.send("GET", &key, None).await,
+            (200, json!({ "n": i })),
+            "k{i} acknowledged on one thread, not read on the other"
+        );
+
+        let (status, created) = writer
+            .send("POST", "/v1/sessions", Some(r#"{"user_id":"u"}"#))
+            .await;
+        assert_eq!(status, 201);
+        let session = format!("/v1/sessions/{}", created["token"].as_str().unwrap());
+        assert_eq!(reader.send("GET", &session, None).await.0, 200);
+        assert_eq!(reader.send("DELETE", &session, None).await.0, 204);
+        assert_eq!(writer.send("GET", &session, None).await.0, 404);
+    }
+
+    // Each thread serves on its own connection: with the cache table locked, one read from
+    // each client waits in Postgres on a backend of its own (one thread alone, with its one
+    // connection, would have a single statement waiting). Together the threads hold no more
+    // than database.max_connections.
+    let mut blocker = s
+        .hold_lock("LOCK TABLE pgsidecar.cache IN ACCESS EXCLUSIVE MODE")
+        .await;
+    let reads =
+        [a, b].map(|mut c| tokio::spawn(async move { c.send("GET", "/v1/cache/k0", None).await }));
+    let mut watcher = s.sql().await;
+    assert_eq!(settled_lock_waits(&mut watcher).await, 2);
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'pgsidecar'",
+    )
+    .fetch_one(&mut watcher)
+    .await
+    .unwrap();
+    assert_eq!(open, 2);
+    sqlx::Executor::execute(&mut blocker, "ROLLBACK")
+        .await
+        .unwrap();
+    for r in reads {
+        assert_eq!(r.await.unwrap(), (200, json!({ "n": 0 })));
+    }
 }

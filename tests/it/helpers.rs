@@ -223,6 +223,17 @@ impl Sidecar {
         format!("{}{path}", self.ops)
     }
 
+    /// One keep-alive connection to the data API, see [`OneConnection`].
+    pub async fn connection(&self) -> OneConnection {
+        let addr = self.data.trim_start_matches("http://").to_string();
+        let io = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        OneConnection { send, host: addr }
+    }
+
     pub async fn wait_ready(&self, timeout: Duration) {
         let until = Instant::now() + timeout;
         loop {
@@ -378,10 +389,12 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
-/// How many of the sidecar's statements are blocked on a lock right now.
+/// How many of the sidecar's statements are blocked on a lock right now, in `conn`'s database
+/// (tests run side by side, each on a database of its own).
 async fn lock_waits(conn: &mut PgConnection) -> i64 {
     sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsidecar' AND wait_event_type = 'Lock'",
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'pgsidecar' AND wait_event_type = 'Lock'",
     )
     .fetch_one(&mut *conn)
     .await
@@ -414,4 +427,40 @@ pub async fn settled_lock_waits(conn: &mut PgConnection) -> i64 {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     panic!("lock waits never settled (last count {last})");
+}
+
+/// One HTTP/1.1 connection that is never replaced: every request goes over it. (A pooling
+/// client like reqwest may open a new connection rather than wait for its idle one.)
+pub struct OneConnection {
+    send: hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>,
+    host: String,
+}
+
+impl OneConnection {
+    /// Sends one request (`body` as JSON) and returns the status and the JSON body (Null if
+    /// none), read to its end.
+    pub async fn send(&mut self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        use http_body_util::BodyExt;
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let body =
+            http_body_util::Full::new(hyper::body::Bytes::from(body.unwrap_or("").to_string()));
+        self.send.ready().await.unwrap();
+        let resp = self
+            .send
+            .send_request(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
 }
