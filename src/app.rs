@@ -1,5 +1,6 @@
-//! Application: binds both listeners, builds the pool, router and background tasks, and runs
-//! until stopped, with the drain-then-grace shutdown sequence.
+//! Application: binds both listeners, starts the data threads (each with its own store and
+//! router) and the background tasks, and runs until stopped, with the drain-then-grace shutdown
+//! sequence.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -245,12 +246,10 @@ impl Application {
             "no longer accepting connections; finishing in-flight requests"
         );
         lifecycle.stop();
+        let stopped = tokio::time::Instant::now();
         let _ = accept.await;
         let _ = data_server.await;
-        for done in others {
-            let _ = tokio::time::timeout(grace + Duration::from_secs(3), done).await;
-        }
-        let _ = tokio::time::timeout(grace + Duration::from_secs(1), ops_done).await;
+        let _ = tokio::time::timeout_at(stopped + grace + Duration::from_secs(1), ops_done).await;
         // Background loops saw the stop too; give them together 2 s to finish a statement.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         for t in tasks {
@@ -259,7 +258,19 @@ impl Application {
                 abort.abort();
             }
         }
-        close(store).await;
+        // The other data threads had the same grace and close their own pools (within 2 s):
+        // wait for them while this thread closes its pool.
+        let others = async {
+            for done in others {
+                if tokio::time::timeout_at(stopped + grace + Duration::from_secs(3), done)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("a data thread did not stop in time");
+                }
+            }
+        };
+        tokio::join!(close(store), others);
         tracing::info!("pgsidecar stopped");
         Ok(())
     }
@@ -286,10 +297,10 @@ fn data_router(
 /// A data thread beyond the first: its own current-thread runtime, its own slice of the pool
 /// and its own batchers, serving the connections the acceptor hands it.
 ///
-/// Threads share nothing on the request path, so a request never wakes another thread: on a
-/// 2-CPU host, two such threads served 15-25% more cache and session reads than one, where one
-/// multi-thread runtime of two workers had served none more (work stealing and cross-thread
-/// wake-ups cost as much as the second CPU gave).
+/// Threads share no connection, batcher or task, so a request never wakes another thread (they
+/// share only a few atomics: the concurrency limit, metrics, the database status). One
+/// multi-thread runtime of two workers had served no more than one thread on a 2-CPU host:
+/// work stealing and cross-thread wake-ups cost as much as the second CPU gave.
 struct DataThread {
     settings: Settings,
     status: Arc<DbStatus>,
@@ -380,7 +391,8 @@ fn process_collector() -> metrics_process::Collector {
 }
 
 /// Applies migrations (or waits for them) with capped, jittered backoff until Postgres answers,
-/// then warms the pool. Postgres being down at start-up is normal: no crash loop.
+/// then signals readiness (every data thread then warms its own connections). Postgres being
+/// down at start-up is normal: no crash loop.
 async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, health: Arc<Health>) {
     let mut delay = Duration::from_millis(250);
     let mut attempt: u32 = 0;

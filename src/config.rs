@@ -608,8 +608,9 @@ impl Settings {
 }
 
 /// `server.worker_threads = 0` starts one data thread per CPU, but none with fewer pool
-/// connections than this: below it the batchers of a thread would have too few to work with.
-pub const CONNECTIONS_PER_AUTO_THREAD: u32 = 8;
+/// connections than this: the smallest slice in which the batchers still reserve a connection
+/// per kind and leave two for unbatched statements (see `store::batch::Share`).
+pub const CONNECTIONS_PER_AUTO_THREAD: u32 = 10;
 
 fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
     if v == 0 {
@@ -691,12 +692,12 @@ mod tests {
             .map(|d| (d.max_connections, d.min_connections))
             .collect();
         assert_eq!(parts, [(7, 1), (7, 1), (6, 0)]);
-        // Auto: one per CPU, but never a thread with fewer than 8 connections of its own.
+        // Auto: one per CPU, but never a thread with fewer than 10 connections of its own.
         let cpus = std::thread::available_parallelism().unwrap().get();
         let auto = |max: &str| load(&[("PGSIDECAR_DATABASE__MAX_CONNECTIONS", max)]).data_threads();
         assert_eq!(auto("20"), cpus.min(2));
-        assert_eq!(auto("7"), 1);
-        assert_eq!(auto("1000"), cpus.min(125));
+        assert_eq!(auto("19"), 1);
+        assert_eq!(auto("1000"), cpus.min(100));
         let e = Settings::load_from(
             None,
             &env(&[

@@ -1,6 +1,7 @@
-//! HTTP plumbing shared by both listeners: the accept loop with a header-read timeout and
-//! graceful shutdown, and the [`Edge`] every request passes: request ids, the data API's guard
-//! (auth, load shedding, timeout), the access log and request metrics, JSON fallbacks.
+//! HTTP plumbing shared by both listeners: the accept loop, which hands each connection to a
+//! serving loop (one per data thread, see `app`), the serving loops with a header-read timeout
+//! and graceful shutdown, and the [`Edge`] every request passes: request ids, the data API's
+//! guard (auth, load shedding, timeout), the access log and request metrics, JSON fallbacks.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -140,15 +141,26 @@ pub async fn serve<S>(
 /// connections balances the load. Returning drops the listener (new connections are refused
 /// from then on) and the lanes (their loops finish what they have).
 pub async fn accept(listener: Listener, lanes: Vec<Lane>, lifecycle: Lifecycle) {
-    let hand_over = |conn: Accepted| {
-        let Some(lane) = lanes.iter().min_by_key(|l| l.open.load(Ordering::Relaxed)) else {
-            return;
-        };
-        lane.open.fetch_add(1, Ordering::Relaxed);
-        if lane.tx.send(conn).is_err() {
-            // That loop has ended (it only does at shutdown): the connection is closed.
-            lane.open.fetch_sub(1, Ordering::Relaxed);
+    let hand_over = |mut conn: Accepted| {
+        // Ties go to the last lane: the first is the main thread, which also accepts and runs
+        // the background tasks.
+        while let Some(lane) = lanes
+            .iter()
+            .filter(|l| !l.tx.is_closed())
+            .rev()
+            .min_by_key(|l| l.open.load(Ordering::Relaxed))
+        {
+            lane.open.fetch_add(1, Ordering::Relaxed);
+            match lane.tx.send(conn) {
+                Ok(()) => return,
+                // That loop has ended since the check: try the others.
+                Err(mpsc::error::SendError(back)) => {
+                    lane.open.fetch_sub(1, Ordering::Relaxed);
+                    conn = back;
+                }
+            }
         }
+        // No loop left (they only end at shutdown): the connection is closed.
     };
     match listener {
         Listener::Tcp(l) => {

@@ -1,5 +1,5 @@
 //! pgsidecar: one small binary beside each stateless app container. It holds the container's
-//! one pool to PostgreSQL, serves sessions and a shared cache to the app over localhost, and
+//! connections to PostgreSQL, serves sessions and a shared cache to the app over localhost, and
 //! answers load balancers (`/health`, `/ready`, `/live`) and Prometheus (`/metrics`).
 //!
 //! # Layout

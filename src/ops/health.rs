@@ -4,7 +4,6 @@
 //! waits on Postgres or an upstream: it answers from the last snapshot.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -194,10 +193,7 @@ impl Prober {
             ),
         };
         self.last_tables_ok = tables_ok;
-        self.store
-            .status()
-            .reachable
-            .store(postgres_ok, Ordering::Release);
+        self.store.status().set_reachable(postgres_ok);
         checks.insert(
             "postgres:responseTime".to_string(),
             vec![CheckEntry {

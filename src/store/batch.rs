@@ -77,7 +77,8 @@ impl<O: BatchOp> Clone for Batcher<O> {
 /// concurrency limit sheds load long before).
 const QUEUE_CAPACITY: usize = 8192;
 
-/// How the batchers of a store divide its pool.
+/// How the batchers of a store divide its pool (each data thread's store has its own: 10
+/// connections each on two threads with the default 20; the figures below are for a pool of 20).
 ///
 /// All batches together hold at most `pool - pool / 5` connections (16 of 20), so unbatched
 /// statements (session create and revoke, deletes, cleanup, the health probe) are not queued

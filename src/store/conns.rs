@@ -11,7 +11,7 @@
 //! connection resting in the free list is invisible to callers already waiting inside sqlx's
 //! `acquire()`; so while anyone waits there, finished connections go back to sqlx instead.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,10 @@ pub struct Conns {
     pool: PgPool,
     /// Callers inside `pool.acquire()` right now.
     waiting: AtomicUsize,
-    /// Where a statement's success is recorded (for the health probe).
+    /// Where a statement's success and a lost connection are recorded, shared by every store.
     status: Arc<DbStatus>,
+    /// `status.outages()` when this free list was last emptied for an outage.
+    outages_seen: AtomicU64,
     free: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
     idle_timeout: Duration,
 }
@@ -35,6 +37,7 @@ impl Conns {
         Self {
             pool,
             waiting: AtomicUsize::new(0),
+            outages_seen: AtomicU64::new(status.outages()),
             status,
             free: Mutex::new(Vec::new()),
             idle_timeout,
@@ -48,6 +51,12 @@ impl Conns {
 
     /// A connection: the most recently used free one, else one from the pool.
     pub async fn get(&self) -> Result<Held<'_>, DbError> {
+        // Postgres was found gone since this list was last emptied (maybe by another store):
+        // its connections are likely dead, so hand them to sqlx, which tests them.
+        let outages = self.status.outages();
+        if self.outages_seen.swap(outages, Ordering::AcqRel) != outages {
+            self.clear();
+        }
         let reused = {
             let mut free = self.free_list();
             // Trim one stale connection per call from the bottom (the least recently used).
@@ -117,7 +126,10 @@ impl Held<'_> {
     /// the server is gone; in that case the other free connections are likely dead too.
     pub fn finish<T>(mut self, result: &Result<T, DbError>) {
         match result {
-            Err(DbError::Unavailable(_)) => self.owner.clear(),
+            Err(DbError::Unavailable(_)) => {
+                self.owner.status.record_outage();
+                self.owner.clear();
+            }
             Ok(_) => {
                 self.owner.status.record_success();
                 self.clean = true;

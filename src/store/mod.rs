@@ -107,6 +107,10 @@ pub struct DbStatus {
     migrated_signal: tokio::sync::watch::Sender<bool>,
     /// The last health probe reached Postgres.
     pub reachable: AtomicBool,
+    /// Counts the times Postgres was found gone (a failed probe, a broken connection). Each
+    /// store empties its free list when this moves: connections resting there are likely dead,
+    /// also on the data threads that sent no statement during the outage.
+    outages: AtomicU64,
     /// When a statement last succeeded on any store (milliseconds since `started`, 0 = never).
     last_ok_ms: AtomicU64,
     started: Instant,
@@ -118,6 +122,7 @@ impl Default for DbStatus {
             migrated: AtomicBool::new(false),
             migrated_signal: tokio::sync::watch::Sender::new(false),
             reachable: AtomicBool::new(false),
+            outages: AtomicU64::new(0),
             last_ok_ms: AtomicU64::new(0),
             started: Instant::now(),
         }
@@ -133,6 +138,22 @@ impl DbStatus {
     /// Returns once migrations are applied (at once if they already are).
     pub async fn wait_migrated(&self) {
         let _ = self.migrated_signal.subscribe().wait_for(|m| *m).await;
+    }
+
+    /// Records whether Postgres answered the health probe.
+    pub fn set_reachable(&self, reachable: bool) {
+        self.reachable.store(reachable, Ordering::Release);
+        if !reachable {
+            self.record_outage();
+        }
+    }
+
+    pub(crate) fn record_outage(&self) {
+        self.outages.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn outages(&self) -> u64 {
+        self.outages.load(Ordering::Acquire)
     }
 
     pub(crate) fn record_success(&self) {

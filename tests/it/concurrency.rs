@@ -36,14 +36,28 @@ const KEYS: usize = 6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_mixed_operations_match_a_sequential_model() {
-    // A small pool and few in-flight batches, so requests queue and batches really form.
+    mixed_operations_match_a_sequential_model(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_mixed_operations_on_two_data_threads_match_a_sequential_model() {
+    // The client's connections are spread over both threads: each thread's batches race the
+    // other's on the same keys.
+    mixed_operations_match_a_sequential_model(2).await;
+}
+
+async fn mixed_operations_match_a_sequential_model(data_threads: u32) {
+    // A small pool (4 per thread) and few in-flight batches, so requests queue and batches
+    // really form.
     let s = Arc::new(
         Sidecar::builder()
-            .env("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "4")
+            .env("PGSIDECAR_SERVER__WORKER_THREADS", data_threads)
+            .env("PGSIDECAR_DATABASE__MAX_CONNECTIONS", 4 * data_threads)
             .env("PGSIDECAR_BATCH__MAX_IN_FLIGHT", "2")
             .start()
             .await,
     );
+    assert!(s.logs.contains(&format!("\"data_threads\":{data_threads}")));
     let base = Instant::now();
     let log = Arc::new(std::sync::Mutex::new(Vec::<Done>::new()));
     let mut tasks = Vec::new();
@@ -206,6 +220,7 @@ async fn more_requests_than_connections(data_threads: u32) {
             .start()
             .await,
     );
+    assert!(s.logs.contains(&format!("\"data_threads\":{data_threads}")));
     let mut tasks = Vec::new();
     for i in 0..80 {
         let s = s.clone();
@@ -370,6 +385,9 @@ async fn data_threads_split_the_pool_and_see_each_others_writes() {
         .env("PGSIDECAR_SERVER__WORKER_THREADS", "2")
         .env("PGSIDECAR_DATABASE__MAX_CONNECTIONS", "2")
         .env("PGSIDECAR_DATABASE__MIN_CONNECTIONS", "2")
+        // The reads below wait on a lock for as long as the test needs.
+        .env("PGSIDECAR_DATABASE__STATEMENT_TIMEOUT_MS", "20000")
+        .env("PGSIDECAR_SERVER__REQUEST_TIMEOUT_MS", "30000")
         .env("PGSIDECAR_CLEANUP__ENABLED", "false")
         .start()
         .await;

@@ -107,6 +107,7 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
         .db(&pg.url())
         .env("PGSIDECAR_DATABASE__CONNECT_TIMEOUT_SECONDS", "2")
         .env("PGSIDECAR_DATABASE__ACQUIRE_TIMEOUT_MS", "1000")
+        .env("PGSIDECAR_SERVER__WORKER_THREADS", "2")
         .no_wait()
         .start()
         .await;
@@ -130,6 +131,12 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
     // Postgres appears: the sidecar becomes ready by itself.
     pg.start();
     wait_status(&s, "/ready", 200, Duration::from_secs(20)).await;
+    // Two client connections, opened first, so one lands on each data thread; each thread
+    // then holds a Postgres connection.
+    let mut conns = [s.connection().await, s.connection().await];
+    for c in &mut conns {
+        assert_eq!(c.send("PUT", "/v1/cache/w", Some("0")).await.0, 204);
+    }
     assert_eq!(s.put_cache("acked", r#"{"v":1}"#, "").await.status(), 204);
 
     // Postgres goes away: 503 within two probe intervals (plus the probe timeout), data fails fast.
@@ -156,6 +163,13 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
     // Back again: recovery without a restart, and the acknowledged write is there.
     pg.start();
     wait_status(&s, "/ready", 200, Duration::from_secs(20)).await;
+    // Writes are never retried on a broken connection, so a data thread still holding one from
+    // before the outage would fail its first write. The probe (on thread 0) dropped thread 0's;
+    // the other thread sent no statement during the outage, and dropped its own when it saw
+    // that the outage had been recorded.
+    for c in &mut conns {
+        assert_eq!(c.send("PUT", "/v1/cache/w", Some("1")).await.0, 204);
+    }
     let mut ok = false;
     for _ in 0..20 {
         let r = s.get_cache("acked").await;
