@@ -95,6 +95,16 @@ impl Application {
 
         // Data thread 0 is this runtime; the others get a thread and a runtime each.
         let threads = settings.data_threads();
+        if settings.database.max_connections < 5 * threads as u32 {
+            // Below 5, batches may take every connection of a thread (see `batch::Share`).
+            tracing::warn!(
+                data_threads = threads,
+                max_connections = settings.database.max_connections,
+                "fewer than 5 pool connections per data thread: unbatched statements (session \
+                 create and revoke, deletes, the health probe) may wait behind batches; lower \
+                 server.worker_threads or raise database.max_connections"
+            );
+        }
         let guard = Guard::new(&settings.server);
         let store = Store::with_status(&settings.for_data_thread(0, threads), status.clone())
             .map_err(|e| e.to_string())?;

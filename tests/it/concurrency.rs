@@ -221,6 +221,11 @@ async fn more_requests_than_connections(data_threads: u32) {
             .await,
     );
     assert!(s.logs.contains(&format!("\"data_threads\":{data_threads}")));
+    // A pool this small is allowed, with a warning at start-up.
+    assert!(
+        s.logs
+            .contains("fewer than 5 pool connections per data thread")
+    );
     let mut tasks = Vec::new();
     for i in 0..80 {
         let s = s.clone();
