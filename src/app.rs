@@ -101,8 +101,13 @@ impl Application {
                 data_threads = threads,
                 max_connections = settings.database.max_connections,
                 "fewer than 5 pool connections per data thread: unbatched statements (session \
-                 create and revoke, deletes, the health probe) may wait behind batches; lower \
-                 server.worker_threads or raise database.max_connections"
+                 create and revoke, deletes, the health probe) may wait behind batches; raise \
+                 database.max_connections{}",
+                if threads > 1 {
+                    " or lower server.worker_threads"
+                } else {
+                    ""
+                }
             );
         }
         let guard = Guard::new(&settings.server);
@@ -161,6 +166,7 @@ impl Application {
                 .for_data_thread(0, threads)
                 .database
                 .min_connections,
+            idle_timeout(&settings),
             lifecycle.clone(),
         )));
         tasks.push(tokio::spawn(ops::health::run(
@@ -353,6 +359,7 @@ impl DataThread {
             let warm = tokio::spawn(warm_up(
                 store.clone(),
                 settings.database.min_connections,
+                idle_timeout(&settings),
                 lifecycle,
             ));
             let app = data_router(store.clone(), &settings, guard);
@@ -369,15 +376,25 @@ impl DataThread {
     }
 }
 
-/// Opens a store's share of `database.min_connections` once migrations are applied.
-async fn warm_up(store: Store, n: u32, lifecycle: Lifecycle) {
+/// Opens a store's share of `database.min_connections` once migrations are applied, then
+/// hands connections resting unused past `database.idle_timeout_seconds` back to sqlx (which
+/// closes those above the minimum). A statement trims too, but a quiet thread runs none.
+async fn warm_up(store: Store, n: u32, idle_timeout: Duration, lifecycle: Lifecycle) {
     tokio::select! {
         _ = lifecycle.stopped() => {}
         _ = async {
             store.status().wait_migrated().await;
             store.warm_up(n).await;
+            loop {
+                tokio::time::sleep(idle_timeout).await;
+                store.trim_idle();
+            }
         } => {}
     }
+}
+
+fn idle_timeout(settings: &Settings) -> Duration {
+    Duration::from_secs(settings.database.idle_timeout_seconds.max(1))
 }
 
 /// Closes a store's pool, waiting at most 2 s for its connections.

@@ -51,6 +51,7 @@ impl ApiError {
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Db(DbError::Unavailable(_))
+            | Self::Db(DbError::ConnectionLost(_))
             | Self::Db(DbError::PoolExhausted)
             | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -66,9 +67,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",
-            Self::Db(DbError::Unavailable(_)) | Self::Db(DbError::PoolExhausted) => {
-                "database_unavailable"
-            }
+            Self::Db(
+                DbError::Unavailable(_) | DbError::ConnectionLost(_) | DbError::PoolExhausted,
+            ) => "database_unavailable",
             Self::Db(DbError::Timeout) => "database_timeout",
             Self::Db(DbError::Other(_)) | Self::Internal => "internal",
         }
@@ -77,9 +78,9 @@ impl ApiError {
     /// The text sent to the client: never an internal cause.
     fn public_message(&self) -> String {
         match self {
-            Self::Db(DbError::Unavailable(_)) | Self::Db(DbError::PoolExhausted) => {
-                "the database is unavailable; retry shortly".into()
-            }
+            Self::Db(
+                DbError::Unavailable(_) | DbError::ConnectionLost(_) | DbError::PoolExhausted,
+            ) => "the database is unavailable; retry shortly".into(),
             Self::Db(DbError::Timeout) => {
                 "the database did not answer in time; retry shortly".into()
             }
@@ -96,7 +97,7 @@ impl IntoResponse for ApiError {
             // The one place a database failure behind a client error is logged.
             match e {
                 DbError::Other(cause) => tracing::error!(error = %cause, "database error"),
-                DbError::Unavailable(cause) => {
+                DbError::Unavailable(cause) | DbError::ConnectionLost(cause) => {
                     tracing::warn!(error = %cause, "database unavailable")
                 }
                 DbError::Timeout => tracing::warn!("database statement timed out"),

@@ -211,7 +211,7 @@ async fn dispatch<O: BatchOp>(
                     })
             };
             let mut result = run().await;
-            if O::RETRY_ON_BROKEN_CONNECTION && matches!(result, Err(DbError::Unavailable(_))) {
+            if O::RETRY_ON_BROKEN_CONNECTION && matches!(result, Err(DbError::ConnectionLost(_))) {
                 // Usually a connection that died with a Postgres restart: the held connections
                 // were handed back, so the retry gets a fresh one (or fails the same way).
                 result = run().await;

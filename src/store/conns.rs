@@ -54,7 +54,8 @@ impl Conns {
         // Postgres was found gone since this list was last emptied (maybe by another store):
         // its connections are likely dead, so hand them to sqlx, which tests them.
         let outages = self.status.outages();
-        if self.outages_seen.swap(outages, Ordering::AcqRel) != outages {
+        if self.outages_seen.load(Ordering::Acquire) != outages {
+            self.outages_seen.store(outages, Ordering::Release);
             self.clear();
         }
         let reused = {
@@ -123,10 +124,11 @@ impl Held<'_> {
     }
 
     /// Marks the connection reusable unless the statement failed because the connection or
-    /// the server is gone; in that case the other free connections are likely dead too.
+    /// the server is gone.
     pub fn finish<T>(mut self, result: &Result<T, DbError>) {
         match result {
-            Err(DbError::Unavailable(_)) => {
+            Err(DbError::ConnectionLost(_)) => {
+                // The other free connections (of every data thread) are likely dead too.
                 self.owner.status.record_outage();
                 self.owner.clear();
             }

@@ -54,9 +54,13 @@ pub mod sessions;
 /// Why a database call failed, as far as a caller needs to know.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum DbError {
-    /// No connection could be had, or it broke: retrying later may work.
+    /// The database refused or failed the work for a reason a retry later may clear
+    /// (shutting down, deadlock, resources, read-only, no answer in time).
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The connection broke (or none could be opened): Postgres went away or restarted.
+    #[error("database connection lost: {0}")]
+    ConnectionLost(String),
     /// Every pooled connection stayed busy for `database.acquire_timeout_ms`.
     #[error("no database connection free within the acquire timeout")]
     PoolExhausted,
@@ -71,21 +75,23 @@ impl From<sqlx::Error> for DbError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::PoolTimedOut => DbError::PoolExhausted,
-            sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
+            sqlx::Error::PoolClosed => DbError::Unavailable(e.to_string()),
+            sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
-            | sqlx::Error::WorkerCrashed => DbError::Unavailable(e.to_string()),
+            | sqlx::Error::WorkerCrashed => DbError::ConnectionLost(e.to_string()),
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("57014") => DbError::Timeout,
-                // Conditions a retry may clear, answered 503 rather than 500: 08xxx connection
-                // exceptions; 57P01-03 shutdown, crash, cannot connect now; 40001/40P01
+                // 08xxx connection exceptions; 57P01-03 admin shutdown, crash shutdown, cannot
+                // connect now: the session is gone.
+                Some(c) if c.starts_with("08") || c.starts_with("57P") => {
+                    DbError::ConnectionLost(e.to_string())
+                }
+                // Other conditions a retry may clear, answered 503 rather than 500: 40001/40P01
                 // serialization failure, deadlock; 55P03 lock not available; 53xxx insufficient
                 // resources; 25006 read-only transaction (e.g. just after a failover).
                 Some(c)
-                    if c.starts_with("08")
-                        || c.starts_with("57P")
-                        || c.starts_with("40")
+                    if c.starts_with("40")
                         || c.starts_with("53")
                         || c == "55P03"
                         || c == "25006" =>
@@ -157,8 +163,12 @@ impl DbStatus {
     }
 
     pub(crate) fn record_success(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_ok_ms.store(ms.max(1), Ordering::Release);
+        // Every statement of every data thread passes here: write the shared line only when
+        // the value changes (once a millisecond at most).
+        let ms = (self.started.elapsed().as_millis() as u64).max(1);
+        if self.last_ok_ms.load(Ordering::Relaxed) != ms {
+            self.last_ok_ms.store(ms, Ordering::Release);
+        }
     }
 
     /// Whether some statement succeeded within `window`: Postgres answered recently, even if
@@ -397,8 +407,10 @@ fn build_pool(settings: &Settings) -> Result<PgPool, DbError> {
         .min_connections(d.min_connections)
         .idle_timeout(Some(Duration::from_secs(d.idle_timeout_seconds.max(1))))
         .acquire_timeout(Duration::from_millis(d.acquire_timeout_ms))
-        // A broken connection shows up as one failed query; a ping per acquire would cost a round trip on every request.
-        .test_before_acquire(false)
+        // sqlx pings a connection from its idle queue before handing it out, so one left
+        // there from before a Postgres restart is never given to a statement. The store's own
+        // free list (conns.rs) serves almost every statement, without that ping.
+        .test_before_acquire(true)
         .connect_lazy_with(opts))
 }
 

@@ -108,6 +108,9 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
         .env("PGSIDECAR_DATABASE__CONNECT_TIMEOUT_SECONDS", "2")
         .env("PGSIDECAR_DATABASE__ACQUIRE_TIMEOUT_MS", "1000")
         .env("PGSIDECAR_SERVER__WORKER_THREADS", "2")
+        // The client connections below stay idle across the outage; the header-read timeout
+        // also closes idle keep-alive connections.
+        .env("PGSIDECAR_SERVER__HEADER_READ_TIMEOUT_MS", "60000")
         .no_wait()
         .start()
         .await;
@@ -131,8 +134,8 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
     // Postgres appears: the sidecar becomes ready by itself.
     pg.start();
     wait_status(&s, "/ready", 200, Duration::from_secs(20)).await;
-    // Two client connections, opened first, so one lands on each data thread; each thread
-    // then holds a Postgres connection.
+    // Two client connections open at once land on different data threads; each thread then
+    // holds a Postgres connection.
     let mut conns = [s.connection().await, s.connection().await];
     for c in &mut conns {
         assert_eq!(c.send("PUT", "/v1/cache/w", Some("0")).await.0, 204);
@@ -178,7 +181,7 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
             ok = true;
             break;
         }
-        // A pooled connection broken by the restart fails one request, then is replaced.
+        // Readiness follows the probe; a read may still race it.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "reads recover after the restart");
