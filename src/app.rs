@@ -11,13 +11,6 @@ use rand::RngExt;
 use tokio::sync::oneshot;
 
 use crate::config::Settings;
-use std::convert::Infallible;
-
-use axum::extract::Request;
-use axum::response::Response;
-use hyper::body::Incoming;
-use tower::Service;
-
 use crate::http::{Guard, LaneRx, Listener, serve};
 use crate::ops::health::{Health, Prober};
 use crate::ops::{self, OpsState};
@@ -160,15 +153,7 @@ impl Application {
             lifecycle.clone(),
             health.clone(),
         )));
-        tasks.push(tokio::spawn(warm_up(
-            store.clone(),
-            settings
-                .for_data_thread(0, threads)
-                .database
-                .min_connections,
-            idle_timeout(&settings),
-            lifecycle.clone(),
-        )));
+        tasks.push(tokio::spawn(keep_warm(store.clone(), lifecycle.clone())));
         tasks.push(tokio::spawn(ops::health::run(
             health.clone(),
             Prober::new(store.clone(), settings.health.clone()),
@@ -224,10 +209,7 @@ impl Application {
         std::thread::Builder::new()
             .name("pgsidecar-ops".into())
             .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
+                match current_thread_runtime() {
                     Ok(rt) => {
                         rt.block_on(serve(ops, ops_router, header_timeout, ops_lifecycle, grace))
                     }
@@ -238,12 +220,8 @@ impl Application {
             .map_err(|e| format!("cannot start the ops thread: {e}"))?;
 
         let accept = tokio::spawn(crate::http::accept(data, lanes, lifecycle.clone()));
-        let data_server = tokio::spawn(crate::http::serve_lane(
-            first_rx,
-            data_router(store.clone(), &settings, guard),
-            header_timeout,
-            grace,
-        ));
+        let data_server =
+            tokio::spawn(serve_data(first_rx, store.clone(), settings.clone(), guard));
 
         // Wait for a signal (or a stop from the embedding code, e.g. a test).
         tokio::select! {
@@ -292,22 +270,30 @@ impl Application {
     }
 }
 
-/// The data API's router with its edge, for one data thread's store.
-fn data_router(
-    store: Store,
-    settings: &Settings,
-    guard: Guard,
-) -> impl Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
-+ Clone
-+ Send
-+ 'static {
-    crate::http::edge(
-        crate::api::router(store, settings),
+/// A current-thread runtime: the main thread's, each data thread's and the ops thread's.
+pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Serves the data API on one data thread: the connections arriving on `lane`, with the
+/// thread's own store, until the acceptor stops and in-flight requests have finished.
+async fn serve_data(lane: LaneRx, store: Store, settings: Settings, guard: Guard) {
+    let app = crate::http::edge(
+        crate::api::router(store, &settings),
         "data",
         crate::api::route_table().into_iter().map(|(_, path)| path),
         Some(guard),
         settings.server.max_body_bytes,
+    );
+    crate::http::serve_lane(
+        lane,
+        app,
+        Duration::from_millis(settings.server.header_read_timeout_ms),
+        Duration::from_secs(settings.shutdown.grace_seconds),
     )
+    .await;
 }
 
 /// A data thread beyond the first: its own current-thread runtime, its own slice of the pool
@@ -329,10 +315,7 @@ impl DataThread {
     /// Builds the store, hands a clone back through `started` (for the pool gauges), serves
     /// until the acceptor stops, then closes the pool.
     fn run(self, started: oneshot::Sender<Result<Store, String>>) {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
+        let rt = match current_thread_runtime() {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = started.send(Err(format!("cannot start a data runtime: {e}")));
@@ -356,45 +339,20 @@ impl DataThread {
                 }
             };
             let _ = started.send(Ok(store.clone()));
-            let warm = tokio::spawn(warm_up(
-                store.clone(),
-                settings.database.min_connections,
-                idle_timeout(&settings),
-                lifecycle,
-            ));
-            let app = data_router(store.clone(), &settings, guard);
-            crate::http::serve_lane(
-                lane,
-                app,
-                Duration::from_millis(settings.server.header_read_timeout_ms),
-                Duration::from_secs(settings.shutdown.grace_seconds),
-            )
-            .await;
+            let warm = tokio::spawn(keep_warm(store.clone(), lifecycle));
+            serve_data(lane, store.clone(), settings, guard).await;
             warm.abort();
             close(store).await;
         });
     }
 }
 
-/// Opens a store's share of `database.min_connections` once migrations are applied, then
-/// hands connections resting unused past `database.idle_timeout_seconds` back to sqlx (which
-/// closes those above the minimum). A statement trims too, but a quiet thread runs none.
-async fn warm_up(store: Store, n: u32, idle_timeout: Duration, lifecycle: Lifecycle) {
+/// Keeps a data thread's store warm (see [`Store::keep_warm`]) until the sidecar stops.
+async fn keep_warm(store: Store, lifecycle: Lifecycle) {
     tokio::select! {
         _ = lifecycle.stopped() => {}
-        _ = async {
-            store.status().wait_migrated().await;
-            store.warm_up(n).await;
-            loop {
-                tokio::time::sleep(idle_timeout).await;
-                store.trim_idle();
-            }
-        } => {}
+        _ = store.keep_warm() => {}
     }
-}
-
-fn idle_timeout(settings: &Settings) -> Duration {
-    Duration::from_secs(settings.database.idle_timeout_seconds.max(1))
 }
 
 /// Closes a store's pool, waiting at most 2 s for its connections.
@@ -438,7 +396,7 @@ async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, healt
                     "database ready: migrations applied"
                 );
                 // Readiness follows at once rather than at the next probe round. Every data
-                // thread warms its own connections (see `warm_up`).
+                // thread warms its own connections (see `keep_warm`).
                 health.probe_now();
                 return;
             }

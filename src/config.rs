@@ -597,6 +597,11 @@ impl Settings {
         s
     }
 
+    /// `database.idle_timeout_seconds`, at least a second.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.database.idle_timeout_seconds.max(1))
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.server.request_timeout_ms)
     }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use pgsidecar::app::{Application, Telemetry};
+use pgsidecar::app::{Application, Telemetry, current_thread_runtime};
 use pgsidecar::config::{ListenAddr, Settings};
 use pgsidecar::shutdown::Lifecycle;
 use pgsidecar::store::Store;
@@ -79,14 +79,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The main thread's runtime: a current-thread one. It accepts connections, runs the
-/// background tasks, and is data thread 0 (see `server.worker_threads` and `app::DataThread`).
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-}
-
 fn serve(settings: Settings) -> ExitCode {
     let log = pgsidecar::telemetry::init(&settings.log.level, std::io::stdout());
     // Panics become JSON log lines like everything else. Only the location is logged: a panic
@@ -105,7 +97,9 @@ fn serve(settings: Settings) -> ExitCode {
             None
         }
     };
-    let rt = match runtime() {
+    // The main thread's runtime accepts connections, runs the background tasks, and is data
+    // thread 0 (see `server.worker_threads` and `app::DataThread`).
+    let rt = match current_thread_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
@@ -140,7 +134,7 @@ fn serve(settings: Settings) -> ExitCode {
 
 fn migrate(settings: Settings) -> ExitCode {
     let log = pgsidecar::telemetry::init(&settings.log.level, std::io::stdout());
-    let Ok(rt) = runtime() else {
+    let Ok(rt) = current_thread_runtime() else {
         return ExitCode::FAILURE;
     };
     let code = rt.block_on(async {

@@ -85,6 +85,10 @@ impl Conns {
         })
     }
 
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
     /// Connections waiting in the free list (they count as idle).
     pub fn idle(&self) -> usize {
         self.free_list().len()

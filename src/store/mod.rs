@@ -200,6 +200,8 @@ pub struct Store {
 #[derive(Clone, Debug)]
 pub struct StoreSettings {
     pub connect_timeout: Duration,
+    /// Connections this store opens at start and keeps (its share of `min_connections`).
+    pub min_connections: u32,
     pub session_update_age_seconds: u32,
     pub cleanup_batch_size: u32,
     pub cleanup_lease_seconds: u32,
@@ -220,8 +222,11 @@ impl Store {
 
     pub fn with_pool(pool: PgPool, status: Arc<DbStatus>, settings: &Settings) -> Self {
         let b = &settings.batch;
-        let idle = Duration::from_secs(settings.database.idle_timeout_seconds.max(1));
-        let conns = Arc::new(conns::Conns::new(pool.clone(), idle, status.clone()));
+        let conns = Arc::new(conns::Conns::new(
+            pool.clone(),
+            settings.idle_timeout(),
+            status.clone(),
+        ));
         let d = &settings.database;
         let share = batch::Share::new(d.max_connections as usize, BATCH_KINDS, b.max_in_flight);
         let limits = batch::BatchLimits {
@@ -244,6 +249,7 @@ impl Store {
             status,
             settings: Arc::new(StoreSettings {
                 connect_timeout: Duration::from_secs(d.connect_timeout_seconds),
+                min_connections: d.min_connections,
                 session_update_age_seconds: settings.sessions.update_age_seconds,
                 cleanup_batch_size: settings.cleanup.batch_size,
                 cleanup_lease_seconds: settings.cleanup.lease_seconds,
@@ -332,8 +338,21 @@ impl Store {
         Ok(())
     }
 
+    /// Once migrations are applied, opens `min_connections` so the first requests find them
+    /// ready (in the free list); then, every idle timeout, hands connections resting unused
+    /// that long back to sqlx (which closes those above the minimum). A statement trims too,
+    /// but a quiet data thread runs none. Runs until dropped.
+    pub async fn keep_warm(&self) {
+        self.status.wait_migrated().await;
+        self.warm_up(self.settings.min_connections).await;
+        loop {
+            tokio::time::sleep(self.conns.idle_timeout()).await;
+            self.conns.trim();
+        }
+    }
+
     /// Opens `n` connections so the first requests find them ready (in the free list).
-    pub async fn warm_up(&self, n: u32) {
+    async fn warm_up(&self, n: u32) {
         let mut held = Vec::new();
         for _ in 0..n {
             match self.conns.get().await {
@@ -362,11 +381,6 @@ impl Store {
     /// Hands every free connection back to the pool (at shutdown, before closing it).
     pub fn release_connections(&self) {
         self.conns.clear();
-    }
-
-    /// Hands connections idle longer than `database.idle_timeout_seconds` back to the pool.
-    pub fn trim_idle(&self) {
-        self.conns.trim();
     }
 
     /// One round trip; returns whether the sidecar's tables are present.
@@ -405,7 +419,7 @@ fn build_pool(settings: &Settings) -> Result<PgPool, DbError> {
     Ok(PgPoolOptions::new()
         .max_connections(d.max_connections)
         .min_connections(d.min_connections)
-        .idle_timeout(Some(Duration::from_secs(d.idle_timeout_seconds.max(1))))
+        .idle_timeout(Some(settings.idle_timeout()))
         .acquire_timeout(Duration::from_millis(d.acquire_timeout_ms))
         // sqlx pings a connection from its idle queue before handing it out, so one left
         // there from before a Postgres restart is never given to a statement. The store's own
