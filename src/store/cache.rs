@@ -210,17 +210,25 @@ impl BatchOp for WriteBatch {
     }
 }
 
-/// Escapes LIKE wildcards so a prefix matches literally (`\` is Postgres' default LIKE escape).
-fn like_prefix(prefix: &str) -> String {
-    let mut out = String::with_capacity(prefix.len() + 1);
-    for c in prefix.chars() {
-        if matches!(c, '\\' | '%' | '_') {
-            out.push('\\');
+/// The least string above every string that starts with `prefix`, in byte order (the key
+/// column's "C" collation, which for UTF-8 is code point order): the prefix with its last
+/// character stepped up, after dropping trailing U+10FFFF. None when every character is U+10FFFF.
+///
+/// `key >= prefix AND key < end` is then exactly "starts with prefix", and unlike `LIKE $1` it
+/// is an index range under a generic plan (see `plan_cache_mode` in `build_pool`).
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last {
+            '\u{D7FF}' => Some('\u{E000}'), // skip the surrogates, which are not chars
+            c => char::from_u32(c as u32 + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
         }
-        out.push(c);
     }
-    out.push('%');
-    out
+    None
 }
 
 fn count_hits(operation: &'static str, hits: usize, misses: usize) {
@@ -276,11 +284,16 @@ impl Store {
     /// Deletes every key starting with `prefix` (taken literally); returns how many went.
     pub async fn cache_delete_prefix(&self, prefix: &str) -> Result<u64, DbError> {
         self.ensure_available()?;
-        let done = run!(self.conns, "cache_delete_prefix", |c| sqlx::query(
-            "DELETE FROM cache WHERE key LIKE $1"
-        )
-        .bind(like_prefix(prefix))
-        .execute(c))
+        let end = prefix_end(prefix);
+        let done = run!(self.conns, "cache_delete_prefix", |c| match &end {
+            Some(end) => sqlx::query("DELETE FROM cache WHERE key >= $1 AND key < $2")
+                .bind(prefix)
+                .bind(end)
+                .execute(c),
+            None => sqlx::query("DELETE FROM cache WHERE key >= $1")
+                .bind(prefix)
+                .execute(c),
+        })
         .await?;
         Ok(done.rows_affected())
     }
@@ -325,7 +338,24 @@ mod tests {
     }
 
     #[test]
-    fn prefixes_are_literal() {
-        assert_eq!(like_prefix("a%b_c\\"), "a\\%b\\_c\\\\%");
+    fn prefix_ranges() {
+        let end = |p: &str| prefix_end(p);
+        assert_eq!(end("user:").as_deref(), Some("user;"));
+        assert_eq!(end("a%").as_deref(), Some("a&"));
+        assert_eq!(end("é").as_deref(), Some("ê"));
+        assert_eq!(end("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+        assert_eq!(end("ab\u{10FFFF}\u{10FFFF}").as_deref(), Some("ac"));
+        assert_eq!(end("\u{10FFFF}"), None);
+        // Every key that starts with the prefix sorts inside [prefix, end), byte-wise.
+        for p in ["a", "z\u{10FFFF}", "\u{D7FF}", "\u{7F}"] {
+            let e = end(p).unwrap();
+            for tail in ["", "\u{0}", "~", "\u{10FFFF}\u{10FFFF}", "ÿ"] {
+                let k = format!("{p}{tail}");
+                assert!(
+                    p.as_bytes() <= k.as_bytes() && k.as_bytes() < e.as_bytes(),
+                    "{k:?}"
+                );
+            }
+        }
     }
 }

@@ -415,6 +415,14 @@ fn build_pool(settings: &Settings) -> Result<PgPool, DbError> {
         .options([
             ("search_path", d.schema.clone()),
             ("statement_timeout", d.statement_timeout_ms.to_string()),
+            // Plan each prepared statement once per connection. Left to choose, Postgres
+            // re-plans the batched `= ANY($1)` and `UNNEST` statements on every execution: it
+            // costs their generic plan for ten elements and a custom plan for the real count,
+            // so the custom one always looks cheaper. Planning cost more than running the
+            // statement (bench: 100 against 55 µs of Postgres CPU per cache read at one
+            // connection). Every statement here has an index plan without its parameters' values
+            // (the prefix delete is a range for that reason). Needs PostgreSQL 12 or newer.
+            ("plan_cache_mode", "force_generic_plan".to_string()),
         ]);
     Ok(PgPoolOptions::new()
         .max_connections(d.max_connections)

@@ -394,10 +394,28 @@ async fn mget_with_duplicates_and_misses() {
 async fn prefix_deletion_is_literal() {
     let s = Sidecar::start().await;
     for k in [
-        "user:1", "user:2", "user:10", "users", "a%b1", "a%b2", "axb", "a_c1", "abc", "x\\y1",
+        "user:1",
+        "user:2",
+        "user:10",
+        "users",
+        "user;",
+        "a%b1",
+        "a%b2",
+        "axb",
+        "a_c1",
+        "abc",
+        "x\\y1",
         "x\\z",
+        "é1",
+        "é",
+        "ê",
+        "e\u{10FFFF}",
+        "e\u{10FFFF}x",
+        "f",
+        "\u{D7FF}a",
+        "\u{E000}",
     ] {
-        s.put_cache(k, "1", "").await;
+        assert_eq!(s.put_cache(k, "1", "").await.status(), 204, "{k:?}");
     }
     let del = |p: &str| {
         s.http
@@ -431,6 +449,20 @@ async fn prefix_deletion_is_literal() {
         del("nothing").await.unwrap().json::<Value>().await.unwrap(),
         json!({"deleted": 0})
     );
+    // Beyond ASCII: the prefix is a byte range, whose end steps over the last character.
+    for (prefix, deleted, kept) in [
+        ("é", 2, "ê"),
+        ("e\u{10FFFF}", 2, "f"),
+        ("\u{D7FF}", 1, "\u{E000}"),
+    ] {
+        assert_eq!(
+            del(prefix).await.unwrap().json::<Value>().await.unwrap(),
+            json!({ "deleted": deleted }),
+            "{prefix:?}"
+        );
+        assert_eq!(s.get_cache(kept).await.status(), 200, "{kept:?}");
+    }
+    assert_eq!(s.get_cache("user;").await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
