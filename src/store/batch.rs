@@ -3,20 +3,16 @@
 //! Callers push a job on a channel and wait for their own answer. A dispatcher takes the first
 //! job, waits for one of `max_in_flight` permits, yields once so connection tasks that are
 //! already runnable can queue their jobs too, then drains whatever is queued (up to `max_size`,
-//! and up to `MAX_BATCH_WEIGHT`) into the same batch. There is no timer: batches grow only while
-//! requests arrive faster than single queries could serve them, which is exactly when one
-//! `= ANY($1)` query beats many single-row ones.
-//!
-//! A read that finds its kind idle (nothing queued, no batch running) skips the dispatcher and
-//! runs as a batch of one in the caller's own task: at low load almost every request is such a
-//! call, and the hops through the queue, the dispatcher and a spawned task cost it 11% of its
-//! instructions (callgrind, cache hit at one connection).
+//! and up to `MAX_BATCH_WEIGHT`) into the same batch. There is no timer: a lone request finds a
+//! free permit and goes to the database at once; batches grow only while requests arrive faster
+//! than single queries could serve them, which is exactly when one `= ANY($1)` query beats many
+//! single-row ones.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::DbError;
 use crate::metrics as m;
@@ -30,11 +26,6 @@ pub trait BatchOp: Send + Sync + 'static {
     /// Whether a batch that failed because its connection broke may run again. True only for
     /// work whose repetition cannot undo a newer write (reads, conditional refreshes).
     const RETRY_ON_BROKEN_CONNECTION: bool;
-    /// Whether a call that finds this kind idle runs as a batch of one in the caller's own
-    /// task. Only for work that never waits on a lock: a caller that gives up (client gone)
-    /// cancels its statement and frees its slot at once, while Postgres may still be running
-    /// it; a batch run by the dispatcher keeps its slot until the statement ends.
-    const INLINE_WHEN_IDLE: bool = false;
     /// A batch is cut once its items weigh this much (see [`BatchOp::weight`]).
     const MAX_BATCH_WEIGHT: usize = usize::MAX;
     /// The weight of one item, e.g. its bytes.
@@ -72,52 +63,13 @@ pub struct BatchLimits {
 /// The handle callers use; cloning shares the dispatcher.
 pub struct Batcher<O: BatchOp> {
     tx: mpsc::Sender<Job<O>>,
-    kind: Arc<Kind<O>>,
 }
 
 impl<O: BatchOp> Clone for Batcher<O> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
-            kind: self.kind.clone(),
         }
-    }
-}
-
-/// What the dispatcher and the idle fast path share: the work and its limits.
-struct Kind<O> {
-    op: O,
-    /// Batches of this kind running at once.
-    permits: Arc<Semaphore>,
-    max_in_flight: usize,
-    /// This kind's own connection slots, then the ones every kind shares.
-    reserved: Arc<Semaphore>,
-    shared: Arc<Semaphore>,
-    deadline: Duration,
-}
-
-impl<O: BatchOp> Kind<O> {
-    /// Runs one batch under the client-side deadline; a read retries once on a fresh connection.
-    async fn run(&self, items: &[O::Item]) -> Result<Vec<O::Output>, DbError> {
-        m::cached::record(m::BATCH_SIZE, &[("operation", O::NAME)], items.len() as f64);
-        let run = || async {
-            tokio::time::timeout(self.deadline, self.op.run(items))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(DbError::Unavailable(format!(
-                        "{} batch got no answer within {} ms",
-                        O::NAME,
-                        self.deadline.as_millis()
-                    )))
-                })
-        };
-        let result = run().await;
-        if O::RETRY_ON_BROKEN_CONNECTION && matches!(result, Err(DbError::ConnectionLost(_))) {
-            // Usually a connection that died with a Postgres restart: the held connections
-            // were handed back, so the retry gets a fresh one (or fails the same way).
-            return run().await;
-        }
-        result
     }
 }
 
@@ -168,28 +120,20 @@ impl<O: BatchOp> Batcher<O> {
             deadline,
         } = limits;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let kind = Arc::new(Kind {
-            op,
-            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
-            max_in_flight: max_in_flight.max(1),
-            reserved: Arc::new(Semaphore::new(reserved)),
+        tokio::spawn(dispatch(
+            Arc::new(op),
+            rx,
+            max_size.max(1),
+            Arc::new(Semaphore::new(max_in_flight.max(1))),
+            Arc::new(Semaphore::new(reserved)),
             shared,
             deadline,
-        });
-        tokio::spawn(dispatch(kind.clone(), rx, max_size.max(1)));
-        Self { tx, kind }
+        ));
+        Self { tx }
     }
 
-    /// Runs `item` (in a batch of one when this kind is idle, else in the next batch) and
-    /// waits for its answer.
+    /// Queues `item` and waits for its answer.
     pub async fn call(&self, item: O::Item) -> Result<O::Output, DbError> {
-        if let Some(_slots) = O::INLINE_WHEN_IDLE.then(|| self.idle_slots()).flatten() {
-            let mut outputs = self.kind.run(std::slice::from_ref(&item)).await?;
-            return match (outputs.pop(), outputs.is_empty()) {
-                (Some(out), true) => Ok(out),
-                _ => Err(wrong_count::<O>()),
-            };
-        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job { item, reply })
@@ -202,45 +146,27 @@ impl<O: BatchOp> Batcher<O> {
             )))
         })
     }
-
-    /// A batch permit and a connection slot, when nothing is queued and no batch of this kind
-    /// is running. The dispatcher holds a permit from the moment it takes a job until that
-    /// job's batch ends, so an idle kind has no job in hand either.
-    fn idle_slots(&self) -> Option<(SemaphorePermit<'_>, SemaphorePermit<'_>)> {
-        let kind = &*self.kind;
-        if self.tx.capacity() < self.tx.max_capacity()
-            || kind.permits.available_permits() < kind.max_in_flight
-        {
-            return None;
-        }
-        let permit = kind.permits.try_acquire().ok()?;
-        let slot = kind
-            .reserved
-            .try_acquire()
-            .or_else(|_| kind.shared.try_acquire())
-            .ok()?;
-        Some((permit, slot))
-    }
 }
 
-fn wrong_count<O: BatchOp>() -> DbError {
-    DbError::Other(format!(
-        "{} batch answered the wrong number of items",
-        O::NAME
-    ))
-}
-
-async fn dispatch<O: BatchOp>(kind: Arc<Kind<O>>, mut rx: mpsc::Receiver<Job<O>>, max_size: usize) {
+async fn dispatch<O: BatchOp>(
+    op: Arc<O>,
+    mut rx: mpsc::Receiver<Job<O>>,
+    max_size: usize,
+    permits: Arc<Semaphore>,
+    reserved: Arc<Semaphore>,
+    shared: Arc<Semaphore>,
+    deadline: Duration,
+) {
     while let Some(first) = rx.recv().await {
-        let Ok(permit) = kind.permits.clone().acquire_owned().await else {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         // A connection slot: one of this kind's own if free, else one of the shared ones,
         // whichever frees first.
         let slot = tokio::select! {
             biased;
-            p = kind.reserved.clone().acquire_owned() => p,
-            p = kind.shared.clone().acquire_owned() => p,
+            p = reserved.clone().acquire_owned() => p,
+            p = shared.clone().acquire_owned() => p,
         };
         let Ok(slot) = slot else {
             return;
@@ -266,20 +192,42 @@ async fn dispatch<O: BatchOp>(kind: Arc<Kind<O>>, mut rx: mpsc::Receiver<Job<O>>
         if jobs.is_empty() {
             continue;
         }
-        let kind = kind.clone();
+        let op = op.clone();
         tokio::spawn(async move {
             let _permits = (permit, slot);
+            m::cached::record(m::BATCH_SIZE, &[("operation", O::NAME)], jobs.len() as f64);
             let (items, replies): (Vec<_>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
-            match kind.run(&items).await {
-                Ok(outputs) if outputs.len() == items.len() => {
+            let expected = items.len();
+            let run = || async {
+                tokio::time::timeout(deadline, op.run(&items))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(DbError::Unavailable(format!(
+                            "{} batch got no answer within {} ms",
+                            O::NAME,
+                            deadline.as_millis()
+                        )))
+                    })
+            };
+            let mut result = run().await;
+            if O::RETRY_ON_BROKEN_CONNECTION && matches!(result, Err(DbError::ConnectionLost(_))) {
+                // Usually a connection that died with a Postgres restart: the held connections
+                // were handed back, so the retry gets a fresh one (or fails the same way).
+                result = run().await;
+            }
+            match result {
+                Ok(outputs) if outputs.len() == expected => {
                     for (reply, out) in replies.into_iter().zip(outputs) {
                         let _ = reply.send(Ok(out));
                     }
                 }
                 Ok(_) => {
                     for reply in replies {
-                        let _ = reply.send(Err(wrong_count::<O>()));
+                        let _ = reply.send(Err(DbError::Other(format!(
+                            "{} batch answered the wrong number of items",
+                            O::NAME
+                        ))));
                     }
                 }
                 Err(e) => {
@@ -338,97 +286,6 @@ mod tests {
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
-    /// Records each batch's size and the task it ran in, and holds it until released.
-    struct Recorder<const INLINE: bool> {
-        batches: Arc<std::sync::Mutex<Vec<(usize, Option<tokio::task::Id>)>>>,
-        gate: Arc<Semaphore>,
-    }
-
-    impl<const INLINE: bool> BatchOp for Recorder<INLINE> {
-        type Item = ();
-        type Output = ();
-        const NAME: &'static str = "test";
-        const RETRY_ON_BROKEN_CONNECTION: bool = false;
-        const INLINE_WHEN_IDLE: bool = INLINE;
-        async fn run(&self, items: &[()]) -> Result<Vec<()>, DbError> {
-            let task = tokio::task::try_id();
-            self.batches.lock().unwrap().push((items.len(), task));
-            let _ = self.gate.acquire().await.map(|p| p.forget());
-            Ok(vec![(); items.len()])
-        }
-    }
-
-    /// One call, then five more while it runs: the batches and the tasks they ran in, and the
-    /// first caller's task.
-    async fn one_then_five<const INLINE: bool>()
-    -> (Vec<(usize, Option<tokio::task::Id>)>, tokio::task::Id) {
-        let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let gate = Arc::new(Semaphore::new(0));
-        let op = Recorder::<INLINE> {
-            batches: batches.clone(),
-            gate: gate.clone(),
-        };
-        let b = Batcher::spawn(
-            op,
-            BatchLimits {
-                max_size: 128,
-                max_in_flight: 8,
-                reserved: 2,
-                shared: Arc::new(Semaphore::new(8)),
-                deadline: Duration::from_secs(30),
-            },
-        );
-        let first = {
-            let b = b.clone();
-            tokio::spawn(async move { (tokio::task::id(), b.call(()).await) })
-        };
-        settle().await;
-        let rest: Vec<_> = (0..5)
-            .map(|_| {
-                let b = b.clone();
-                tokio::spawn(async move { b.call(()).await })
-            })
-            .collect();
-        settle().await;
-        gate.add_permits(1000);
-        let (first_task, answer) = first.await.unwrap();
-        answer.unwrap();
-        for c in rest {
-            c.await.unwrap().unwrap();
-        }
-        let batches = batches.lock().unwrap().clone();
-        (batches, first_task)
-    }
-
-    #[tokio::test]
-    async fn an_idle_read_runs_in_its_callers_task_and_the_rest_are_batched() {
-        let (batches, first_task) = one_then_five::<true>().await;
-        assert_eq!(batches.len(), 2, "{batches:?}");
-        assert_eq!(
-            batches[0],
-            (1, Some(first_task)),
-            "the lone call ran in its own task"
-        );
-        assert_eq!(
-            batches[1].0, 5,
-            "the calls that came meanwhile form one batch"
-        );
-        assert_ne!(batches[1].1, Some(first_task));
-    }
-
-    #[tokio::test]
-    async fn other_kinds_always_go_through_the_dispatcher() {
-        let (batches, first_task) = one_then_five::<false>().await;
-        assert_eq!(batches.len(), 2, "{batches:?}");
-        assert_eq!(batches[0].0, 1);
-        assert_ne!(
-            batches[0].1,
-            Some(first_task),
-            "a batch task ran the lone call"
-        );
-        assert_eq!(batches[1].0, 5);
     }
 
     #[tokio::test]

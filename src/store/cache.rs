@@ -106,7 +106,6 @@ impl BatchOp for ReadBatch {
     type Output = Vec<Option<CacheEntry>>;
     const NAME: &'static str = "cache_get";
     const RETRY_ON_BROKEN_CONNECTION: bool = true;
-    const INLINE_WHEN_IDLE: bool = true;
 
     async fn run(&self, items: &[Self::Item]) -> Result<Vec<Self::Output>, DbError> {
         let mut unique: Vec<&str> = Vec::new();

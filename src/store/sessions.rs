@@ -163,7 +163,6 @@ impl BatchOp for ReadBatch {
     type Output = ReadOutcome;
     const NAME: &'static str = "session_get";
     const RETRY_ON_BROKEN_CONNECTION: bool = true;
-    const INLINE_WHEN_IDLE: bool = true;
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<ReadOutcome>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
