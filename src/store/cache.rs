@@ -215,7 +215,8 @@ impl BatchOp for WriteBatch {
 /// character stepped up, after dropping trailing U+10FFFF. None when every character is U+10FFFF.
 ///
 /// `key >= prefix AND key < end` is then exactly "starts with prefix", and unlike `LIKE $1` it
-/// is an index range under a generic plan (see `plan_cache_mode` in `build_pool`).
+/// is an index range under a generic plan (see `start_up_options`). The key column's "C"
+/// collation, which the first migration chose for `LIKE` prefixes, serves the range as well.
 fn prefix_end(prefix: &str) -> Option<String> {
     let mut chars: Vec<char> = prefix.chars().collect();
     while let Some(last) = chars.pop() {
@@ -286,11 +287,15 @@ impl Store {
         self.ensure_available()?;
         let end = prefix_end(prefix);
         let done = run!(self.conns, "cache_delete_prefix", |c| match &end {
-            Some(end) => sqlx::query("DELETE FROM cache WHERE key >= $1 AND key < $2")
-                .bind(prefix)
-                .bind(end)
-                .execute(c),
-            None => sqlx::query("DELETE FROM cache WHERE key >= $1")
+            // starts_with only guards a database whose encoding is not UTF8 (unsupported):
+            // there byte order is not code point order, and the range alone could be wrong.
+            Some(end) => sqlx::query(
+                "DELETE FROM cache WHERE key >= $1 AND key < $2 AND starts_with(key, $1)"
+            )
+            .bind(prefix)
+            .bind(end)
+            .execute(c),
+            None => sqlx::query("DELETE FROM cache WHERE key >= $1 AND starts_with(key, $1)")
                 .bind(prefix)
                 .execute(c),
         })

@@ -414,6 +414,8 @@ async fn prefix_deletion_is_literal() {
         "f",
         "\u{D7FF}a",
         "\u{E000}",
+        "\u{10FFFF}",
+        "\u{10FFFF}\u{10FFFF}",
     ] {
         assert_eq!(s.put_cache(k, "1", "").await.status(), 204, "{k:?}");
     }
@@ -454,6 +456,7 @@ async fn prefix_deletion_is_literal() {
         ("é", 2, "ê"),
         ("e\u{10FFFF}", 2, "f"),
         ("\u{D7FF}", 1, "\u{E000}"),
+        ("\u{10FFFF}", 2, "f"), // no end: every key from the prefix up starts with it
     ] {
         assert_eq!(
             del(prefix).await.unwrap().json::<Value>().await.unwrap(),
