@@ -287,8 +287,9 @@ impl Store {
         self.ensure_available()?;
         let end = prefix_end(prefix);
         let done = run!(self.conns, "cache_delete_prefix", |c| match &end {
-            // starts_with only guards a database whose encoding is not UTF8 (unsupported):
-            // there byte order is not code point order, and the range alone could be wrong.
+            // starts_with keeps a database that is not UTF8 (unsupported), where byte order is
+            // not code point order, from deleting keys outside the prefix; it cannot find keys
+            // the range misses there.
             Some(end) => sqlx::query(
                 "DELETE FROM cache WHERE key >= $1 AND key < $2 AND starts_with(key, $1)"
             )

@@ -23,7 +23,7 @@ pub struct PassReport {
 /// Tables cleaned, with the statement that deletes one batch of expired rows. `SKIP LOCKED`
 /// keeps the pass from waiting on rows a client is writing right now. The batch size is written
 /// into the statement, not bound: under the generic plans the pool's connections use (see
-/// `build_pool`), `LIMIT $1` is planned as a tenth of the expired rows, and with many of them
+/// `start_up_options`), `LIMIT $1` is planned as a tenth of the expired rows, and with many of them
 /// that can turn the index scan into a full one.
 fn batch_statements(batch: u64) -> [(&'static str, String); 2] {
     [
