@@ -20,28 +20,19 @@ pub struct PassReport {
     pub cache_deleted: u64,
 }
 
-/// Tables cleaned, with the statement that deletes one batch of expired rows. `SKIP LOCKED`
-/// keeps the pass from waiting on rows a client is writing right now. The batch size is written
-/// into the statement, not bound: under the generic plans the pool's connections use (see
-/// `start_up_options`), `LIMIT $1` is planned as a tenth of the expired rows, and with many of them
-/// that can turn the index scan into a full one.
-fn batch_statements(batch: u64) -> [(&'static str, String); 2] {
-    [
-        (
-            "sessions",
-            format!(
-                "DELETE FROM sessions WHERE id IN \
-                 (SELECT id FROM sessions WHERE expires_at <= now() LIMIT {batch} FOR UPDATE SKIP LOCKED)"
-            ),
-        ),
-        (
-            "cache",
-            format!(
-                "DELETE FROM cache WHERE key IN \
-                 (SELECT key FROM cache WHERE expires_at <= now() LIMIT {batch} FOR UPDATE SKIP LOCKED)"
-            ),
-        ),
-    ]
+/// Tables cleaned, with their key column.
+const TABLES: [(&str, &str); 2] = [("sessions", "id"), ("cache", "key")];
+
+/// The statement that deletes one batch of expired rows of `table`. `SKIP LOCKED` keeps the
+/// pass from waiting on rows a client is writing right now. The batch size is written into the
+/// statement, not bound: under the generic plans the pool's connections use (see
+/// `start_up_options`), `LIMIT $1` is planned as a tenth of the expired rows, and with many of
+/// them that can turn the index scan into a full one.
+fn batch_statement(table: &str, key: &str, batch: u64) -> String {
+    format!(
+        "DELETE FROM {table} WHERE {key} IN \
+         (SELECT {key} FROM {table} WHERE expires_at <= now() LIMIT {batch} FOR UPDATE SKIP LOCKED)"
+    )
 }
 
 impl Store {
@@ -99,13 +90,14 @@ impl Store {
     ) -> Result<PassReport, DbError> {
         let batch = self.settings.cleanup_batch_size as u64;
         let mut report = PassReport::default();
-        for (table, sql) in batch_statements(batch) {
+        for (table, key) in TABLES {
+            let sql = batch_statement(table, key, batch);
             loop {
                 if lifecycle.is_stopped() || !self.renew_lease(holder).await? {
                     return Ok(report);
                 }
                 let done = run!(self.conns, "cleanup_delete", |c| {
-                    // Built from a validated integer only (batch_statements).
+                    // Built from constants and a validated integer only (batch_statement).
                     sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).execute(c)
                 })
                 .await?;
