@@ -49,6 +49,7 @@ pub mod batch;
 pub mod cache;
 pub mod cleanup;
 pub mod conns;
+mod rows;
 pub mod sessions;
 
 /// Why a database call failed, as far as a caller needs to know.

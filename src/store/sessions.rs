@@ -11,10 +11,12 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 use sqlx::FromRow;
+use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use super::batch::{BatchLimits, BatchOp, Batcher};
 use super::conns::Conns;
+use super::rows::{Cols, decode_all};
 use super::{DbError, Store};
 use crate::metrics as m;
 
@@ -67,7 +69,8 @@ fn timestamp<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::
     s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
 }
 
-#[derive(Clone, FromRow)]
+/// A session row as read, columns in the order of `columns!()`.
+#[derive(Clone)]
 struct SessionRow {
     token_hash: Vec<u8>,
     id: Uuid,
@@ -81,6 +84,21 @@ struct SessionRow {
 }
 
 impl SessionRow {
+    /// Reads the columns of `columns!()`, in that order.
+    fn read(cols: &mut Cols<'_>) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            token_hash: cols.next()?,
+            id: cols.next()?,
+            user_id: cols.next()?,
+            created_at: cols.next()?,
+            updated_at: cols.next()?,
+            expires_at: cols.next()?,
+            ip_address: cols.next()?,
+            user_agent: cols.next()?,
+            data: cols.next()?,
+        })
+    }
+
     fn into_record(self) -> Result<SessionRecord, DbError> {
         let data = RawValue::from_string(self.data)
             .map_err(|e| DbError::Other(format!("stored session data is not JSON: {e}")))?;
@@ -106,6 +124,12 @@ pub struct NewSession {
     pub user_agent: Option<String>,
     /// A JSON object, as text.
     pub data: String,
+}
+
+impl FromRow<'_, PgRow> for SessionRow {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Self::read(&mut Cols::checked(row))
+    }
 }
 
 /// The columns a [`SessionRow`] is read from, as a literal for `concat!`.
@@ -141,9 +165,8 @@ impl SessionBatchers {
     }
 }
 
-#[derive(FromRow)]
+/// A validation read's row: the session, then whether it is due for sliding.
 struct ReadRow {
-    #[sqlx(flatten)]
     row: SessionRow,
     needs_refresh: bool,
 }
@@ -166,7 +189,7 @@ impl BatchOp for ReadBatch {
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<ReadOutcome>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<ReadRow> = run!(self.conns, Self::NAME, |c| sqlx::query_as(
+        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
                 concat!("SELECT ", columns!(), ", \
                         expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) <= now() AS needs_refresh \
                  FROM sessions WHERE token_hash = ANY($1) AND expires_at > now()"),
@@ -176,6 +199,12 @@ impl BatchOp for ReadBatch {
             .fetch_all(c)
         )
         .await?;
+        let rows = decode_all(&rows, |cols| {
+            Ok(ReadRow {
+                row: SessionRow::read(cols)?,
+                needs_refresh: cols.next()?,
+            })
+        })?;
         let mut found: HashMap<[u8; 32], ReadRow> = rows
             .into_iter()
             .filter_map(|r| Some((<[u8; 32]>::try_from(&r.row.token_hash[..]).ok()?, r)))
@@ -221,7 +250,7 @@ impl BatchOp for RefreshBatch {
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<Option<SessionRow>>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<SessionRow> = run!(self.conns, Self::NAME, |c| sqlx::query_as(concat!(
+        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(concat!(
                 "UPDATE sessions SET expires_at = now() + make_interval(secs => ttl_seconds), updated_at = now() \
                  WHERE token_hash = ANY($1) AND expires_at > now() \
                    AND expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) <= now() \
@@ -234,7 +263,7 @@ impl BatchOp for RefreshBatch {
             .fetch_all(c)
         )
         .await?;
-        let found: HashMap<Vec<u8>, SessionRow> = rows
+        let found: HashMap<Vec<u8>, SessionRow> = decode_all(&rows, SessionRow::read)?
             .into_iter()
             .map(|r| (r.token_hash.clone(), r))
             .collect();
