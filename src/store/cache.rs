@@ -118,11 +118,11 @@ impl BatchOp for ReadBatch {
                 unique.push(key.as_str());
             }
         }
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
-            "SELECT key, value, expires_at FROM cache WHERE key = ANY($1) AND expires_at > now()"
-        )
-        .bind(&unique)
-        .fetch_all(c))
+        const SQL: &str =
+            "SELECT key, value, expires_at FROM cache WHERE key = ANY($1) AND expires_at > now()";
+        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(SQL)
+            .bind(&unique)
+            .fetch_all(c))
         .await?;
         let found: HashMap<&str, CacheEntry> = decode_all(&rows, |cols| {
             Ok((
