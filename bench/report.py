@@ -251,6 +251,12 @@ def markdown(record):
             f" | {with_range(ra['sidecar_over_pgbench_throughput'], e['ratio_rounds']['sidecar_over_pgbench_throughput'])}"
             f" | {with_range(ra['sidecar_over_redis_throughput'], e['ratio_rounds']['sidecar_over_redis_throughput'])} |"
         )
+    floor = [(e["label"], e["connections"], (e.get("http_floor") or {}).get("server_cpu_us_per_request"),
+              (e["sidecar"] or {}).get("server_cpu_us_per_request")) for e in record["scenarios"]]
+    floor = [f for f in floor if f[2] is not None and f[3] is not None]
+    if floor:
+        lines += ["", "CPU µs per request, sidecar against the HTTP floor (axum on hyper alone, no database,"
+                  " `bench/http_floor.rs`): " + "; ".join(f"{l} @{c} {s:.1f} / {f:.1f}" for l, c, f, s in floor) + "."]
     peak = record["sidecar"]["peak_rss_kib"]
     lines += ["", f"Sidecar peak RSS {peak / 1024:.1f} MiB." if peak else ""]
     if rounds > 1:
@@ -267,7 +273,7 @@ def main():
     for line in open(os.path.join(work, "manifest.tsv"), encoding="utf-8"):
         rnd, tool, scen, conns, raw, extra, server_ticks, pg_ticks, client_s = line.rstrip("\n").split("\t")
         conns = int(conns)
-        if tool == "sidecar":
+        if tool in ("sidecar", "floor"):
             r = parse_wrk(raw)
         elif tool == "pgbench":
             r = parse_pgbench(raw, extra)
@@ -281,7 +287,7 @@ def main():
             if server_ticks != "-":
                 r["server_cpu_seconds"] = int(server_ticks) / clk_tck
                 r["server_cpu_us_per_request"] = per_req(r["server_cpu_seconds"])
-            if tool != "redis":
+            if tool in ("sidecar", "pgbench"):
                 r["postgres_cpu_us_per_request"] = per_req(int(pg_ticks) / clk_tck)
             r["client_cpu_us_per_request"] = per_req(float(client_s))
         if r is not None:
@@ -296,6 +302,8 @@ def main():
             entry = {"scenario": scen, "label": label, "connections": conns}
             for tool in TOOLS:
                 entry[tool] = runs.get((scen, conns, tool))
+            # axum on hyper alone (bench/http_floor.rs): a reference for the CPU, not a baseline.
+            entry["http_floor"] = runs.get((scen, conns, "floor"))
             sc, pg, rd = (entry[t] or {} for t in TOOLS)
             entry["ratios"] = {
                 "sidecar_over_pgbench_throughput": ratio(sc.get("throughput_rps"), pg.get("throughput_rps")),
@@ -368,10 +376,11 @@ def main():
     # same runs. "sidecar+pg" against "pg (pgbench)" is the server-side cost of the two paths.
     out.append("CPU µs per request (utime+stime during each measured run / requests; all share the same CPUs):")
     h = (f"{'scenario':<17}{'conn':>4} | {'sidecar':>8} {'postgres':>8} {'sc+pg':>8} {'wrk':>8} |"
-         f" {'postgres':>8} {'pgbench':>8} | {'redis':>8} {'r-bench':>8}")
+         f" {'postgres':>8} {'pgbench':>8} | {'redis':>8} {'r-bench':>8} | {'floor':>8} {'f-wrk':>8}")
     out += [h, "-" * len(h)]
     for e in rows:
         sc, pg, rd = (e[t] or {} for t in TOOLS)
+        fl = e["http_floor"] or {}
         both = (sc["server_cpu_us_per_request"] + sc["postgres_cpu_us_per_request"]
                 if sc.get("server_cpu_us_per_request") is not None and sc.get("postgres_cpu_us_per_request") is not None else None)
         out.append(
@@ -380,6 +389,23 @@ def main():
             f" {fmt(sc.get('client_cpu_us_per_request'), '.1f', 8)} | {fmt(pg.get('postgres_cpu_us_per_request'), '.1f', 8)}"
             f" {fmt(pg.get('client_cpu_us_per_request'), '.1f', 8)} | {fmt(rd.get('server_cpu_us_per_request'), '.1f', 8)}"
             f" {fmt(rd.get('client_cpu_us_per_request'), '.1f', 8)}"
+            f" | {fmt(fl.get('server_cpu_us_per_request'), '.1f', 8)} {fmt(fl.get('client_cpu_us_per_request'), '.1f', 8)}"
+        )
+    out.append("")
+
+    # The HTTP floor's own figures, beside the sidecar's.
+    out.append("HTTP floor (axum on hyper alone: same threads and allocator, fixed answers, no database,"
+               " log or metrics; bench/http_floor.rs):")
+    h = (f"{'scenario':<17}{'conn':>4} | {'floor req/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'CPU µs/r':>9} |"
+         f" {'sidecar CPU µs/r':>16} {'above floor':>11}")
+    out += [h, "-" * len(h)]
+    for e in rows:
+        fl, sc = e["http_floor"] or {}, e["sidecar"] or {}
+        f_cpu, s_cpu = fl.get("server_cpu_us_per_request"), sc.get("server_cpu_us_per_request")
+        out.append(
+            f"{e['label']:<17}{e['connections']:>4} | {fmt_rps(fl.get('throughput_rps'), 11)}"
+            f" {fmt(fl.get('p50_ms'), '.3f', 9)} {fmt(fl.get('p99_ms'), '.3f', 9)} {fmt(f_cpu, '.1f', 9)} |"
+            f" {fmt(s_cpu, '.1f', 16)} {fmt(s_cpu - f_cpu if s_cpu is not None and f_cpu is not None else None, '+.1f', 11)}"
         )
     out.append("")
 
@@ -391,7 +417,8 @@ def main():
     total_req = sum(e["sidecar"]["requests"] for e in rows if e["sidecar"] and "server_cpu_seconds" in e["sidecar"])
     overall_cpu = total_cpu / total_req * 1e6 if total_req else None
     worst_cpu = max(cpu_runs, key=lambda t: t[2]) if cpu_runs else None
-    errors = [(e["label"], e["connections"], t, e[t]["errors"]) for e in rows for t in TOOLS if e[t] and e[t].get("errors")]
+    errors = [(e["label"], e["connections"], t, e[t]["errors"]) for e in rows for t in TOOLS + ("http_floor",)
+              if e[t] and e[t].get("errors")]
 
     notes = [
         f"{rounds} round(s): each figure is the median over the rounds; a ratio is the median of the per-round ratios,"
@@ -404,6 +431,9 @@ def main():
         "pgbench session validate derives each token and its SHA-256 in SQL (no helper-table join): about 0.2 µs"
         " of extra server CPU per query on the baseline's side.",
         "redis-benchmark: -P 1 -r 100000 -d 1024, all GETs are hits; there is no Redis session scenario.",
+        "HTTP floor: the same wrk runs against axum on hyper alone (bench/http_floor.rs), with the sidecar's"
+        " threads and allocator and answers of the same size, but no database, log, metrics or guard: the CPU"
+        " the HTTP layer takes by itself here. The sidecar's CPU above it is what its own work costs.",
         "all three share this machine's CPUs with their load generator; Postgres runs with fsync and synchronous_commit on.",
         f"sidecar peak RSS (VmHWM over the whole run): {fmt(peak_mib, '.1f', 0)} MiB; log written: "
         f"{int(meta.get('sidecar_log_bytes', '0')) / 1e6:.1f} MB (default log level info: one access-log line per request).",
@@ -443,6 +473,14 @@ def main():
         if conns not in by_conns or v > by_conns[conns][1]:
             by_conns[conns] = (label, v)
     detail = "; ".join(f"@{c}: {v:.1f} ({l})" for c, (l, v) in sorted(by_conns.items()))
+    floor_by_conns = {}
+    for e in rows:
+        v = (e["http_floor"] or {}).get("server_cpu_us_per_request")
+        if v is not None and v > floor_by_conns.get(e["connections"], (None, -1))[1]:
+            floor_by_conns[e["connections"]] = (e["label"], v)
+    if floor_by_conns:
+        detail += "; HTTP floor worst " + "; ".join(
+            f"@{c}: {v:.1f} ({l})" for c, (l, v) in sorted(floor_by_conns.items()))
     target("sidecar CPU per request (worst scenario)", "<= 15 µs",
            f"{worst_cpu[2]:.1f} µs; worst {detail}; all runs {overall_cpu:.1f}" if worst_cpu else "n/a",
            None if worst_cpu is None else worst_cpu[2] <= 15)

@@ -2,7 +2,7 @@
 # pgsidecar benchmark: the sidecar over HTTP against the same SQL sent directly (pgbench) and
 # against Redis, in one run, on one machine, on one local PostgreSQL with the same rows.
 #
-#   bench/run.sh                  3 rounds of 5 s runs: about 8 minutes, plus the release build
+#   bench/run.sh                  3 rounds of 5 s runs: about 10 minutes, plus the release build
 #   BENCH_QUICK=1 bench/run.sh    1 round of 2 s runs, 1 s warm-ups (about 1 minute): a smoke test
 #
 # Environment:
@@ -13,7 +13,9 @@
 #
 # Scenarios, for each connection count, in this order (PUTs last: they rewrite rows, keeping
 # them valid): sidecar GET, pgbench GET, redis GET, sidecar session, pgbench session,
-# sidecar PUT, pgbench PUT, redis SET. Load generators use 1 thread at 1 connection, 2 above.
+# sidecar PUT, pgbench PUT, redis SET; then the HTTP floor's GET, session and PUT (axum on hyper
+# alone, bench/http_floor.rs: what the HTTP layer costs by itself on this machine). Load
+# generators use 1 thread at 1 connection, 2 above.
 # Why rounds: on a small shared machine one run's throughput can swing by a third from one
 # minute to the next. Each sidecar run sits right next to its baselines, so their ratio within
 # a round is fair; the report gives the median over the rounds and the range.
@@ -57,6 +59,7 @@ die() { log "error: $*"; exit 1; }
 # --- cleanup: every process started here, whatever happens --------------------------------------
 SIDECAR_PID=""
 REDIS_PID=""
+FLOOR_PID=""
 PG_STARTED=""
 cleanup() {
   local rc=$?
@@ -71,6 +74,10 @@ cleanup() {
   if [ -n "$REDIS_PID" ]; then
     kill -TERM "$REDIS_PID" 2>/dev/null || true
     wait "$REDIS_PID" 2>/dev/null || true
+  fi
+  if [ -n "$FLOOR_PID" ]; then
+    kill -KILL "$FLOOR_PID" 2>/dev/null || true
+    wait "$FLOOR_PID" 2>/dev/null || true
   fi
   if [ -n "$PG_STARTED" ]; then
     scripts/pg.sh stop "$PG_DIR" || true
@@ -111,14 +118,16 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 mkdir -p "$WORK" "$RESULTS"
 
 # --- build ---------------------------------------------------------------------------------------
-log "building the sidecar (cargo build --release)"
+log "building the sidecar and the HTTP floor (cargo build --release)"
 # The commit is read now, with the build: the tree may change while the benchmark runs.
 GIT_COMMIT=$(git describe --always --dirty 2>/dev/null || echo unknown)
-cargo build --release >&2
-# Run a private copy: a rebuild in the same tree during the run must not swap the binary.
+cargo build --release --bins --example http_floor >&2
+# Run private copies: a rebuild in the same tree during the run must not swap the binaries.
 # (Copy, then rename: renaming over a binary that is still running works, writing into it not.)
 cp target/release/pgsidecar "$WORK/pgsidecar.new"
 mv -f "$WORK/pgsidecar.new" "$WORK/pgsidecar"
+cp target/release/examples/http_floor "$WORK/http_floor.new"
+mv -f "$WORK/http_floor.new" "$WORK/http_floor"
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 # A fresh cluster every run, so every run starts from the same table contents and layout. A
@@ -192,6 +201,19 @@ for i in $(seq 1 100); do
   sleep 0.1
 done
 [ "$(python3 bench/redis_seed.py "$REDIS_PORT" "$ROWS" 1024)" -eq "$ROWS" ] || die "redis seed failed"
+
+# --- the HTTP floor ------------------------------------------------------------------------------
+FLOOR_PORT=$(free_port)
+FLOOR_URL=http://127.0.0.1:$FLOOR_PORT
+log "starting the HTTP floor on 127.0.0.1:$FLOOR_PORT"
+"$WORK/http_floor" "127.0.0.1:$FLOOR_PORT" >"$WORK/http_floor.log" 2>&1 &
+FLOOR_PID=$!
+for i in $(seq 1 100); do
+  port_busy "$FLOOR_PORT" && break
+  [ "$i" -eq 100 ] && die "the HTTP floor did not start"
+  sleep 0.1
+done
+[ "$(code "$FLOOR_URL/v1/cache/k1")" = 200 ] || die "the HTTP floor does not answer"
 
 # --- measuring -----------------------------------------------------------------------------------
 RAW=$WORK/raw
@@ -270,6 +292,17 @@ sidecar() {
   sidecar_alive
 }
 
+# floor SCENARIO CONNS: the same wrk runs against the HTTP floor.
+floor() {
+  local scen=$1 conns=$2 wrk
+  wrk=(wrk -t"$(threads_for "$conns")" -c"$conns" --latency -s "bench/wrk/$scen.lua" "$FLOOR_URL")
+  log "floor    $scen  @$conns"
+  alive "$FLOOR_PID" || die "the HTTP floor died (see $WORK/http_floor.log)"
+  "${wrk[@]}" -d"${WARMUP}s" -- "$WORK/tokens.txt" >/dev/null
+  measured floor "$scen" "$conns" "$RAW/floor_${scen}_c${conns}_r$ROUND.txt" "$FLOOR_PID" - \
+    "${wrk[@]}" -d"${DURATION}s" -- "$WORK/tokens.txt"
+}
+
 # pgbench SCENARIO CONNS: the same shape; the measured run logs every transaction's latency
 # (one file per -j thread) for p50/p99, which pgbench's summary does not give.
 pgbench_run() {
@@ -312,6 +345,9 @@ for ROUND in $(seq 1 "$ROUNDS"); do
     sidecar cache_put "$c"
     pgbench_run cache_put "$c"
     redis_run cache_put "$c" set
+    floor cache_get "$c"
+    floor session_get "$c"
+    floor cache_put "$c"
   done
 done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
