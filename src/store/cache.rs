@@ -126,10 +126,10 @@ impl BatchOp for ReadBatch {
         .await?;
         let found: HashMap<&str, CacheEntry> = decode_all(&rows, |cols| {
             Ok((
-                cols.next::<&str>()?,
+                cols.next::<&str>("key")?,
                 CacheEntry {
-                    value: Bytes::from(cols.next::<String>()?),
-                    expires_at: cols.next()?,
+                    value: Bytes::from(cols.next::<String>("value")?),
+                    expires_at: cols.next("expires_at")?,
                 },
             ))
         })?

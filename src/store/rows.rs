@@ -4,7 +4,8 @@
 //! the Rust type on every row, which for the batched reads cost more than the decoding itself
 //! (callgrind, session validation at 64 connections: 5.8k of 51k instructions per request went
 //! to reading its row; 3.5k of 48.7k this way). Every row of one result has the same columns,
-//! so [`decode_all`] checks their types on the first row only and reads the rest by position.
+//! so [`decode_all`] checks their names and types on the first row only and reads the rest by
+//! position.
 
 use sqlx::postgres::{PgRow, Postgres};
 use sqlx::{Column, Decode, Row, Type};
@@ -17,7 +18,7 @@ pub(crate) struct Cols<'r> {
 }
 
 impl<'r> Cols<'r> {
-    /// Reads `row` with every column's type checked (a lone row, e.g. from `FromRow`).
+    /// Reads `row` with every column's name and type checked (a lone row, e.g. from `FromRow`).
     pub fn checked(row: &'r PgRow) -> Self {
         Self {
             row,
@@ -26,17 +27,34 @@ impl<'r> Cols<'r> {
         }
     }
 
-    /// Decodes the next column as `T`.
-    pub fn next<T: Decode<'r, Postgres> + Type<Postgres>>(&mut self) -> Result<T, sqlx::Error> {
+    /// Decodes the next column, which must be called `name`, as `T`.
+    pub fn next<T: Decode<'r, Postgres> + Type<Postgres>>(
+        &mut self,
+        name: &str,
+    ) -> Result<T, sqlx::Error> {
         let i = self.next;
         self.next += 1;
         if self.check {
+            let column = self.row.try_column(i)?;
             // The column's declared type, so a NULL in the first row is checked too.
-            let ty = self.row.try_column(i)?.type_info();
-            if !T::compatible(ty) {
+            let ty = column.type_info();
+            let problem = if column.name() != name {
+                Some(format!(
+                    "expected column {name:?}, found {:?}",
+                    column.name()
+                ))
+            } else if !T::compatible(ty) {
+                Some(format!(
+                    "column {name:?} is {ty}, read as {}",
+                    T::type_info()
+                ))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
                 return Err(sqlx::Error::ColumnDecode {
                     index: i.to_string(),
-                    source: format!("the column is {ty}, read as {}", T::type_info()).into(),
+                    source: problem.into(),
                 });
             }
         }

@@ -87,15 +87,15 @@ impl SessionRow {
     /// Reads the columns of `columns!()`, in that order.
     fn read(cols: &mut Cols<'_>) -> Result<Self, sqlx::Error> {
         Ok(Self {
-            token_hash: cols.next()?,
-            id: cols.next()?,
-            user_id: cols.next()?,
-            created_at: cols.next()?,
-            updated_at: cols.next()?,
-            expires_at: cols.next()?,
-            ip_address: cols.next()?,
-            user_agent: cols.next()?,
-            data: cols.next()?,
+            token_hash: cols.next("token_hash")?,
+            id: cols.next("id")?,
+            user_id: cols.next("user_id")?,
+            created_at: cols.next("created_at")?,
+            updated_at: cols.next("updated_at")?,
+            expires_at: cols.next("expires_at")?,
+            ip_address: cols.next("ip_address")?,
+            user_agent: cols.next("user_agent")?,
+            data: cols.next("data")?,
         })
     }
 
@@ -202,7 +202,7 @@ impl BatchOp for ReadBatch {
         let rows = decode_all(&rows, |cols| {
             Ok(ReadRow {
                 row: SessionRow::read(cols)?,
-                needs_refresh: cols.next()?,
+                needs_refresh: cols.next("needs_refresh")?,
             })
         })?;
         let mut found: HashMap<[u8; 32], ReadRow> = rows

@@ -591,6 +591,58 @@ async fn a_token_validated_many_times_at_once_is_found_by_every_caller() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_validations_return_each_session_whole() {
+    // Batched rows are read by position with their columns checked on the first row only, so
+    // sessions with and without the optional fields, validated at once, must each come back
+    // with exactly what was sent, whichever row a batch happens to start with.
+    let s = Sidecar::start().await;
+    let mut sessions = Vec::new();
+    for i in 0..6 {
+        let sent = if i % 2 == 0 {
+            json!({"user_id": format!("bare-{i}")})
+        } else {
+            json!({
+                "user_id": format!("full-{i}"),
+                "ip_address": format!("203.0.113.{i}"),
+                "user_agent": format!("agent {i}"),
+                "data": {"n": i, "tags": ["a", "b"]}
+            })
+        };
+        let (token, created) = s.create_session(sent.clone()).await;
+        sessions.push((token, created, sent));
+    }
+    let mut tasks = Vec::new();
+    for i in 0..240 {
+        let (token, created, sent) = sessions[(i * 7) % sessions.len()].clone();
+        let http = s.http.clone();
+        let url = s.url(&format!("/v1/sessions/{token}"));
+        tasks.push(tokio::spawn(async move {
+            let r = http.get(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap(), created, sent)
+        }));
+    }
+    for t in tasks {
+        let (status, body, created, sent) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        // What the client sent (absent optional fields come back null, absent data as {})...
+        for field in ["user_id", "ip_address", "user_agent"] {
+            assert_eq!(body[field], sent[field], "{field} in {body}");
+        }
+        let data = if sent["data"].is_null() {
+            json!({})
+        } else {
+            sent["data"].clone()
+        };
+        assert_eq!(body["data"], data, "{body}");
+        // ...and the session it created.
+        for field in ["id", "created_at"] {
+            assert_eq!(body[field], created[field], "{field} in {body}");
+        }
+    }
+}
+
 /// The row version of a session: it changes with every write.
 async fn xmin(c: &mut sqlx::PgConnection, id: uuid::Uuid) -> String {
     sqlx::query_scalar("SELECT xmin::text FROM sessions WHERE id = $1")
