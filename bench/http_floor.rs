@@ -1,24 +1,35 @@
-//! The benchmark's HTTP floor: what answering the same requests costs with axum on hyper alone.
+//! The benchmark's HTTP floor: what answering the same requests costs with the sidecar's HTTP
+//! layer alone.
 //!
-//! No database, no logging, no metrics, no guard: each route answers a fixed body the size of
-//! the sidecar's answer (a cache hit: the 1,026-byte value; a session: its JSON record) and a
-//! PUT reads its body and answers 204. It runs as the sidecar does, one current-thread tokio
-//! runtime per CPU with mimalloc, here each on its own SO_REUSEPORT listener. `bench/run.sh`
-//! drives it with the same wrk scripts, so the sidecar's CPU per request can be read against
-//! what the HTTP layer takes by itself on the same machine.
+//! It serves through the sidecar's own accept loop and serving loops (`pgsidecar::http`: the
+//! main thread accepts and hands each connection to the least busy of one current-thread
+//! runtime per CPU; hyper's HTTP/1 server with the header-read timer and TCP_NODELAY), with
+//! mimalloc, but behind them only a plain axum router: no database, access log, metrics, request
+//! ids or guard. Each route answers a fixed body of the sidecar's size and headers (a cache hit:
+//! a 1,020-byte value with `Expires`; a session: its JSON record) and a PUT reads its body and
+//! answers 204. `bench/run.sh` drives it with the same wrk scripts, so the sidecar's CPU per
+//! request can be read against what its HTTP layer takes by itself on the same machine.
 //!
 //!     cargo run --release --example http_floor -- 127.0.0.1:17072
+
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::{StatusCode, header};
 use axum::routing::get;
+use pgsidecar::config::ListenAddr;
+use pgsidecar::http::{Listener, accept, lane, serve_lane};
+use pgsidecar::shutdown::Lifecycle;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A session record as the sidecar returns it for the benchmark's rows.
 const SESSION: &str = r#"{"id":"0b7f6c3e-8f6a-4d8e-9a53-2f3c0c7c9d11","user_id":"user42","created_at":"2026-11-26T07:00:00.123456Z","updated_at":"2026-11-26T07:00:00.123456Z","expires_at":"2026-12-03T07:00:00.123456Z","ip_address":"127.0.0.1","user_agent":"Mozilla/5.0 (X11; Linux x86_64) pgsidecar-bench","data":{"role":"member"}}"#;
+/// The sidecar's defaults (config/default.toml: server.header_read_timeout_ms, shutdown.grace_seconds).
+const HEADER_TIMEOUT: Duration = Duration::from_millis(5000);
+const GRACE: Duration = Duration::from_secs(20);
 
 fn main() {
     let addr: std::net::SocketAddr = std::env::args()
@@ -26,47 +37,56 @@ fn main() {
         .unwrap_or_else(|| "127.0.0.1:17072".into())
         .parse()
         .expect("usage: http_floor HOST:PORT");
+    let listener = Listener::bind(&ListenAddr::Tcp(addr)).expect("bind");
     // The benchmark's cache values: {"id":n,"payload":"x...x"} with 998 x's.
     let value: &'static str = format!("{{\"id\":42,\"payload\":\"{}\"}}", "x".repeat(998)).leak();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let app = Router::new()
         .route(
             "/v1/cache/{key}",
-            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], value) }).put(
-                |body: Bytes| async move {
-                    drop(body);
-                    StatusCode::NO_CONTENT
-                },
-            ),
+            get(move || async move {
+                (
+                    [
+                        (header::CONTENT_TYPE, "application/json"),
+                        (header::EXPIRES, "Thu, 26 Nov 2026 09:00:00 GMT"),
+                    ],
+                    value,
+                )
+            })
+            .put(|body: Bytes| async move {
+                drop(body);
+                StatusCode::NO_CONTENT
+            }),
         )
         .route(
             "/v1/sessions/{token}",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], SESSION) }),
         );
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let app = app.clone();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a tokio runtime");
-                rt.block_on(async move {
-                    let socket = if addr.is_ipv4() {
-                        tokio::net::TcpSocket::new_v4()
-                    } else {
-                        tokio::net::TcpSocket::new_v6()
-                    }
-                    .expect("a socket");
-                    socket.set_reuseport(true).expect("SO_REUSEPORT");
-                    socket.bind(addr).expect("bind");
-                    let listener = socket.listen(1024).expect("listen");
-                    axum::serve(listener, app).await.expect("serve");
-                });
-            })
-        })
-        .collect();
-    for w in workers {
-        let _ = w.join();
+
+    // As the sidecar: the first lane on the main thread (which also accepts), one more thread
+    // per further CPU.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (first, first_rx) = lane();
+    let mut lanes = vec![first];
+    for i in 1..threads {
+        let (l, rx) = lane();
+        lanes.push(l);
+        let app = app.clone();
+        std::thread::Builder::new()
+            .name(format!("floor-{i}"))
+            .spawn(move || runtime().block_on(serve_lane(rx, app, HEADER_TIMEOUT, GRACE)))
+            .expect("a thread");
     }
+    runtime().block_on(async move {
+        tokio::join!(
+            accept(listener, lanes, Lifecycle::new()),
+            serve_lane(first_rx, app, HEADER_TIMEOUT, GRACE)
+        );
+    });
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
 }

@@ -93,7 +93,10 @@ def wrk_corrected(lat_us, runtime_us, connections):
     latencies the requests it held up would have seen: L - interval, L - 2 * interval, ...
     while above one interval. One 100 ms stall thus weighs in the sidecar's p99 as hundreds of
     slow requests, but as one in pgbench's raw log. The same correction on pgbench's latencies
-    makes the two percentiles comparable; in a run without stalls it changes next to nothing.
+    makes the two percentiles comparable. It is not small at 64 connections, where the interval
+    is a couple of milliseconds: in the 08:10 run it raised pgbench's p50 by 7% to 20% and its
+    p99 1.2 to 2.3 times, so pgbench percentiles from before this correction (runs before
+    136de00) cannot be compared with later ones.
     """
     per_conn = len(lat_us) // connections if connections else 0
     if not per_conn or not runtime_us:
@@ -215,7 +218,8 @@ def median(values):
 
 # Figures that are summarized as the median over the rounds.
 MEDIAN_KEYS = ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_us_per_request",
-               "postgres_cpu_us_per_request", "client_cpu_us_per_request")
+               "postgres_cpu_us_per_request", "client_cpu_us_per_request",
+               "p50_raw_ms", "p99_raw_ms", "max_ms")
 
 
 def summarize(rounds):
@@ -290,7 +294,7 @@ def markdown(record):
               (e["sidecar"] or {}).get("server_cpu_us_per_request")) for e in record["scenarios"]]
     floor = [f for f in floor if f[2] is not None and f[3] is not None]
     if floor:
-        lines += ["", "CPU µs per request, sidecar against the HTTP floor (axum on hyper alone, no database,"
+        lines += ["", "CPU µs per request, sidecar against the HTTP floor (its HTTP layer alone, no database,"
                   " `bench/http_floor.rs`): " + "; ".join(f"{l} @{c} {s:.1f} / {f:.1f}" for l, c, f, s in floor) + "."]
     peak = record["sidecar"]["peak_rss_kib"]
     lines += ["", f"Sidecar peak RSS {peak / 1024:.1f} MiB." if peak else ""]
@@ -298,6 +302,26 @@ def markdown(record):
         lines[-1] += (" A ratio is the median of the per-round ratios (each sidecar run against the"
                       " baseline runs next to it), so it can differ from the quotient of the medians shown.")
     return "\n".join(lines).rstrip()
+
+
+def floor_table(rows):
+    """The HTTP floor's throughput, latency and CPU per request, beside the sidecar's CPU."""
+    out = ["HTTP floor (the sidecar's HTTP layer alone: its accept and serving loops, threads and allocator,"
+           " fixed answers, no database, log, metrics or guard; bench/http_floor.rs):"]
+    h = (f"{'scenario':<17}{'conn':>4} | {'floor req/s':>11}  {'p50 ms':>9} {'p99 ms':>9} {'CPU µs/r':>9} |"
+         f" {'sidecar CPU µs/r':>16} {'above floor':>11}")
+    out += [h, "-" * len(h)]
+    for e in rows:
+        fl, sc = e["http_floor"] or {}, e["sidecar"] or {}
+        f_cpu, s_cpu = fl.get("server_cpu_us_per_request"), sc.get("server_cpu_us_per_request")
+        flag = "!" if fl.get("errors") else " "
+        out.append(
+            f"{e['label']:<17}{e['connections']:>4} | {fmt_rps(fl.get('throughput_rps'), 11)}{flag}"
+            f" {fmt(fl.get('p50_ms'), '.3f', 9)} {fmt(fl.get('p99_ms'), '.3f', 9)} {fmt(f_cpu, '.1f', 9)} |"
+            f" {fmt(s_cpu, '.1f', 16)} {fmt(s_cpu - f_cpu if s_cpu is not None and f_cpu is not None else None, '+.1f', 11)}"
+        )
+    out.append("")
+    return out
 
 
 def main():
@@ -337,7 +361,7 @@ def main():
             entry = {"scenario": scen, "label": label, "connections": conns}
             for tool in TOOLS:
                 entry[tool] = runs.get((scen, conns, tool))
-            # axum on hyper alone (bench/http_floor.rs): a reference for the CPU, not a baseline.
+            # The sidecar's HTTP layer alone (bench/http_floor.rs): a reference, not a baseline.
             entry["http_floor"] = runs.get((scen, conns, "floor"))
             sc, pg, rd = (entry[t] or {} for t in TOOLS)
             entry["ratios"] = {
@@ -428,21 +452,9 @@ def main():
         )
     out.append("")
 
-    # The HTTP floor's own figures, beside the sidecar's.
-    out.append("HTTP floor (axum on hyper alone: same threads and allocator, fixed answers, no database,"
-               " log or metrics; bench/http_floor.rs):")
-    h = (f"{'scenario':<17}{'conn':>4} | {'floor req/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'CPU µs/r':>9} |"
-         f" {'sidecar CPU µs/r':>16} {'above floor':>11}")
-    out += [h, "-" * len(h)]
-    for e in rows:
-        fl, sc = e["http_floor"] or {}, e["sidecar"] or {}
-        f_cpu, s_cpu = fl.get("server_cpu_us_per_request"), sc.get("server_cpu_us_per_request")
-        out.append(
-            f"{e['label']:<17}{e['connections']:>4} | {fmt_rps(fl.get('throughput_rps'), 11)}"
-            f" {fmt(fl.get('p50_ms'), '.3f', 9)} {fmt(fl.get('p99_ms'), '.3f', 9)} {fmt(f_cpu, '.1f', 9)} |"
-            f" {fmt(s_cpu, '.1f', 16)} {fmt(s_cpu - f_cpu if s_cpu is not None and f_cpu is not None else None, '+.1f', 11)}"
-        )
-    out.append("")
+    # The HTTP floor's own figures, beside the sidecar's (older work directories have none).
+    if any(e["http_floor"] for e in rows):
+        out += floor_table(rows)
 
     peak_kib = int(meta["sidecar_peak_rss_kib"]) if meta.get("sidecar_peak_rss_kib", "").isdigit() else None
     peak_mib = peak_kib / 1024 if peak_kib is not None else None
@@ -468,9 +480,10 @@ def main():
         "pgbench session validate derives each token and its SHA-256 in SQL (no helper-table join): about 0.2 µs"
         " of extra server CPU per query on the baseline's side.",
         "redis-benchmark: -P 1 -r 100000 -d 1024, all GETs are hits; there is no Redis session scenario.",
-        "HTTP floor: the same wrk runs against axum on hyper alone (bench/http_floor.rs), with the sidecar's"
-        " threads and allocator and answers of the same size, but no database, log, metrics or guard: the CPU"
-        " the HTTP layer takes by itself here. The sidecar's CPU above it is what its own work costs.",
+        "HTTP floor: the same wrk runs against the sidecar's HTTP layer alone (bench/http_floor.rs: its accept and"
+        " serving loops, threads and allocator, answers of the same size, but no database, log, metrics or guard):"
+        " the CPU HTTP takes by itself here. The sidecar's CPU above it is, roughly, what its own work costs (the"
+        " floor answers about twice as many requests per second, which spreads its wake-ups further).",
         "all three share this machine's CPUs with their load generator; Postgres runs with fsync and synchronous_commit on.",
         f"sidecar peak RSS (VmHWM over the whole run): {fmt(peak_mib, '.1f', 0)} MiB; log written: "
         f"{int(meta.get('sidecar_log_bytes', '0')) / 1e6:.1f} MB (default log level info: one access-log line per request).",

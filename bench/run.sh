@@ -13,8 +13,8 @@
 #
 # Scenarios, for each connection count, in this order (PUTs last: they rewrite rows, keeping
 # them valid): sidecar GET, pgbench GET, redis GET, sidecar session, pgbench session,
-# sidecar PUT, pgbench PUT, redis SET; then the HTTP floor's GET, session and PUT (axum on hyper
-# alone, bench/http_floor.rs: what the HTTP layer costs by itself on this machine). Load
+# sidecar PUT, pgbench PUT, redis SET; then the HTTP floor's GET, session and PUT (the sidecar's
+# HTTP layer alone, bench/http_floor.rs: what HTTP costs by itself on this machine). Load
 # generators use 1 thread at 1 connection, 2 above.
 # Why rounds: on a small shared machine one run's throughput can swing by a third from one
 # minute to the next. Each sidecar run sits right next to its baselines, so their ratio within

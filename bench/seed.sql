@@ -12,7 +12,7 @@ AS $$ SELECT rtrim(translate(encode(sha256(convert_to('bench' || n, 'UTF8')), 'b
 BEGIN;
 TRUNCATE pgsidecar.cache, pgsidecar.sessions;
 
--- key k1..k100000; value {"id":n,"payload":"x...x"}: 1,024 to 1,026 bytes; no tags; the
+-- key k1..k100000; value {"id":n,"payload":"x...x"}: 1,019 to 1,024 bytes; no tags; the
 -- expiry is a day away so nothing expires during the run (PUTs then set it to now() + 1 h).
 INSERT INTO pgsidecar.cache (key, value, tags, expires_at)
 SELECT 'k' || n, '{"id":' || n || ',"payload":"' || repeat('x', 998) || '"}', '{}', now() + interval '1 day'
