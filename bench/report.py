@@ -518,19 +518,19 @@ def main():
            None if peak_mib is None else peak_mib <= 30)
     # Judged on the worst scenario; the worst at each connection count is shown too, since at 1
     # connection the per-request wake-ups dominate and at 64 batching spreads them.
-    by_conns = {}
-    for label, conns, v in cpu_runs:
-        if conns not in by_conns or v > by_conns[conns][1]:
-            by_conns[conns] = (label, v)
-    detail = "; ".join(f"@{c}: {v:.1f} ({l})" for c, (l, v) in sorted(by_conns.items()))
-    floor_by_conns = {}
-    for e in rows:
-        v = (e["http_floor"] or {}).get("server_cpu_us_per_request")
-        if v is not None and v > floor_by_conns.get(e["connections"], (None, -1))[1]:
-            floor_by_conns[e["connections"]] = (e["label"], v)
-    if floor_by_conns:
-        detail += "; HTTP floor worst " + "; ".join(
-            f"@{c}: {v:.1f} ({l})" for c, (l, v) in sorted(floor_by_conns.items()))
+    def worst_by_conns(runs):
+        """"@1: 80.8 (cache PUT); @64: ...": the worst (label, conns, value) at each count."""
+        worst = {}
+        for label, conns, v in runs:
+            if conns not in worst or v > worst[conns][1]:
+                worst[conns] = (label, v)
+        return "; ".join(f"@{c}: {v:.1f} ({l})" for c, (l, v) in sorted(worst.items()))
+
+    detail = worst_by_conns(cpu_runs)
+    floor_runs = [(e["label"], e["connections"], e["http_floor"]["server_cpu_us_per_request"]) for e in rows
+                  if e["http_floor"] and e["http_floor"].get("server_cpu_us_per_request") is not None]
+    if floor_runs:
+        detail += "; HTTP floor worst " + worst_by_conns(floor_runs)
     target("sidecar CPU per request (worst scenario)", "<= 15 µs",
            f"{worst_cpu[2]:.1f} µs; worst {detail}; all runs {overall_cpu:.1f}" if worst_cpu else "n/a",
            None if worst_cpu is None else worst_cpu[2] <= 15)

@@ -113,6 +113,15 @@ PGBENCH=$PG_BIN/pgbench
 command -v cargo >/dev/null || die "cargo not found (the sidecar is built from source)"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# wait_port PORT WHAT: up to 10 s for a server just started to listen on PORT.
+wait_port() {
+  local i
+  for i in $(seq 1 100); do
+    port_busy "$1" && return 0
+    sleep 0.1
+  done
+  die "$2 did not start"
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 mkdir -p "$WORK" "$RESULTS"
@@ -195,11 +204,7 @@ mkdir -p "$WORK/redis"
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK/redis" \
   >"$WORK/redis/redis.log" 2>&1 &
 REDIS_PID=$!
-for i in $(seq 1 100); do
-  port_busy "$REDIS_PORT" && break
-  [ "$i" -eq 100 ] && die "redis-server did not start"
-  sleep 0.1
-done
+wait_port "$REDIS_PORT" redis-server
 [ "$(python3 bench/redis_seed.py "$REDIS_PORT" "$ROWS" 1024)" -eq "$ROWS" ] || die "redis seed failed"
 
 # --- the HTTP floor ------------------------------------------------------------------------------
@@ -208,11 +213,7 @@ FLOOR_URL=http://127.0.0.1:$FLOOR_PORT
 log "starting the HTTP floor on 127.0.0.1:$FLOOR_PORT"
 "$WORK/http_floor" "127.0.0.1:$FLOOR_PORT" >"$WORK/http_floor.log" 2>&1 &
 FLOOR_PID=$!
-for i in $(seq 1 100); do
-  port_busy "$FLOOR_PORT" && break
-  [ "$i" -eq 100 ] && die "the HTTP floor did not start"
-  sleep 0.1
-done
+wait_port "$FLOOR_PORT" "the HTTP floor"
 [ "$(code "$FLOOR_URL/v1/cache/k1")" = 200 ] || die "the HTTP floor does not answer"
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -280,27 +281,27 @@ measured() {
     "$([ "$spid" = - ] && echo - || echo $((s1 - s0)))" "$((p1 - p0))" "$(awk '{print $1 + $2}' "$raw.time")" >>"$MANIFEST"
 }
 
-# sidecar SCENARIO CONNS: wrk, a warm-up run and then the measured one.
-sidecar() {
-  local scen=$1 conns=$2 wrk
-  wrk=(wrk -t"$(threads_for "$conns")" -c"$conns" --latency -s "bench/wrk/$scen.lua" "$DATA_URL")
-  log "sidecar  $scen  @$conns"
-  sidecar_alive
+# wrk_run TOOL URL SERVER_PID SCENARIO CONNS: wrk, a warm-up run and then the measured one.
+wrk_run() {
+  local tool=$1 url=$2 spid=$3 scen=$4 conns=$5 wrk
+  wrk=(wrk -t"$(threads_for "$conns")" -c"$conns" --latency -s "bench/wrk/$scen.lua" "$url")
+  log "$(printf '%-8s %s  @%s' "$tool" "$scen" "$conns")"
   "${wrk[@]}" -d"${WARMUP}s" -- "$WORK/tokens.txt" >/dev/null
-  measured sidecar "$scen" "$conns" "$RAW/sidecar_${scen}_c${conns}_r$ROUND.txt" "$SIDECAR_PID" - \
+  measured "$tool" "$scen" "$conns" "$RAW/${tool}_${scen}_c${conns}_r$ROUND.txt" "$spid" - \
     "${wrk[@]}" -d"${DURATION}s" -- "$WORK/tokens.txt"
+}
+
+# sidecar SCENARIO CONNS
+sidecar() {
+  sidecar_alive
+  wrk_run sidecar "$DATA_URL" "$SIDECAR_PID" "$1" "$2"
   sidecar_alive
 }
 
 # floor SCENARIO CONNS: the same wrk runs against the HTTP floor.
 floor() {
-  local scen=$1 conns=$2 wrk
-  wrk=(wrk -t"$(threads_for "$conns")" -c"$conns" --latency -s "bench/wrk/$scen.lua" "$FLOOR_URL")
-  log "floor    $scen  @$conns"
   alive "$FLOOR_PID" || die "the HTTP floor died (see $WORK/http_floor.log)"
-  "${wrk[@]}" -d"${WARMUP}s" -- "$WORK/tokens.txt" >/dev/null
-  measured floor "$scen" "$conns" "$RAW/floor_${scen}_c${conns}_r$ROUND.txt" "$FLOOR_PID" - \
-    "${wrk[@]}" -d"${DURATION}s" -- "$WORK/tokens.txt"
+  wrk_run floor "$FLOOR_URL" "$FLOOR_PID" "$1" "$2"
 }
 
 # pgbench SCENARIO CONNS: the same shape; the measured run logs every transaction's latency
