@@ -87,7 +87,8 @@ async fn critical_upstream_failing_fails_health_and_readiness() {
         assert_eq!(r.status(), 503);
         let v: Value = r.json().await.unwrap();
         reason = v["reason"].as_str().unwrap().to_string();
-        if reason.contains("app") {
+        // The full phrase: the migrations reason ("not applied yet") contains "app" too.
+        if reason.contains("critical upstream failing: app") {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
