@@ -182,7 +182,8 @@ impl Builder {
                 .unwrap(),
         };
         if self.wait_ready {
-            sidecar.wait_ready(Duration::from_secs(20)).await;
+            // Generous: a fresh database's migrations on a loaded CI machine; a pass never waits it.
+            sidecar.wait_ready(Duration::from_secs(60)).await;
         }
         sidecar
     }

@@ -210,7 +210,11 @@ async fn slow_headers_are_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_database_gives_timeout_and_overload_answers() {
     let s = Sidecar::builder()
-        .env("PGSIDECAR_SERVER__REQUEST_TIMEOUT_MS", "400")
+        // The slow PUT holds the one permit for the request timeout; in that window the test
+        // must see its lock wait and send the second request, so 2 s, not a tight 400 ms. The
+        // statement timeout stays longer, so the answer is the 504, not a database 503.
+        .env("PGSIDECAR_SERVER__REQUEST_TIMEOUT_MS", "2000")
+        .env("PGSIDECAR_DATABASE__STATEMENT_TIMEOUT_MS", "10000")
         .env("PGSIDECAR_SERVER__MAX_CONCURRENT_REQUESTS", "1")
         .start()
         .await;
@@ -218,6 +222,8 @@ async fn slow_database_gives_timeout_and_overload_answers() {
     let mut blocker = s
         .hold_lock("SELECT * FROM pgsidecar.cache WHERE key = 'locked' FOR UPDATE")
         .await;
+    // Connected before the slow request starts, so its time is not taken from the window.
+    let mut watcher = sqlx::PgConnection::connect(&s.db).await.unwrap();
 
     let http = s.http.clone();
     let url = s.url("/v1/cache/locked");
@@ -226,14 +232,13 @@ async fn slow_database_gives_timeout_and_overload_answers() {
         let r = http.put(url).body("2").send().await.unwrap();
         (r, t.elapsed())
     });
-    let mut watcher = sqlx::PgConnection::connect(&s.db).await.unwrap();
     wait_for_lock_wait(&mut watcher).await;
     // The one permit is taken: shed at once with 503 + Retry-After.
     let r = s.get_cache("other").await;
     assert_eq!(r.headers()["retry-after"], "1");
     assert_error(r, 503, "overloaded").await;
     let (r, took) = slow.await.unwrap();
-    assert!(took < Duration::from_secs(2), "timed out after {took:?}");
+    assert!(took < Duration::from_secs(5), "timed out after {took:?}");
     assert_error(r, 504, "request_timeout").await;
     blocker.execute("ROLLBACK").await.unwrap();
     assert_eq!(s.get_cache("other").await.status(), 404);

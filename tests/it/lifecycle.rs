@@ -249,6 +249,8 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
 
     let code = s.wait_exit(Duration::from_secs(10)).and_then(|e| e.code());
     assert_eq!(code, Some(0));
+    // The exit can be seen before the test's reader thread has stored the last line.
+    assert!(s.logs.wait_for("pgsidecar stopped", Duration::from_secs(2)));
     let lines = s.logs.lines();
     assert!(
         lines.last().unwrap().contains("pgsidecar stopped"),
