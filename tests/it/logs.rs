@@ -196,31 +196,41 @@ async fn rust_log_and_log_level_filter_lines() {
     ));
 }
 
-/// A free local port (bound and released; fine for a test that starts right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_log_pipe_drops_lines_and_never_stalls_requests() {
     // stdout is a pipe nobody reads: it fills after 64 KiB, then the writer's queue fills.
     let db = fresh_db().await;
-    let (data, ops) = (free_port(), free_port());
     let mut child = std::process::Command::new(BIN)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", &db)
-        .env("PGSIDECAR_SERVER__DATA_LISTEN", format!("127.0.0.1:{data}"))
-        .env("PGSIDECAR_SERVER__OPS_LISTEN", format!("127.0.0.1:{ops}"))
+        .env("PGSIDECAR_SERVER__DATA_LISTEN", "127.0.0.1:0")
+        .env("PGSIDECAR_SERVER__OPS_LISTEN", "127.0.0.1:0")
         .env("PGSIDECAR_HEALTH__INTERVAL_MS", "200")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // The start line names the bound ports; after it, nobody reads. The reader is kept, not
+    // dropped: a closed pipe would be a different failure from a full one.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (data, ops) = loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert!(n > 0, "pgsidecar exited before its start line");
+        if line.contains("\"pgsidecar started\"") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let port = |k: &str| {
+                v[k].as_str()
+                    .unwrap()
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            };
+            break (port("data_listen"), port("ops_listen"));
+        }
+    };
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()
