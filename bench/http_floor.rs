@@ -18,7 +18,8 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::http::{StatusCode, header};
 use axum::routing::get;
-use pgsidecar::config::ListenAddr;
+use pgsidecar::app::current_thread_runtime;
+use pgsidecar::config::{ListenAddr, Settings};
 use pgsidecar::http::{Listener, accept, lane, serve_lane};
 use pgsidecar::shutdown::Lifecycle;
 
@@ -27,9 +28,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A session record as the sidecar returns it for the benchmark's rows.
 const SESSION: &str = r#"{"id":"0b7f6c3e-8f6a-4d8e-9a53-2f3c0c7c9d11","user_id":"user42","created_at":"2026-11-26T07:00:00.123456Z","updated_at":"2026-11-26T07:00:00.123456Z","expires_at":"2026-12-03T07:00:00.123456Z","ip_address":"127.0.0.1","user_agent":"Mozilla/5.0 (X11; Linux x86_64) pgsidecar-bench","data":{"role":"member"}}"#;
-/// The sidecar's defaults (config/default.toml: server.header_read_timeout_ms, shutdown.grace_seconds).
-const HEADER_TIMEOUT: Duration = Duration::from_millis(5000);
-const GRACE: Duration = Duration::from_secs(20);
 
 fn main() {
     let addr: std::net::SocketAddr = std::env::args()
@@ -38,6 +36,10 @@ fn main() {
         .parse()
         .expect("usage: http_floor HOST:PORT");
     let listener = Listener::bind(&ListenAddr::Tcp(addr)).expect("bind");
+    // The sidecar's default header-read timeout and grace, from its own default config.
+    let defaults = Settings::load_from(None, &[]).expect("the default config");
+    let header_timeout = Duration::from_millis(defaults.server.header_read_timeout_ms);
+    let grace = Duration::from_secs(defaults.shutdown.grace_seconds);
     // The benchmark's cache values: {"id":n,"payload":"x...x"} with 998 x's.
     let value: &'static str = format!("{{\"id\":42,\"payload\":\"{}\"}}", "x".repeat(998)).leak();
     let app = Router::new()
@@ -73,20 +75,19 @@ fn main() {
         let app = app.clone();
         std::thread::Builder::new()
             .name(format!("floor-{i}"))
-            .spawn(move || runtime().block_on(serve_lane(rx, app, HEADER_TIMEOUT, GRACE)))
+            .spawn(move || {
+                current_thread_runtime()
+                    .expect("a tokio runtime")
+                    .block_on(serve_lane(rx, app, header_timeout, grace))
+            })
             .expect("a thread");
     }
-    runtime().block_on(async move {
-        tokio::join!(
-            accept(listener, lanes, Lifecycle::new()),
-            serve_lane(first_rx, app, HEADER_TIMEOUT, GRACE)
-        );
-    });
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    current_thread_runtime()
         .expect("a tokio runtime")
+        .block_on(async move {
+            tokio::join!(
+                accept(listener, lanes, Lifecycle::new()),
+                serve_lane(first_rx, app, header_timeout, grace)
+            );
+        });
 }
