@@ -142,13 +142,9 @@ impl Builder {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(t) = &tx
-                    && line.contains("\"pgsidecar started\"")
+                    && let Some(addrs) = started_addrs(&line)
                 {
-                    let v: Value = serde_json::from_str(&line).unwrap();
-                    let _ = t.send((
-                        v["data_listen"].as_str().unwrap().to_string(),
-                        v["ops_listen"].as_str().unwrap().to_string(),
-                    ));
+                    let _ = t.send(addrs);
                     tx = None;
                 }
                 sink.0.lock().unwrap().push(line);
@@ -400,6 +396,16 @@ async fn lock_waits(conn: &mut PgConnection) -> i64 {
     .fetch_one(&mut *conn)
     .await
     .unwrap()
+}
+
+/// The data and ops addresses (host:port) that `line` names, if it is the sidecar's start line.
+pub fn started_addrs(line: &str) -> Option<(String, String)> {
+    if !line.contains("\"pgsidecar started\"") {
+        return None;
+    }
+    let v: Value = serde_json::from_str(line).unwrap();
+    let addr = |k: &str| v[k].as_str().unwrap().to_string();
+    Some((addr("data_listen"), addr("ops_listen")))
 }
 
 /// Waits until a statement of the sidecar's is blocked on a lock (so a test knows its request

@@ -211,31 +211,22 @@ async fn a_full_log_pipe_drops_lines_and_never_stalls_requests() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // The start line names the bound ports; after it, nobody reads. The reader is kept, not
+    // The start line names the bound addresses; after it, nobody reads. The reader is kept, not
     // dropped: a closed pipe would be a different failure from a full one.
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let (data, ops) = loop {
         let mut line = String::new();
         let n = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
         assert!(n > 0, "pgsidecar exited before its start line");
-        if line.contains("\"pgsidecar started\"") {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            let port = |k: &str| {
-                v[k].as_str()
-                    .unwrap()
-                    .rsplit(':')
-                    .next()
-                    .unwrap()
-                    .to_string()
-            };
-            break (port("data_listen"), port("ops_listen"));
+        if let Some(addrs) = started_addrs(&line) {
+            break addrs;
         }
     };
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .unwrap();
-    let ready = format!("http://127.0.0.1:{ops}/ready");
+    let ready = format!("http://{ops}/ready");
     for _ in 0..200 {
         if http
             .get(&ready)
@@ -248,7 +239,7 @@ async fn a_full_log_pipe_drops_lines_and_never_stalls_requests() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // Enough access lines (about 200 bytes each) to overflow the pipe and the writer's queue.
-    let url = format!("http://127.0.0.1:{data}/v1/nothing-here");
+    let url = format!("http://{data}/v1/nothing-here");
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let (http, url) = (http.clone(), url.clone());
@@ -263,7 +254,7 @@ async fn a_full_log_pipe_drops_lines_and_never_stalls_requests() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let metrics = http
-        .get(format!("http://127.0.0.1:{ops}/metrics"))
+        .get(format!("http://{ops}/metrics"))
         .send()
         .await
         .unwrap()
