@@ -1,0 +1,209 @@
+//! The [`Edge`] every request passes: request ids, the data API's guard, one access log line
+//! and the request metrics, around a listener's whole router, with JSON fallbacks.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::Request;
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tower::{Service, ServiceExt};
+
+use super::REQUEST_ID;
+use super::guard::Guard;
+use crate::error::{ApiError, error_response};
+use crate::metrics as m;
+use crate::metrics::cached::ByAddr;
+
+/// A request id from the client is kept when it is short and printable; otherwise a fresh one is made.
+fn request_id(req: &Request) -> HeaderValue {
+    if let Some(v) = req.headers().get(REQUEST_ID)
+        && !v.is_empty()
+        && v.len() <= 128
+        && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    {
+        return v.clone();
+    }
+    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        .unwrap_or(HeaderValue::from_static("invalid"))
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// What every request passes through, around the whole router of a listener: a request id,
+/// the data API's guard, one access log line and the request metrics.
+///
+/// It wraps the router once, from outside. axum's `Router::layer` would wrap every route
+/// separately, and each wrapper is a boxed service that is cloned for every request; on a
+/// cache hit those clones and boxes cost more than the rest of the middleware together.
+#[derive(Clone)]
+pub struct Edge<S> {
+    inner: S,
+    ctx: Arc<EdgeContext>,
+}
+
+struct EdgeContext {
+    listener: &'static str,
+    /// Route templates, for the `route` label and log field (never the raw path).
+    routes: matchit::Router<&'static str>,
+    guard: Option<Guard>,
+}
+
+/// The router of one listener, finished (JSON 404/405 fallbacks, panics turned into JSON 500s,
+/// a body limit) and wrapped in the [`Edge`]. `templates` are the router's path templates.
+pub fn edge(
+    router: Router,
+    listener: &'static str,
+    templates: impl IntoIterator<Item = &'static str>,
+    guard: Option<Guard>,
+    max_body_bytes: usize,
+) -> Edge<
+    impl Service<Request, Response = Response, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+> {
+    let mut routes = matchit::Router::new();
+    for t in templates {
+        // Several methods share a path; the first insert wins, the rest are the same template.
+        let _ = routes.insert(t, t);
+    }
+    let inner = tower::ServiceBuilder::new()
+        // A panicking handler is answered with a JSON 500 and logged; the process and the
+        // connection keep serving.
+        .map_response(|r: Response<_>| r.map(axum::body::Body::new))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .service(
+            router
+                .fallback(|| async { ApiError::NotFound("no such route").into_response() })
+                .method_not_allowed_fallback(|| async {
+                    ApiError::MethodNotAllowed.into_response()
+                }),
+        );
+    Edge {
+        inner,
+        ctx: Arc::new(EdgeContext {
+            listener,
+            routes,
+            guard,
+        }),
+    }
+}
+
+impl<S, B> Service<axum::http::Request<B>> for Edge<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Readiness is the inner service's, checked per request by `oneshot` below.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let mut req = req.map(axum::body::Body::new);
+        let id = request_id(&req);
+        req.headers_mut().insert(REQUEST_ID, id.clone());
+        let method = method_label(req.method());
+        let ctx = self.ctx.clone();
+        let route = ctx
+            .routes
+            .at(req.uri().path())
+            .map_or("unmatched", |m| *m.value);
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let mut resp = match &ctx.guard {
+                Some(guard) => guard.run(req, inner).await,
+                None => inner.oneshot(req).await.unwrap_or_else(|e| match e {}),
+            };
+            resp.headers_mut().insert(REQUEST_ID, id.clone());
+            let elapsed = start.elapsed();
+            let status = resp.status().as_u16();
+            RequestMetrics::observe(ctx.listener, method, route, status, elapsed);
+            tracing::info!(
+                target: "pgsidecar::access",
+                listener = ctx.listener,
+                method,
+                route,
+                status,
+                duration_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+                request_id = id.to_str().unwrap_or(""),
+                "request"
+            );
+            Ok(resp)
+        })
+    }
+}
+
+/// The request counter and latency histogram of one listener, method, route and status, kept
+/// per thread (see [`m::cached`]). Every label is a static string (the route is a template
+/// from the route table), found by its address.
+struct RequestMetrics {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+type RequestKey = (ByAddr, ByAddr, ByAddr, u16);
+
+thread_local! {
+    static REQUEST_METRICS: std::cell::RefCell<foldhash::HashMap<RequestKey, RequestMetrics>> =
+        std::cell::RefCell::default();
+}
+
+impl RequestMetrics {
+    fn observe(
+        listener: &'static str,
+        method: &'static str,
+        route: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let key = (ByAddr(listener), ByAddr(method), ByAddr(route), status);
+        REQUEST_METRICS.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let entry = cache.entry(key).or_insert_with(|| RequestMetrics {
+                requests: metrics::counter!(m::HTTP_REQUESTS, "listener" => listener, "method" => method, "route" => route, "status" => status.to_string()),
+                duration: metrics::histogram!(m::HTTP_DURATION, "listener" => listener, "method" => method, "route" => route),
+            });
+            entry.requests.increment(1);
+            entry.duration.record(elapsed.as_secs_f64());
+        });
+    }
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked; the process keeps serving");
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
+}

@@ -1,0 +1,80 @@
+//! [`DbStatus`]: what every data thread's store and the health probes know about the database.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// What the stores know about the database, shared by every data thread's store and the
+/// health probes.
+pub struct DbStatus {
+    /// Migrations are applied (set once by the bootstrap task, through [`DbStatus::mark_migrated`]).
+    pub migrated: AtomicBool,
+    migrated_signal: tokio::sync::watch::Sender<bool>,
+    /// The last health probe reached Postgres.
+    pub reachable: AtomicBool,
+    /// Counts the times Postgres was found gone (a failed probe, a broken connection). Each
+    /// store empties its free list when this moves: connections resting there are likely dead,
+    /// also on the data threads that sent no statement during the outage.
+    outages: AtomicU64,
+    /// When a statement last succeeded on any store (milliseconds since `started`, 0 = never).
+    last_ok_ms: AtomicU64,
+    started: Instant,
+}
+
+impl Default for DbStatus {
+    fn default() -> Self {
+        Self {
+            migrated: AtomicBool::new(false),
+            migrated_signal: tokio::sync::watch::Sender::new(false),
+            reachable: AtomicBool::new(false),
+            outages: AtomicU64::new(0),
+            last_ok_ms: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl DbStatus {
+    pub(crate) fn mark_migrated(&self) {
+        self.migrated.store(true, Ordering::Release);
+        self.migrated_signal.send_replace(true);
+    }
+
+    /// Returns once migrations are applied (at once if they already are).
+    pub async fn wait_migrated(&self) {
+        let _ = self.migrated_signal.subscribe().wait_for(|m| *m).await;
+    }
+
+    /// Records whether Postgres answered the health probe.
+    pub fn set_reachable(&self, reachable: bool) {
+        self.reachable.store(reachable, Ordering::Release);
+        if !reachable {
+            self.record_outage();
+        }
+    }
+
+    pub(crate) fn record_outage(&self) {
+        self.outages.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn outages(&self) -> u64 {
+        self.outages.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn record_success(&self) {
+        // Every statement of every data thread passes here: write the shared line only when
+        // the value changes (once a millisecond at most).
+        let ms = (self.started.elapsed().as_millis() as u64).max(1);
+        if self.last_ok_ms.load(Ordering::Relaxed) != ms {
+            self.last_ok_ms.store(ms, Ordering::Release);
+        }
+    }
+
+    /// Whether some statement succeeded within `window`: Postgres answered recently, even if
+    /// every connection is busy right now.
+    pub fn succeeded_within(&self, window: Duration) -> bool {
+        let last = self.last_ok_ms.load(Ordering::Acquire);
+        last > 0
+            && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
+                <= window.as_millis() as u64
+    }
+}
