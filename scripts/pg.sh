@@ -2,6 +2,7 @@
 # A throwaway local PostgreSQL for development, tests and the benchmark.
 #
 #   scripts/pg.sh start DIR PORT [postgres -c options...]   init DIR if needed, start, wait
+#                                                            (PG_PORT_HINT: what to say when PORT is taken)
 #   scripts/pg.sh stop DIR                                   fast shutdown, wait
 #   scripts/pg.sh bin                                        print the server's bin directory
 #
@@ -87,6 +88,11 @@ case "$cmd" in
     fi
     if as_db_user "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
       exit 0
+    fi
+    # Someone else on the port would make PostgreSQL fail with a bare "Address already in use".
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "pg.sh: port $port on 127.0.0.1 is already in use; ${PG_PORT_HINT:-choose another port}" >&2
+      exit 1
     fi
     # Sockets in /tmp: a data directory path can exceed the 107-byte unix socket path limit.
     opts="-p $port -k /tmp -c listen_addresses=127.0.0.1"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests and the integration suite against real PostgreSQL.
 # Reuses DATABASE_URL when set (a superuser URL: each test creates its own database);
-# otherwise starts a throwaway PostgreSQL in .pgdata/test (port 54321) and stops it afterwards.
+# otherwise starts a throwaway PostgreSQL in .pgdata/test on port PGSIDECAR_TEST_PG_PORT (default
+# 54321) and stops it afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,10 +16,12 @@ fi
 started=""
 if [ -z "${DATABASE_URL:-}" ]; then
   # Tests start many sidecars at once (20 connections each at most).
-  scripts/pg.sh start .pgdata/test 54321 -c max_connections=500 -c fsync=off -c synchronous_commit=off \
+  port=${PGSIDECAR_TEST_PG_PORT:-54321}
+  PG_PORT_HINT="set PGSIDECAR_TEST_PG_PORT to a free port (or DATABASE_URL to your own server)" \
+    scripts/pg.sh start .pgdata/test "$port" -c max_connections=500 -c fsync=off -c synchronous_commit=off \
     -c full_page_writes=off
   started=1
-  export DATABASE_URL="postgres://postgres@127.0.0.1:54321/postgres"
+  export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 fi
 cleanup() { [ -n "$started" ] && scripts/pg.sh stop .pgdata/test; }
 trap cleanup EXIT
