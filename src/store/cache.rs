@@ -4,13 +4,14 @@ use foldhash::{HashMap, HashMapExt, HashSet};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use sqlx::Arguments;
 use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::{Arguments, SqlStr};
 use std::sync::Arc;
 
 use super::batch::{BatchLimits, BatchOp, Batcher};
 use super::conns::Conns;
 use super::rows::decode_all;
+use super::sql::Schema;
 use super::{DbError, Store};
 use crate::metrics as m;
 
@@ -79,21 +80,75 @@ pub struct CachePut {
     pub tags: Vec<Tag>,
 }
 
+/// The cache's statements, their tables in the configured schema (see [`Schema`]).
+pub(crate) struct CacheSql {
+    read: SqlStr,
+    write: SqlStr,
+    delete: SqlStr,
+    delete_range: SqlStr,
+    delete_from: SqlStr,
+    invalidate: SqlStr,
+}
+
+impl CacheSql {
+    fn new(schema: &Schema) -> Self {
+        Self {
+            read: schema.sql(
+                "SELECT key, value, expires_at FROM {schema}.cache \
+                 WHERE key = ANY($1) AND expires_at > now()",
+            ),
+            write: schema.sql(
+                "INSERT INTO {schema}.cache (key, value, tags, expires_at) \
+                 SELECT k, v, CASE WHEN t = '' THEN '{}'::text[] ELSE string_to_array(t, ',') END, \
+                        now() + make_interval(secs => s) \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[]) AS u(k, v, t, s) \
+                 ON CONFLICT (key) DO UPDATE \
+                 SET value = EXCLUDED.value, tags = EXCLUDED.tags, expires_at = EXCLUDED.expires_at, \
+                     updated_at = now()",
+            ),
+            delete: schema.sql("DELETE FROM {schema}.cache WHERE key = $1"),
+            // starts_with keeps a database that is not UTF8 (unsupported), where byte order is
+            // not code point order, from deleting keys outside the prefix; it cannot find keys
+            // the range misses there.
+            delete_range: schema.sql(
+                "DELETE FROM {schema}.cache WHERE key >= $1 AND key < $2 AND starts_with(key, $1)",
+            ),
+            delete_from: schema
+                .sql("DELETE FROM {schema}.cache WHERE key >= $1 AND starts_with(key, $1)"),
+            // The cardinality condition matches the partial GIN index's predicate, so the index
+            // is used.
+            invalidate: schema.sql(
+                "DELETE FROM {schema}.cache WHERE tags && $1::text[] AND cardinality(tags) > 0",
+            ),
+        }
+    }
+}
+
 pub(crate) struct CacheBatchers {
     reads: Batcher<ReadBatch>,
     writes: Batcher<WriteBatch>,
+    sql: Arc<CacheSql>,
 }
 
 impl CacheBatchers {
-    pub fn new(conns: Arc<Conns>, limits: BatchLimits) -> Self {
+    pub fn new(conns: Arc<Conns>, limits: BatchLimits, schema: &Schema) -> Self {
+        let sql = Arc::new(CacheSql::new(schema));
         Self {
             reads: Batcher::spawn(
                 ReadBatch {
                     conns: conns.clone(),
+                    sql: sql.clone(),
                 },
                 limits.clone(),
             ),
-            writes: Batcher::spawn(WriteBatch { conns }, limits),
+            writes: Batcher::spawn(
+                WriteBatch {
+                    conns,
+                    sql: sql.clone(),
+                },
+                limits,
+            ),
+            sql,
         }
     }
 }
@@ -102,6 +157,7 @@ impl CacheBatchers {
 /// several callers in the same batch is fetched once (single flight).
 struct ReadBatch {
     conns: Arc<Conns>,
+    sql: Arc<CacheSql>,
 }
 
 impl BatchOp for ReadBatch {
@@ -118,11 +174,11 @@ impl BatchOp for ReadBatch {
                 unique.push(key.as_str());
             }
         }
-        const SQL: &str =
-            "SELECT key, value, expires_at FROM cache WHERE key = ANY($1) AND expires_at > now()";
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(SQL)
-            .bind(&unique)
-            .fetch_all(c))
+        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+            self.sql.read.clone()
+        )
+        .bind(&unique)
+        .fetch_all(c))
         .await?;
         let found: HashMap<&str, CacheEntry> = decode_all(&rows, |cols| {
             Ok((
@@ -151,6 +207,7 @@ impl BatchOp for ReadBatch {
 /// in a statement); every caller is answered only after the statement commits.
 struct WriteBatch {
     conns: Arc<Conns>,
+    sql: Arc<CacheSql>,
 }
 
 impl BatchOp for WriteBatch {
@@ -208,16 +265,10 @@ impl BatchOp for WriteBatch {
             .and_then(|()| args.add(&ttls));
         bound.map_err(|e| DbError::Other(format!("encoding a cache write: {e}")))?;
         run!(self.conns, Self::NAME, |c| sqlx::query_with(
-                "INSERT INTO cache (key, value, tags, expires_at) \
-                 SELECT k, v, CASE WHEN t = '' THEN '{}'::text[] ELSE string_to_array(t, ',') END, \
-                        now() + make_interval(secs => s) \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[]) AS u(k, v, t, s) \
-                 ON CONFLICT (key) DO UPDATE \
-                 SET value = EXCLUDED.value, tags = EXCLUDED.tags, expires_at = EXCLUDED.expires_at, updated_at = now()",
-                args,
-            )
-            .execute(c)
+            self.sql.write.clone(),
+            args
         )
+        .execute(c))
         .await?;
         Ok(vec![(); n])
     }
@@ -287,7 +338,7 @@ impl Store {
     pub async fn cache_delete(&self, key: &CacheKey) -> Result<(), DbError> {
         self.ensure_available()?;
         run!(self.conns, "cache_delete", |c| sqlx::query(
-            "DELETE FROM cache WHERE key = $1"
+            self.cache.sql.delete.clone()
         )
         .bind(key.as_str())
         .execute(c))
@@ -299,19 +350,13 @@ impl Store {
     pub async fn cache_delete_prefix(&self, prefix: &str) -> Result<u64, DbError> {
         self.ensure_available()?;
         let end = prefix_end(prefix);
+        let sql = &self.cache.sql;
         let done = run!(self.conns, "cache_delete_prefix", |c| match &end {
-            // starts_with keeps a database that is not UTF8 (unsupported), where byte order is
-            // not code point order, from deleting keys outside the prefix; it cannot find keys
-            // the range misses there.
-            Some(end) => sqlx::query(
-                "DELETE FROM cache WHERE key >= $1 AND key < $2 AND starts_with(key, $1)"
-            )
-            .bind(prefix)
-            .bind(end)
-            .execute(c),
-            None => sqlx::query("DELETE FROM cache WHERE key >= $1 AND starts_with(key, $1)")
+            Some(end) => sqlx::query(sql.delete_range.clone())
                 .bind(prefix)
+                .bind(end)
                 .execute(c),
+            None => sqlx::query(sql.delete_from.clone()).bind(prefix).execute(c),
         })
         .await?;
         Ok(done.rows_affected())
@@ -321,9 +366,8 @@ impl Store {
     pub async fn cache_invalidate(&self, tags: &[Tag]) -> Result<u64, DbError> {
         self.ensure_available()?;
         let tags: Vec<&str> = tags.iter().map(Tag::as_str).collect();
-        // The cardinality condition matches the partial GIN index's predicate, so the index is used.
         let done = run!(self.conns, "cache_invalidate", |c| sqlx::query(
-            "DELETE FROM cache WHERE tags && $1::text[] AND cardinality(tags) > 0"
+            self.cache.sql.invalidate.clone()
         )
         .bind(&tags)
         .execute(c))

@@ -745,3 +745,71 @@ async fn background_cleanup_runs_in_the_sidecar() {
         "{metrics}"
     );
 }
+
+/// Statements name their tables in the configured schema themselves (no statement relies on a
+/// connection's search_path, which a transaction-mode pooler does not carry), so a schema named
+/// with a reserved word works for every route, and nothing lands in the default schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_schema_holds_every_table() {
+    let sc = Sidecar::builder()
+        .env("PGSIDECAR_DATABASE__SCHEMA", "user")
+        .start()
+        .await;
+    assert_eq!(sc.put_cache("a:1", "1", "?tags=t").await.status(), 204);
+    assert_eq!(sc.put_cache("a:2", "2", "").await.status(), 204);
+    assert_eq!(sc.put_cache("b:1", "3", "").await.status(), 204);
+    assert_eq!(sc.get_cache("a:1").await.text().await.unwrap(), "1");
+    let r = sc
+        .post_json("/v1/cache/_mget", &json!({"keys": ["a:1", "b:1", "c"]}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = sc
+        .post_json("/v1/cache/_invalidate", &json!({"tags": ["t"]}))
+        .await;
+    assert_eq!(r.json::<Value>().await.unwrap()["deleted"], 1);
+    let r = sc
+        .http
+        .delete(sc.url("/v1/cache?prefix=a%3A"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["deleted"], 1);
+    let (token, _) = sc.create_session(json!({"user_id": "u1"})).await;
+    let r = sc
+        .http
+        .get(sc.url(&format!("/v1/sessions/{token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = sc
+        .http
+        .get(sc.url("/v1/users/u1/sessions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["sessions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&sc.db)
+        .await
+        .unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM \"user\".cache")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "only b:1 is left");
+    let elsewhere: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE tablename IN ('cache', 'sessions', 'leases') \
+         AND schemaname <> 'user')",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert!(!elsewhere, "a table outside the configured schema");
+}
