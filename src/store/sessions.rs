@@ -157,16 +157,16 @@ impl SessionSql {
             read: schema.sql(concat!(
                 "SELECT ",
                 columns!(),
-                ", expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) \
-                   <= now() AS needs_refresh \
+                ", expires_at - make_interval(secs => ttl_seconds) \
+                   + make_interval(secs => least($2, ttl_seconds * 0.5::float8)) <= now() AS needs_refresh \
                  FROM {schema}.sessions WHERE token_hash = ANY($1) AND expires_at > now()"
             )),
             refresh: schema.sql(concat!(
                 "UPDATE {schema}.sessions \
                  SET expires_at = now() + make_interval(secs => ttl_seconds), updated_at = now() \
                  WHERE token_hash = ANY($1) AND expires_at > now() \
-                   AND expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) \
-                       <= now() \
+                   AND expires_at - make_interval(secs => ttl_seconds) \
+                       + make_interval(secs => least($2, ttl_seconds * 0.5::float8)) <= now() \
                  RETURNING ",
                 columns!()
             )),
@@ -241,7 +241,11 @@ struct ReadRow {
 }
 
 /// Validation reads: one `token_hash = ANY($1)` query per batch. Each row also says whether it
-/// was last refreshed more than update_age ago, judged by the database clock.
+/// is due for sliding, judged by the database clock: last refreshed (`expires_at - ttl`) at
+/// least `sessions.update_age_seconds` ago, as BetterAuth's `updateAge`, or half its own TTL
+/// ago when that is sooner (as ASP.NET Core's sliding expiration renews past the halfway mark).
+/// Without that cap a session whose TTL is at most update_age would expire before it was ever
+/// due, however active its user.
 struct ReadBatch {
     conns: Arc<Conns>,
     sql: Arc<SessionSql>,

@@ -186,6 +186,41 @@ async fn short_ttl_really_expires() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_shorter_than_update_age_slides_past_its_halfway_mark() {
+    // update_age is the default day; the session lives 6 s. It used to be never due (its
+    // expiry came first), so an active user was logged out after 6 s.
+    let s = Sidecar::start().await;
+    let created = std::time::Instant::now();
+    let (token, session) = s
+        .create_session(json!({"user_id": "u", "ttl_seconds": 6}))
+        .await;
+    let mut sql = s.sql().await;
+    let id = uuid::Uuid::parse_str(session["id"].as_str().unwrap()).unwrap();
+    let before = xmin(&mut sql, id).await;
+    // Before half its TTL: a read, no write.
+    assert_eq!(validate(&s, &token).await.status(), 200);
+    if created.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(xmin(&mut sql, id).await, before, "no write before 3 s");
+    }
+    tokio::time::sleep(
+        Duration::from_secs(3).saturating_sub(created.elapsed()) + Duration::from_millis(500),
+    )
+    .await;
+    let slid: Value = validate(&s, &token).await.json().await.unwrap();
+    let old_exp =
+        chrono::DateTime::parse_from_rfc3339(session["expires_at"].as_str().unwrap()).unwrap();
+    let new_exp =
+        chrono::DateTime::parse_from_rfc3339(slid["expires_at"].as_str().unwrap()).unwrap();
+    assert!(
+        (new_exp - old_exp).num_milliseconds() >= 3000,
+        "expiry moved past the halfway mark: {old_exp} -> {new_exp}"
+    );
+    // Past its first expiry, the session still validates.
+    tokio::time::sleep(Duration::from_millis(6500).saturating_sub(created.elapsed())).await;
+    assert_eq!(validate(&s, &token).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sliding_expiry_writes_at_most_once_per_update_age() {
     let s = Sidecar::builder()
         // 3 s, not 1: creating, five validations and two xmin reads must all fit inside it on a
