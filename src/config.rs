@@ -283,6 +283,7 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
     pub schema: String,
     pub migrate_on_start: bool,
+    pub circuit_failure_threshold: u32,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -320,6 +321,7 @@ pub struct CleanupSettings {
 #[serde(deny_unknown_fields)]
 pub struct HealthSettings {
     pub interval_ms: u64,
+    pub postgres_interval_ms: u64,
     pub check_timeout_ms: u64,
     pub memory_warn_percent: f64,
     pub cpu_warn_percent: f64,
@@ -516,6 +518,12 @@ impl Settings {
         )?;
         positive("database.acquire_timeout_ms", d.acquire_timeout_ms)?;
         positive("database.statement_timeout_ms", d.statement_timeout_ms)?;
+        if !(1..=100).contains(&d.circuit_failure_threshold) {
+            return Err(ConfigError::new(
+                "database.circuit_failure_threshold",
+                "must be between 1 and 100",
+            ));
+        }
         if !is_identifier(&d.schema) {
             return Err(ConfigError::new(
                 "database.schema",
@@ -574,6 +582,12 @@ impl Settings {
             return Err(ConfigError::new(
                 "health.interval_ms",
                 "must be at least 100",
+            ));
+        }
+        if h.postgres_interval_ms < 50 {
+            return Err(ConfigError::new(
+                "health.postgres_interval_ms",
+                "must be at least 50",
             ));
         }
         positive("health.check_timeout_ms", h.check_timeout_ms)?;

@@ -263,7 +263,7 @@ impl BatchOp for ReadBatch {
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<ReadOutcome>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+        let rows: Vec<PgRow> = run_once!(self.conns, Self::NAME, |c| sqlx::query(
             self.sql.read.clone()
         )
         .bind(&hashes)
@@ -322,7 +322,7 @@ impl BatchOp for RefreshBatch {
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<Option<SessionRow>>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+        let rows: Vec<PgRow> = run_once!(self.conns, Self::NAME, |c| sqlx::query(
             self.sql.refresh.clone()
         )
         .bind(&hashes)

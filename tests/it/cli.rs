@@ -32,6 +32,13 @@ fn bad_config_exits_64_with_one_line_naming_the_key() {
             "cache.default_ttl_seconds",
         ),
         (&[("PGSIDECAR_LOG__LEVEL", "loud=[")], "log.level"),
+        // EnvFilter takes a bare word for a target name: every line would be silenced.
+        (&[("PGSIDECAR_LOG__LEVEL", "verbose")], "log.level"),
+        (&[("RUST_LOG", "verbose")], "RUST_LOG"),
+        (
+            &[("PGSIDECAR_SESSIONS__UPDATE_AGE_SECONDS", "0")],
+            "sessions.update_age_seconds",
+        ),
         (&[("PGSIDECAR_SERVER__UNKNOWN_KEY", "1")], "unknown_key"),
     ];
     for (env, key) in cases {
