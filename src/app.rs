@@ -202,7 +202,6 @@ impl Application {
             ),
             service_id,
             prometheus: telemetry.prometheus.clone(),
-            process: Arc::new(process_collector()),
             log_dropped: telemetry.log_dropped.clone(),
         };
         let ops_router = crate::http::edge(
@@ -375,12 +374,6 @@ async fn close(store: Store) {
     {
         tracing::warn!("database pool did not close within 2 s");
     }
-}
-
-fn process_collector() -> metrics_process::Collector {
-    let c = metrics_process::Collector::default();
-    c.describe();
-    c
 }
 
 /// Applies migrations (or waits for them) with capped, jittered backoff until Postgres answers,

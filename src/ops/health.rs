@@ -22,6 +22,7 @@ use super::system::SystemProbe;
 use crate::config::{HealthSettings, UpstreamSettings};
 use crate::metrics as m;
 use crate::shutdown::Lifecycle;
+use crate::store::error::describe;
 use crate::store::{CheckError, DbError, Store};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -110,6 +111,8 @@ pub struct Health {
     parts: Mutex<Parts>,
     /// Asks the probe loop for a round now (e.g. right after migrations were applied).
     wake: tokio::sync::Notify,
+    /// Asks the Postgres monitor for a check now (likewise).
+    wake_monitor: tokio::sync::Notify,
 }
 
 impl Default for Health {
@@ -132,6 +135,7 @@ impl Default for Health {
             })),
             parts: Mutex::new(parts),
             wake: tokio::sync::Notify::new(),
+            wake_monitor: tokio::sync::Notify::new(),
         };
         health.update(|_| {});
         health
@@ -139,9 +143,11 @@ impl Default for Health {
 }
 
 impl Health {
-    /// Runs the next probe round now instead of at the end of the interval.
+    /// Runs the next probe round and Postgres check now instead of at the end of their
+    /// intervals.
     pub fn probe_now(&self) {
         self.wake.notify_one();
+        self.wake_monitor.notify_one();
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -433,7 +439,7 @@ pub async fn watch_postgres(
             match store.check_fresh(timeout).await {
                 Ok(present) => Finding::Answered(present),
                 Err(CheckError::Db(e)) => failed(&e),
-                Err(_) => no_answer(timeout),
+                Err(_) => no_answer(answer_text(timeout)),
             }
         } else {
             // No pooled connection in time is not an outage when other statements succeeded
@@ -449,11 +455,14 @@ pub async fn watch_postgres(
                 Err(CheckError::Db(e)) if matches!(DbError::of(&e), DbError::ConnectionLost(_)) => {
                     Finding::BrokenConnection {
                         public: public_cause(&e),
-                        detail: crate::config::redact_url(&e.to_string()),
+                        detail: crate::config::redact_url(&describe(&e)),
                     }
                 }
                 Err(CheckError::Db(e)) => failed(&e),
-                Err(_) => no_answer(timeout),
+                Err(CheckError::NoConnection) => {
+                    no_answer(format!("no connection within {} ms", timeout.as_millis()))
+                }
+                Err(CheckError::NoAnswer) => no_answer(answer_text(timeout)),
             }
         };
         let elapsed = started.elapsed();
@@ -550,6 +559,7 @@ pub async fn watch_postgres(
             _ = lifecycle.stopped() => return,
             _ = tokio::time::sleep(wait) => {}
             _ = circuit.woken() => {}
+            _ = health.wake_monitor.notified() => {}
         }
         tokio::time::sleep((started + CHECK_SPACING).saturating_duration_since(Instant::now()))
             .await;
@@ -559,12 +569,15 @@ pub async fn watch_postgres(
 fn failed(e: &sqlx::Error) -> Finding {
     Finding::Failed {
         public: public_cause(e).to_string(),
-        detail: crate::config::redact_url(&e.to_string()),
+        detail: crate::config::redact_url(&describe(e)),
     }
 }
 
-fn no_answer(timeout: Duration) -> Finding {
-    let text = format!("no answer within {} ms", timeout.as_millis());
+fn answer_text(timeout: Duration) -> String {
+    format!("no answer within {} ms", timeout.as_millis())
+}
+
+fn no_answer(text: String) -> Finding {
     Finding::Failed {
         public: text.clone(),
         detail: text,

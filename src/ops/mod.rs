@@ -10,6 +10,7 @@
 //! | `/api/ready`  | `{"ready":bool}` |
 
 pub mod health;
+pub mod process;
 pub mod system;
 
 use std::sync::Arc;
@@ -41,7 +42,6 @@ pub struct OpsState {
     pub stale_after: std::time::Duration,
     pub service_id: String,
     pub prometheus: Option<PrometheusHandle>,
-    pub process: Arc<metrics_process::Collector>,
     pub log_dropped: Option<DroppedLines>,
 }
 
@@ -205,8 +205,10 @@ async fn metrics_text(State(state): State<OpsState>) -> Response {
     if let Some(c) = &state.log_dropped {
         metrics::counter!(m::LOG_DROPPED).absolute(c.get());
     }
-    state.process.collect();
-    let mut resp = handle.render().into_response();
+    let cpu = process::collect();
+    let mut text = handle.render();
+    text.push_str(&cpu);
+    let mut resp = text.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

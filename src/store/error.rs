@@ -84,3 +84,12 @@ fn db_text(db: &dyn sqlx::error::DatabaseError) -> String {
         None => format!("error returned from database: {}", db.message()),
     }
 }
+
+/// `e` as text for a log line: like its `Display`, but a database error as message and
+/// SQLSTATE (see [`db_text`]).
+pub(crate) fn describe(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db_text(db.as_ref()),
+        other => other.to_string(),
+    }
+}

@@ -175,8 +175,9 @@ async fn postgres_down_at_start_then_restarted_under_the_sidecar() {
     assert_eq!(status(&s, "/api/health").await, 503);
     let t = Instant::now();
     let r = s.get_cache("k").await;
+    // Fails at once (well under a millisecond in the sidecar); room for a loaded machine.
     assert!(
-        t.elapsed() < Duration::from_millis(500),
+        t.elapsed() < Duration::from_secs(2),
         "fails fast, took {:?}",
         t.elapsed()
     );
@@ -291,7 +292,7 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
         .await;
 
     s.sigterm();
-    wait_status(&s, "/ready", 503, Duration::from_millis(500)).await;
+    wait_status(&s, "/ready", 503, Duration::from_secs(3)).await;
     assert_eq!(status(&s, "/api/ready").await, 503);
     assert_eq!(status(&s, "/live").await, 200);
     // Still serving during the drain, so the load balancer has time to notice.
