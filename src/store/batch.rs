@@ -275,6 +275,36 @@ mod tests {
         }
     }
 
+    /// Panics in its batch: a bug, as far as the callers can tell.
+    struct Panics;
+
+    impl BatchOp for Panics {
+        type Item = ();
+        type Output = ();
+        const NAME: &'static str = "test";
+        const RETRY_ON_BROKEN_CONNECTION: bool = false;
+        async fn run(&self, _: &[()]) -> Result<Vec<()>, DbError> {
+            panic!("a bug in a batch");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_ends_without_answering_is_unavailable_not_internal() {
+        let limits = BatchLimits {
+            max_size: 8,
+            max_in_flight: 1,
+            reserved: 1,
+            shared: Arc::new(Semaphore::new(1)),
+        };
+        let b = Batcher::spawn(Panics, limits);
+        let err = b.call(()).await.unwrap_err();
+        assert!(matches!(err, DbError::Unavailable(_)), "{err:?}");
+        let status = crate::error::ApiError::Db(err).status();
+        assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        // The dispatcher survives and serves the next call the same way.
+        assert!(matches!(b.call(()).await, Err(DbError::Unavailable(_))));
+    }
+
     async fn settle() {
         for _ in 0..50 {
             tokio::task::yield_now().await;
