@@ -306,6 +306,7 @@ pub struct SessionSettings {
 pub struct CacheSettings {
     pub default_ttl_seconds: u32,
     pub max_value_bytes: usize,
+    pub max_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -568,6 +569,14 @@ impl Settings {
             ));
         }
 
+        // A cap below one value would evict an entry as soon as it was written.
+        let c = &self.cache;
+        if c.max_bytes != 0 && c.max_bytes < c.max_value_bytes as u64 {
+            return Err(ConfigError::new(
+                "cache.max_bytes",
+                "must be 0 (no cap) or at least cache.max_value_bytes",
+            ));
+        }
         positive("cleanup.interval_seconds", self.cleanup.interval_seconds)?;
         if !(1..=100_000).contains(&self.cleanup.batch_size) {
             return Err(ConfigError::new(
@@ -852,6 +861,13 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "database.schema");
+        let e =
+            Settings::load_from(None, &env(&[("PGSIDECAR_CACHE__MAX_BYTES", "1000")])).unwrap_err();
+        assert_eq!(e.key, "cache.max_bytes");
+        assert!(
+            Settings::load_from(None, &env(&[("PGSIDECAR_CACHE__MAX_BYTES", "0")])).is_ok(),
+            "0 = no cap"
+        );
         for bad in ["0", "31536001"] {
             let e = Settings::load_from(
                 None,

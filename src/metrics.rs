@@ -24,6 +24,7 @@ pub const SESSION_VALIDATIONS: &str = "pgsidecar_session_validations_total";
 pub const SESSIONS_CREATED: &str = "pgsidecar_sessions_created_total";
 pub const SESSIONS_REVOKED: &str = "pgsidecar_sessions_revoked_total";
 pub const EXPIRED_ROWS_DELETED: &str = "pgsidecar_expired_rows_deleted_total";
+pub const CACHE_EVICTED: &str = "pgsidecar_cache_evicted_total";
 // The standard process metrics (see `ops::process`).
 pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
@@ -113,6 +114,10 @@ fn describe() {
     describe_counter!(
         EXPIRED_ROWS_DELETED,
         "Expired rows deleted by the background cleanup, by table."
+    );
+    describe_counter!(
+        CACHE_EVICTED,
+        "Live cache entries evicted, oldest first, to keep the cache within cache.max_bytes."
     );
 }
 

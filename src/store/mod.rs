@@ -120,6 +120,8 @@ pub struct StoreSettings {
     pub session_update_age_seconds: u32,
     pub cleanup_batch_size: u32,
     pub cleanup_lease_seconds: u32,
+    /// `cache.max_bytes` (0 = no cap).
+    pub cache_max_bytes: u64,
     /// Qualifies the statements built outside the hot path (probe, cleanup, migrations check).
     pub(crate) schema: sql::Schema,
 }
@@ -175,6 +177,7 @@ impl Store {
                 session_update_age_seconds: settings.sessions.update_age_seconds,
                 cleanup_batch_size: settings.cleanup.batch_size,
                 cleanup_lease_seconds: settings.cleanup.lease_seconds,
+                cache_max_bytes: settings.cache.max_bytes,
                 schema,
             }),
         }

@@ -838,3 +838,72 @@ async fn a_configured_schema_holds_every_table() {
     .unwrap();
     assert!(!elsewhere, "a table outside the configured schema");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_is_capped_by_evicting_the_oldest_writes() {
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_CACHE__MAX_VALUE_BYTES", "1024")
+        .env("PGSIDECAR_CACHE__MAX_BYTES", "20000")
+        .env("PGSIDECAR_CLEANUP__INTERVAL_SECONDS", "1")
+        .env("PGSIDECAR_CLEANUP__BATCH_SIZE", "7")
+        .start()
+        .await;
+    // 50 entries of 650 bytes each (the key twice, the value, 140 bytes of overhead): 32,500.
+    let value = format!("\"{}\"", "v".repeat(498));
+    for i in 0..50 {
+        let r = s.put_cache(&format!("k{i:02}"), &value, "").await;
+        assert_eq!(r.status(), 204);
+    }
+    // Rewriting the oldest makes it the newest: it stays.
+    assert_eq!(s.put_cache("k00", &value, "?tags=a,bc").await.status(), 204);
+    let mut sql = s.sql().await;
+    let weight: i32 = sqlx::query_scalar("SELECT byte_size FROM cache WHERE key = 'k00'")
+        .fetch_one(&mut sql)
+        .await
+        .unwrap();
+    assert_eq!(
+        weight,
+        2 * 3 + 500 + 4 + 140,
+        "key twice, value, tags as text, overhead"
+    );
+
+    // Until a pass (every second) has brought it within the cap.
+    let mut total = i64::MAX;
+    for _ in 0..200 {
+        total = sqlx::query_scalar("SELECT sum(byte_size)::int8 FROM cache")
+            .fetch_one(&mut sql)
+            .await
+            .unwrap();
+        if total <= 20000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(total <= 20000, "within the cap: {total}");
+    assert!(total > 20000 - 650, "no more evicted than needed: {total}");
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM cache ORDER BY key")
+        .fetch_all(&mut sql)
+        .await
+        .unwrap();
+    // The oldest writes went: k01 upwards, in order, until it fit; k00 was rewritten last.
+    let gone = 50 - left.len();
+    let mut expected: Vec<String> = (gone + 1..50).map(|i| format!("k{i:02}")).collect();
+    expected.insert(0, "k00".into());
+    assert_eq!(left, expected);
+    // The metric counts them (it moves just after each batch commits).
+    let mut evicted = 0.0;
+    for _ in 0..100 {
+        evicted = metric(&scrape(&s).await, "pgsidecar_cache_evicted_total", &[]).unwrap_or(0.0);
+        if evicted == gone as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(evicted, gone as f64);
+    assert_eq!(s.get_cache("k00").await.status(), 200);
+    assert_eq!(s.get_cache("k01").await.status(), 404);
+    assert!(
+        s.logs
+            .wait_for("\"cache_evicted\":", Duration::from_secs(5))
+    );
+}
