@@ -130,7 +130,11 @@ impl Store {
     /// Builds the pool (lazily: no connection is opened here) and the batchers.
     /// Must be called inside a tokio runtime.
     pub fn new(settings: &Settings) -> Result<Self, DbError> {
-        Self::with_status(settings, Arc::new(DbStatus::default()))
+        let status = DbStatus::new(
+            settings.database.circuit_failure_threshold,
+            Duration::from_millis(settings.health.postgres_interval_ms),
+        );
+        Self::with_status(settings, Arc::new(status))
     }
 
     /// Like [`Store::new`], sharing `status` with other stores on the same database.
@@ -237,12 +241,6 @@ impl Store {
         let open = self.pool.size();
         let idle = (self.pool.num_idle() + self.conns.idle()) as u32;
         (open, idle.min(open))
-    }
-
-    /// Whether any statement succeeded within `window`, on this store or another sharing its
-    /// status (see [`DbStatus::succeeded_within`]).
-    pub fn answered_within(&self, window: Duration) -> bool {
-        self.status.succeeded_within(window)
     }
 
     /// Hands every free connection back to the pool (at shutdown, before closing it).
