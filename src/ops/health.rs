@@ -137,7 +137,10 @@ impl Default for Health {
             wake: tokio::sync::Notify::new(),
             wake_monitor: tokio::sync::Notify::new(),
         };
-        health.update(|_| {});
+        // The first snapshot, unlogged: the first check or round logs the first status.
+        let mut parts = health.parts.lock().unwrap_or_else(|p| p.into_inner());
+        health.publish(&mut parts, false);
+        drop(parts);
         health
     }
 }
@@ -162,6 +165,11 @@ impl Health {
     fn update(&self, change: impl FnOnce(&mut Parts)) {
         let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
         change(&mut parts);
+        self.publish(&mut parts, true);
+    }
+
+    /// Publishes the snapshot `parts` make; logs a change of the overall status if `log`.
+    fn publish(&self, parts: &mut Parts, log: bool) {
         let mut checks = parts.round.clone();
         let [time, tables] = parts.postgres.entries.clone();
         checks.insert("postgres:responseTime".into(), vec![time]);
@@ -180,7 +188,7 @@ impl Health {
                 0.0
             });
         }
-        if parts.status != Some(status) {
+        if log && parts.status != Some(status) {
             let failing: Vec<&str> = checks
                 .iter()
                 .filter(|(_, e)| e.iter().any(|c| c.status != Status::Pass))

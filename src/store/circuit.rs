@@ -155,8 +155,16 @@ impl Circuit {
                 "database unreachable; circuit open: data requests fail at once until it answers again"
             );
         }
-        self.wake.notify_one();
+        self.wake_monitor();
         opened
+    }
+
+    /// Asks the monitor for a check now, unless the circuit is open: then it checks at its
+    /// interval anyway, and an outage must not turn into a check every few milliseconds.
+    fn wake_monitor(&self) {
+        if !self.is_open() {
+            self.wake.notify_one();
+        }
     }
 
     /// The last failure's text, if anything has failed yet.
@@ -172,7 +180,7 @@ impl Circuit {
     /// with a fresh connection right away.
     pub fn suspect(&self) {
         self.suspect.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.wake_monitor();
     }
 
     /// Whether the monitor should check with a fresh connection rather than a pooled one.
