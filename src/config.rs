@@ -117,7 +117,7 @@ impl Serialize for DatabaseUrl {
 }
 
 /// Replaces the password of `scheme://user:password@host/...`, the value of every query
-/// parameter whose name looks secret (see [`secret_param`]) and any fragment with `[redacted]`.
+/// parameter whose name looks secret (see `secret_param`) and any fragment with `[redacted]`.
 pub fn redact_url(url: &str) -> String {
     let mut out = url.to_string();
     if let Some(scheme_end) = out.find("://") {

@@ -76,6 +76,50 @@ struct PostgresReport {
 }
 
 impl PostgresReport {
+    /// The entries for a check of status `check` (with `output`, or its `latency` when it
+    /// answered), Postgres `reachable` (answered once and the circuit closed) and the tables
+    /// last seen present or not.
+    fn new(
+        check: Status,
+        output: Option<String>,
+        latency: Option<Duration>,
+        reachable: bool,
+        tables_ok: bool,
+    ) -> Self {
+        let t = now();
+        let response_time = CheckEntry {
+            component_id: None,
+            component_type: "datastore",
+            observed_value: latency.map(|l| (l.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
+            observed_unit: latency.map(|_| "ms"),
+            status: check,
+            time: t.clone(),
+            output,
+        };
+        let tables = CheckEntry {
+            component_id: None,
+            component_type: "datastore",
+            observed_value: None,
+            observed_unit: None,
+            status: if reachable && tables_ok {
+                Status::Pass
+            } else {
+                Status::Fail
+            },
+            time: t,
+            output: match (reachable, tables_ok) {
+                (true, true) => None,
+                (true, false) => Some("sidecar tables missing: migrations not applied".into()),
+                (false, _) => Some("postgres unreachable".into()),
+            },
+        };
+        Self {
+            entries: [response_time, tables],
+            postgres_ok: reachable,
+            tables_ok: reachable && tables_ok,
+        }
+    }
+
     fn initial() -> Self {
         let entry = |output: &str| CheckEntry {
             component_id: None,
@@ -423,7 +467,7 @@ enum Finding {
 
 /// Watches Postgres for the circuit (see `store::circuit`) and `/health`: a check every
 /// `health.postgres_interval_ms`, at once when the data path suspects trouble, and every
-/// [`CHECK_SPACING`] while failures are piling up but the circuit is not open yet. Checks use a
+/// `CHECK_SPACING` while failures are piling up but the circuit is not open yet. Checks use a
 /// pooled connection while all is well, and a fresh connection of their own once something
 /// looked wrong, so what a new connection meets shows at once. Runs until shutdown.
 pub async fn watch_postgres(
@@ -517,43 +561,8 @@ pub async fn watch_postgres(
         let open = circuit.is_open();
         let reachable = answered_once && !open;
         let check = if open { Status::Fail } else { check };
-        let answered = check == Status::Pass && output.is_none();
-        let t = now();
-        let report = PostgresReport {
-            entries: [
-                CheckEntry {
-                    component_id: None,
-                    component_type: "datastore",
-                    observed_value: answered
-                        .then(|| (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
-                    observed_unit: answered.then_some("ms"),
-                    status: check,
-                    time: t.clone(),
-                    output,
-                },
-                CheckEntry {
-                    component_id: None,
-                    component_type: "datastore",
-                    observed_value: None,
-                    observed_unit: None,
-                    status: if reachable && tables_ok {
-                        Status::Pass
-                    } else {
-                        Status::Fail
-                    },
-                    time: t,
-                    output: match (reachable, tables_ok) {
-                        (true, true) => None,
-                        (true, false) => {
-                            Some("sidecar tables missing: migrations not applied".into())
-                        }
-                        (false, _) => Some("postgres unreachable".into()),
-                    },
-                },
-            ],
-            postgres_ok: reachable,
-            tables_ok: reachable && tables_ok,
-        };
+        let latency = (check == Status::Pass && output.is_none()).then_some(elapsed);
+        let report = PostgresReport::new(check, output, latency, reachable, tables_ok);
         health.update(|parts| parts.postgres = report);
 
         // Next: soon while failures pile up below the threshold, else after the interval (or

@@ -78,7 +78,7 @@ impl Conns {
     }
 
     /// A connection: the most recently used free one, else one from the pool. A failure to get
-    /// one counts for the circuit (see [`Conns::acquire_failed`]).
+    /// one counts for the circuit (see `Conns::acquire_failed`).
     pub async fn get(&self) -> Result<Held<'_>, DbError> {
         self.take().await.map_err(|e| self.acquire_failed(e))
     }

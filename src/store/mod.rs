@@ -5,13 +5,14 @@
 //!
 //! # Layout
 //! - [`error`]: [`DbError`], mapped from sqlx errors and SQLSTATEs.
-//! - [`status`]: [`DbStatus`], what every store and the health probes know of the database.
+//! - [`status`]: [`DbStatus`], what every store and the health monitor know of the database.
+//! - [`circuit`]: the breaker that refuses data requests at once while Postgres is unreachable.
 //! - [`pool`]: the sqlx pool and connection start-up options.
 //! - [`conns`]: the free list of held connections in front of the pool.
 //! - [`migrate`]: the embedded migrations.
 //! - [`batch`]: coalescing concurrent calls into one statement.
 //! - [`cache`], [`sessions`]: the data, in SQL.
-//! - [`cleanup`]: the fleet-wide deletion of expired rows.
+//! - [`cleanup`]: the fleet-wide deletion of expired rows and the cache's size cap.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
