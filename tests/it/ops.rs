@@ -418,11 +418,13 @@ async fn health_names_the_kind_of_failure_never_the_servers_words() {
             .into_iter()
             .filter(|l| l.contains("postgres check failed"))
             .collect();
-        assert_eq!(failed.len(), 1, "{failed:?}");
-        assert!(
-            failed[0].contains("_x7") && !failed[0].contains("at line"),
-            "{failed:?}"
-        );
+        // (Two when a loaded machine made the first check time out before the refusal came.)
+        assert!((1..=2).contains(&failed.len()), "{failed:?}");
+        let named = failed
+            .iter()
+            .find(|l| l.contains("_x7"))
+            .expect("named in the log");
+        assert!(!named.contains("at line"), "{named}");
         // And the start-up retries say why too, instead of an acquire timeout.
         assert!(s.logs.wait_for(
             "database not ready; retrying",
