@@ -82,7 +82,10 @@ impl Application {
         let ops_addr = ops.local_addr();
         let header_timeout = Duration::from_millis(settings.server.header_read_timeout_ms);
         let grace = Duration::from_secs(settings.shutdown.grace_seconds);
-        let status = Arc::new(DbStatus::default());
+        let status = Arc::new(DbStatus::new(
+            settings.database.circuit_failure_threshold,
+            Duration::from_millis(settings.health.postgres_interval_ms),
+        ));
         let health = Arc::new(Health::default());
         let service_id = crate::telemetry::hostname();
 
@@ -146,17 +149,22 @@ impl Application {
             "pgsidecar started"
         );
 
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(bootstrap(
+        let mut tasks = vec![tokio::spawn(bootstrap(
             store.clone(),
             settings.clone(),
             lifecycle.clone(),
             health.clone(),
-        )));
+        ))];
         tasks.push(tokio::spawn(keep_warm(store.clone(), lifecycle.clone())));
+        tasks.push(tokio::spawn(ops::health::watch_postgres(
+            store.clone(),
+            health.clone(),
+            settings.health.clone(),
+            lifecycle.clone(),
+        )));
         tasks.push(tokio::spawn(ops::health::run(
             health.clone(),
-            Prober::new(store.clone(), settings.health.clone()),
+            Prober::new(settings.health.clone()),
             Duration::from_millis(settings.health.interval_ms),
             lifecycle.clone(),
             telemetry.prometheus.clone(),
@@ -194,7 +202,6 @@ impl Application {
             ),
             service_id,
             prometheus: telemetry.prometheus.clone(),
-            process: Arc::new(process_collector()),
             log_dropped: telemetry.log_dropped.clone(),
         };
         let ops_router = crate::http::edge(
@@ -367,12 +374,6 @@ async fn close(store: Store) {
     {
         tracing::warn!("database pool did not close within 2 s");
     }
-}
-
-fn process_collector() -> metrics_process::Collector {
-    let c = metrics_process::Collector::default();
-    c.describe();
-    c
 }
 
 /// Applies migrations (or waits for them) with capped, jittered backoff until Postgres answers,

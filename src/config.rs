@@ -116,13 +116,14 @@ impl Serialize for DatabaseUrl {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host/...` and any `password=` query value.
+/// Replaces the password of `scheme://user:password@host/...`, the value of every query
+/// parameter whose name looks secret (see `secret_param`) and any fragment with `[redacted]`.
 pub fn redact_url(url: &str) -> String {
     let mut out = url.to_string();
     if let Some(scheme_end) = out.find("://") {
         let rest_start = scheme_end + 3;
         let authority_end = out[rest_start..]
-            .find(['/', '?'])
+            .find(['/', '?', '#'])
             .map_or(out.len(), |i| rest_start + i);
         if let Some(at) = out[rest_start..authority_end].rfind('@') {
             let userinfo = &out[rest_start..rest_start + at];
@@ -132,18 +133,63 @@ pub fn redact_url(url: &str) -> String {
             }
         }
     }
+    // A fragment never reaches the server but may carry a token (`#access_token=...`).
+    if let Some(hash) = out.find('#') {
+        out.replace_range(hash + 1.., "[redacted]");
+    }
     if let Some(q) = out.find('?') {
-        let (base, query) = out.split_at(q + 1);
-        let redacted: Vec<String> = query
+        let end = out.find('#').unwrap_or(out.len());
+        let redacted: Vec<String> = out[q + 1..end]
             .split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=[redacted]"),
+                Some((k, _)) if secret_param(k) => format!("{k}=[redacted]"),
                 _ => pair.to_string(),
             })
             .collect();
-        out = format!("{base}{}", redacted.join("&"));
+        out.replace_range(q + 1..end, &redacted.join("&"));
     }
     out
+}
+
+/// Whether a query parameter's name looks like it carries a secret: `password`, `token`,
+/// `api_key`, `apikey`, `secret`, `sig`, `auth`, `credential` and the like (also inside longer
+/// names, in any case, percent-encoded or not). Too wide rather than too narrow: hiding a
+/// harmless value costs nothing, printing a key costs a rotation.
+fn secret_param(name: &str) -> bool {
+    let mut decoded = Vec::with_capacity(name.len());
+    let bytes = name.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).and_then(|&b| hex(b)),
+            bytes.get(i + 2).and_then(|&b| hex(b)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                decoded.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    let name = String::from_utf8_lossy(&decoded).to_ascii_lowercase();
+    [
+        "pass",
+        "pwd",
+        "token",
+        "secret",
+        "key",
+        "auth",
+        "sig",
+        "credential",
+        "session",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
 }
 
 /// Where a listener binds.
@@ -237,6 +283,7 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
     pub schema: String,
     pub migrate_on_start: bool,
+    pub circuit_failure_threshold: u32,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -259,6 +306,7 @@ pub struct SessionSettings {
 pub struct CacheSettings {
     pub default_ttl_seconds: u32,
     pub max_value_bytes: usize,
+    pub max_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -274,6 +322,7 @@ pub struct CleanupSettings {
 #[serde(deny_unknown_fields)]
 pub struct HealthSettings {
     pub interval_ms: u64,
+    pub postgres_interval_ms: u64,
     pub check_timeout_ms: u64,
     pub memory_warn_percent: f64,
     pub cpu_warn_percent: f64,
@@ -373,6 +422,10 @@ impl Settings {
         if let Some((_, url)) = env.iter().find(|(k, _)| k == "DATABASE_URL") {
             figment = figment.merge(("database.url", url.as_str()));
         }
+        // RUST_LOG overrides log.level (see `telemetry::init`), so it is held to the same rules.
+        if let Some((_, filter)) = env.iter().find(|(k, v)| k == "RUST_LOG" && !v.is_empty()) {
+            check_log_filter(filter).map_err(|m| ConfigError::new("RUST_LOG", m))?;
+        }
         let settings: Settings = figment.extract().map_err(|e| {
             let key = e.path.join(".");
             let key = if key.is_empty() {
@@ -466,6 +519,12 @@ impl Settings {
         )?;
         positive("database.acquire_timeout_ms", d.acquire_timeout_ms)?;
         positive("database.statement_timeout_ms", d.statement_timeout_ms)?;
+        if !(1..=100).contains(&d.circuit_failure_threshold) {
+            return Err(ConfigError::new(
+                "database.circuit_failure_threshold",
+                "must be between 1 and 100",
+            ));
+        }
         if !is_identifier(&d.schema) {
             return Err(ConfigError::new(
                 "database.schema",
@@ -492,6 +551,11 @@ impl Settings {
             "sessions.default_ttl_seconds",
             self.sessions.default_ttl_seconds,
         )?;
+        // 0 would make every validation a write; above the longest TTL it means nothing.
+        ttl(
+            "sessions.update_age_seconds",
+            self.sessions.update_age_seconds,
+        )?;
         positive(
             "sessions.max_data_bytes",
             self.sessions.max_data_bytes as u64,
@@ -505,6 +569,14 @@ impl Settings {
             ));
         }
 
+        // A cap below one value would evict an entry as soon as it was written.
+        let c = &self.cache;
+        if c.max_bytes != 0 && c.max_bytes < c.max_value_bytes as u64 {
+            return Err(ConfigError::new(
+                "cache.max_bytes",
+                "must be 0 (no cap) or at least cache.max_value_bytes",
+            ));
+        }
         positive("cleanup.interval_seconds", self.cleanup.interval_seconds)?;
         if !(1..=100_000).contains(&self.cleanup.batch_size) {
             return Err(ConfigError::new(
@@ -519,6 +591,12 @@ impl Settings {
             return Err(ConfigError::new(
                 "health.interval_ms",
                 "must be at least 100",
+            ));
+        }
+        if h.postgres_interval_ms < 50 {
+            return Err(ConfigError::new(
+                "health.postgres_interval_ms",
+                "must be at least 50",
             ));
         }
         positive("health.check_timeout_ms", h.check_timeout_ms)?;
@@ -559,12 +637,7 @@ impl Settings {
             }
             positive(&format!("{key}.timeout_ms"), u.timeout_ms)?;
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(ConfigError::new(
-                "log.level",
-                format!("{:?} is not a level or tracing filter", self.log.level),
-            ));
-        }
+        check_log_filter(&self.log.level).map_err(|m| ConfigError::new("log.level", m))?;
         Ok(())
     }
 
@@ -632,6 +705,35 @@ fn ttl(key: &str, v: u32) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// A log filter: a level, or comma-separated `target=level` directives. tracing's `EnvFilter`
+/// alone is too lenient: it takes a bare word such as "verbose" for a target name, which turns
+/// on that (non-existent) target only and so silences every line, the start line included.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err("is empty; use a level: off, error, warn, info, debug or trace".into());
+    }
+    for d in directives {
+        let level = match d.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            _ => d,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{d:?} is not a level (off, error, warn, info, debug, trace) or a target=level directive"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| format!("{filter:?} is not a tracing filter: {e}"))
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -759,6 +861,21 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "database.schema");
+        let e =
+            Settings::load_from(None, &env(&[("PGSIDECAR_CACHE__MAX_BYTES", "1000")])).unwrap_err();
+        assert_eq!(e.key, "cache.max_bytes");
+        assert!(
+            Settings::load_from(None, &env(&[("PGSIDECAR_CACHE__MAX_BYTES", "0")])).is_ok(),
+            "0 = no cap"
+        );
+        for bad in ["0", "31536001"] {
+            let e = Settings::load_from(
+                None,
+                &env(&[("PGSIDECAR_SESSIONS__UPDATE_AGE_SECONDS", bad)]),
+            )
+            .unwrap_err();
+            assert_eq!(e.key, "sessions.update_age_seconds", "{bad}");
+        }
         let e = Settings::load_from(None, &env(&[("PGSIDECAR_SERVER__NOPE", "1")])).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
     }
@@ -773,6 +890,64 @@ mod tests {
             let e = Settings::load_from(None, &env(&[("PGSIDECAR_BATCH__MAX_IN_FLIGHT", bad)]))
                 .unwrap_err();
             assert_eq!(e.key, "batch.max_in_flight", "{bad}");
+        }
+    }
+
+    #[test]
+    fn log_levels_are_checked_strictly() {
+        let level = |v: &str| Settings::load_from(None, &env(&[("PGSIDECAR_LOG__LEVEL", v)]));
+        for good in [
+            "info",
+            "DEBUG",
+            "warn,sqlx=error",
+            "pgsidecar=debug,sqlx=warn",
+            "off",
+        ] {
+            assert!(level(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "verbose",
+            "",
+            " , ",
+            "pgsidecar",
+            "info,sqlx",
+            "sqlx=loud",
+            "=info",
+        ] {
+            let e = level(bad).unwrap_err();
+            assert_eq!(e.key, "log.level", "{bad}");
+        }
+        let e = Settings::load_from(None, &env(&[("RUST_LOG", "verbose")])).unwrap_err();
+        assert_eq!(e.key, "RUST_LOG");
+        assert!(Settings::load_from(None, &env(&[("RUST_LOG", "debug")])).is_ok());
+    }
+
+    #[test]
+    fn redacts_secret_query_parameters_and_fragments() {
+        assert_eq!(
+            redact_url("http://app:3000/health?token=t0k&x=1&api_key=k3y"),
+            "http://app:3000/health?token=[redacted]&x=1&api_key=[redacted]"
+        );
+        assert_eq!(
+            redact_url("http://h/p?ApiKey=1&access_token=2&X-Amz-Signature=3&client_secret=4"),
+            "http://h/p?ApiKey=[redacted]&access_token=[redacted]&X-Amz-Signature=[redacted]&client_secret=[redacted]"
+        );
+        assert_eq!(
+            redact_url("http://h/p?api%5Fkey=1&page=2&sslpassword=3"),
+            "http://h/p?api%5Fkey=[redacted]&page=2&sslpassword=[redacted]"
+        );
+        assert_eq!(
+            redact_url("http://h/p?q=1#access_token=abc"),
+            "http://h/p?q=1#[redacted]"
+        );
+        assert_eq!(redact_url("http://h/p#x"), "http://h/p#[redacted]");
+        // Nothing secret: unchanged.
+        for plain in [
+            "http://127.0.0.1:3000/api/health",
+            "postgres://u@h:5432/d?sslmode=require&application_name=web",
+            "http://h/p?flag&x=",
+        ] {
+            assert_eq!(redact_url(plain), plain);
         }
     }
 

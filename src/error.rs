@@ -51,6 +51,8 @@ impl ApiError {
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Db(DbError::Unavailable(_))
+            | Self::Db(DbError::CircuitOpen)
+            | Self::Db(DbError::RolledBack(_))
             | Self::Db(DbError::ConnectionLost(_))
             | Self::Db(DbError::PoolExhausted)
             | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
@@ -68,7 +70,11 @@ impl ApiError {
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",
             Self::Db(
-                DbError::Unavailable(_) | DbError::ConnectionLost(_) | DbError::PoolExhausted,
+                DbError::Unavailable(_)
+                | DbError::CircuitOpen
+                | DbError::RolledBack(_)
+                | DbError::ConnectionLost(_)
+                | DbError::PoolExhausted,
             ) => "database_unavailable",
             Self::Db(DbError::Timeout) => "database_timeout",
             Self::Db(DbError::Other(_)) | Self::Internal => "internal",
@@ -79,7 +85,11 @@ impl ApiError {
     fn public_message(&self) -> String {
         match self {
             Self::Db(
-                DbError::Unavailable(_) | DbError::ConnectionLost(_) | DbError::PoolExhausted,
+                DbError::Unavailable(_)
+                | DbError::CircuitOpen
+                | DbError::RolledBack(_)
+                | DbError::ConnectionLost(_)
+                | DbError::PoolExhausted,
             ) => "the database is unavailable; retry shortly".into(),
             Self::Db(DbError::Timeout) => {
                 "the database did not answer in time; retry shortly".into()
@@ -97,10 +107,15 @@ impl IntoResponse for ApiError {
             // The one place a database failure behind a client error is logged.
             match e {
                 DbError::Other(cause) => tracing::error!(error = %cause, "database error"),
-                DbError::Unavailable(cause) | DbError::ConnectionLost(cause) => {
+                DbError::Unavailable(cause)
+                | DbError::RolledBack(cause)
+                | DbError::ConnectionLost(cause) => {
                     tracing::warn!(error = %cause, "database unavailable")
                 }
                 DbError::Timeout => tracing::warn!("database statement timed out"),
+                // The circuit's opening was logged once; a line per refused request would
+                // flood the log during an outage.
+                DbError::CircuitOpen => tracing::debug!("database unreachable (circuit open)"),
                 DbError::PoolExhausted => {
                     tracing::warn!("no database connection free within the acquire timeout")
                 }

@@ -24,6 +24,16 @@ pub const SESSION_VALIDATIONS: &str = "pgsidecar_session_validations_total";
 pub const SESSIONS_CREATED: &str = "pgsidecar_sessions_created_total";
 pub const SESSIONS_REVOKED: &str = "pgsidecar_sessions_revoked_total";
 pub const EXPIRED_ROWS_DELETED: &str = "pgsidecar_expired_rows_deleted_total";
+pub const CACHE_EVICTED: &str = "pgsidecar_cache_evicted_total";
+// The standard process metrics (see `ops::process`).
+pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+pub const PROCESS_VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
+pub const PROCESS_VIRTUAL_MEMORY_MAX: &str = "process_virtual_memory_max_bytes";
+pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
+pub const PROCESS_THREADS: &str = "process_threads";
 
 /// From 100 µs (a batched read on loopback) to 10 s (past every timeout).
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -41,6 +51,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|e| e.to_string())?;
     describe();
+    crate::ops::process::describe();
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }
@@ -103,6 +114,10 @@ fn describe() {
     describe_counter!(
         EXPIRED_ROWS_DELETED,
         "Expired rows deleted by the background cleanup, by table."
+    );
+    describe_counter!(
+        CACHE_EVICTED,
+        "Live cache entries evicted, oldest first, to keep the cache within cache.max_bytes."
     );
 }
 

@@ -10,6 +10,7 @@
 //! | `/api/ready`  | `{"ready":bool}` |
 
 pub mod health;
+pub mod process;
 pub mod system;
 
 use std::sync::Arc;
@@ -41,7 +42,6 @@ pub struct OpsState {
     pub stale_after: std::time::Duration,
     pub service_id: String,
     pub prometheus: Option<PrometheusHandle>,
-    pub process: Arc<metrics_process::Collector>,
     pub log_dropped: Option<DroppedLines>,
 }
 
@@ -82,6 +82,10 @@ pub fn not_ready_reason(state: &OpsState) -> Option<String> {
     if !state.stores[0].status().migrated.load(Ordering::Acquire) {
         return Some("database migrations not applied yet".into());
     }
+    // The circuit itself, not the last snapshot: readiness turns the moment it opens.
+    if state.stores[0].status().circuit.is_open() {
+        return Some("postgres unreachable".into());
+    }
     let snap = state.health.snapshot();
     if snap.taken.elapsed() > state.stale_after {
         return Some("health probes stalled".into());
@@ -113,7 +117,7 @@ async fn health_json(State(state): State<OpsState>) -> Response {
     }
     let mut body = json!({
         "status": status,
-        "version": env!("CARGO_PKG_VERSION").split('.').next().unwrap_or("0"),
+        "version": env!("CARGO_PKG_VERSION"),
         "releaseId": env!("CARGO_PKG_VERSION"),
         "serviceId": state.service_id,
         "description": "pgsidecar",
@@ -153,7 +157,8 @@ async fn live() -> Response {
 
 async fn api_health(State(state): State<OpsState>) -> Response {
     let snap = state.health.snapshot();
-    let healthy = snap.postgres_ok && snap.tables_ok && !state.lifecycle.is_draining();
+    let reachable = snap.postgres_ok && !state.stores[0].status().circuit.is_open();
+    let healthy = reachable && snap.tables_ok && !state.lifecycle.is_draining();
     json_status(
         if healthy {
             StatusCode::OK
@@ -161,7 +166,7 @@ async fn api_health(State(state): State<OpsState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE
         },
         json!({
-            "database": snap.postgres_ok,
+            "database": reachable,
             "cache": snap.tables_ok,
             "timestamp": Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
         }),
@@ -200,8 +205,10 @@ async fn metrics_text(State(state): State<OpsState>) -> Response {
     if let Some(c) = &state.log_dropped {
         metrics::counter!(m::LOG_DROPPED).absolute(c.get());
     }
-    state.process.collect();
-    let mut resp = handle.render().into_response();
+    let cpu = process::collect();
+    let mut text = handle.render();
+    text.push_str(&cpu);
+    let mut resp = text.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

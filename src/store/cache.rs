@@ -174,7 +174,7 @@ impl BatchOp for ReadBatch {
                 unique.push(key.as_str());
             }
         }
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+        let rows: Vec<PgRow> = run_once!(self.conns, Self::NAME, |c| sqlx::query(
             self.sql.read.clone()
         )
         .bind(&unique)
@@ -264,7 +264,7 @@ impl BatchOp for WriteBatch {
             .and_then(|()| args.add(&tags))
             .and_then(|()| args.add(&ttls));
         bound.map_err(|e| DbError::Other(format!("encoding a cache write: {e}")))?;
-        run!(self.conns, Self::NAME, |c| sqlx::query_with(
+        run_once!(self.conns, Self::NAME, |c| sqlx::query_with(
             self.sql.write.clone(),
             args
         )

@@ -30,10 +30,18 @@ pub struct Conns {
     outages_seen: AtomicU64,
     free: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
     idle_timeout: Duration,
+    /// Bounds one statement, its wait for a connection included, on the client side (see
+    /// [`Conns::deadline`]).
+    deadline: Duration,
 }
 
 impl Conns {
-    pub fn new(pool: PgPool, idle_timeout: Duration, status: Arc<DbStatus>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        idle_timeout: Duration,
+        deadline: Duration,
+        status: Arc<DbStatus>,
+    ) -> Self {
         Self {
             pool,
             waiting: AtomicUsize::new(0),
@@ -41,7 +49,27 @@ impl Conns {
             status,
             free: Mutex::new(Vec::new()),
             idle_timeout,
+            deadline,
         }
+    }
+
+    /// How long one statement may take, from asking for a connection to its answer, before
+    /// it counts as unanswered. Postgres's statement_timeout cannot fire when the server or
+    /// the network hangs (a SIGSTOP, a partition): this does.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// A statement of `operation` got no answer within the deadline: a failure to reach
+    /// Postgres, for the circuit. Returns the error for the caller.
+    pub fn no_answer(&self, operation: &'static str) -> DbError {
+        metrics::counter!(crate::metrics::DB_ERRORS, "operation" => operation).increment(1);
+        let cause = format!(
+            "no answer from the database within {} ms",
+            self.deadline.as_millis()
+        );
+        self.status.record_failure(&cause);
+        DbError::Unavailable(cause)
     }
 
     fn free_list(&self) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, Instant)>> {
@@ -49,8 +77,14 @@ impl Conns {
         self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A connection: the most recently used free one, else one from the pool.
+    /// A connection: the most recently used free one, else one from the pool. A failure to get
+    /// one counts for the circuit (see `Conns::acquire_failed`).
     pub async fn get(&self) -> Result<Held<'_>, DbError> {
+        self.take().await.map_err(|e| self.acquire_failed(e))
+    }
+
+    /// Like [`Conns::get`], but leaves judging a failure to the caller (the health monitor).
+    pub async fn take(&self) -> Result<Held<'_>, sqlx::Error> {
         // Postgres was found gone since this list was last emptied (maybe by another store):
         // its connections are likely dead, so hand them to sqlx, which tests them.
         let outages = self.status.outages();
@@ -83,6 +117,36 @@ impl Conns {
             owner: self,
             clean: false,
         })
+    }
+
+    /// No connection could be had. That is a failure to reach Postgres, unless the pool is
+    /// merely busy: it timed out while other statements were succeeding.
+    fn acquire_failed(&self, e: sqlx::Error) -> DbError {
+        let waited = self.pool.options().get_acquire_timeout();
+        let e = DbError::from(e);
+        if matches!(e, DbError::PoolExhausted) && self.status.succeeded_within(waited) {
+            return e;
+        }
+        match e {
+            // sqlx retries a refused connection until its acquire timeout and then reports only
+            // the timeout: name the cause the health monitor last saw, if any.
+            DbError::PoolExhausted => {
+                let plain = format!(
+                    "could not open a database connection within database.acquire_timeout_ms ({} ms)",
+                    waited.as_millis()
+                );
+                let seen = self.status.circuit.last_cause().filter(|c| *c != plain);
+                self.status.record_failure(&plain);
+                DbError::Unavailable(match seen {
+                    Some(cause) => format!("{plain}; last error: {cause}"),
+                    None => plain,
+                })
+            }
+            other => {
+                self.status.record_failure(&other.to_string());
+                other
+            }
+        }
     }
 
     pub fn idle_timeout(&self) -> Duration {
@@ -132,8 +196,11 @@ impl Held<'_> {
     pub fn finish<T>(mut self, result: &Result<T, DbError>) {
         match result {
             Err(DbError::ConnectionLost(_)) => {
-                // The other free connections (of every data thread) are likely dead too.
+                // The other free connections (of every data thread) are likely dead too. Not
+                // a failure for the circuit (the connection is gone, maybe not Postgres): the
+                // monitor checks with a fresh connection now.
                 self.owner.status.record_outage();
+                self.owner.status.circuit.suspect();
                 self.owner.clear();
             }
             Ok(_) => {

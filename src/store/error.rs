@@ -11,19 +11,35 @@ pub enum DbError {
     /// The connection broke (or none could be opened): Postgres went away or restarted.
     #[error("database connection lost: {0}")]
     ConnectionLost(String),
+    /// Refused without trying: Postgres is known to be unreachable (the circuit is open, see
+    /// [`super::circuit`]).
+    #[error("database unreachable (circuit open)")]
+    CircuitOpen,
     /// Every pooled connection stayed busy for `database.acquire_timeout_ms`.
     #[error("no database connection free within the acquire timeout")]
     PoolExhausted,
     /// Postgres cancelled the statement (statement_timeout).
     #[error("database statement timed out")]
     Timeout,
+    /// Postgres rolled the statement back to break a deadlock (40P01) or a serialization
+    /// conflict (40001). Nothing of it was committed, so running it again is safe (see
+    /// `run!` and the batchers, which do so once).
+    #[error("database rolled the statement back: {0}")]
+    RolledBack(String),
     #[error("database error: {0}")]
     Other(String),
 }
 
 impl From<sqlx::Error> for DbError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
+        Self::of(&e)
+    }
+}
+
+impl DbError {
+    /// What `e` means for a caller (the `From` conversion, from a borrowed error).
+    pub fn of(e: &sqlx::Error) -> Self {
+        match e {
             sqlx::Error::PoolTimedOut => DbError::PoolExhausted,
             sqlx::Error::PoolClosed => DbError::Unavailable(e.to_string()),
             sqlx::Error::Io(_)
@@ -32,13 +48,14 @@ impl From<sqlx::Error> for DbError {
             | sqlx::Error::WorkerCrashed => DbError::ConnectionLost(e.to_string()),
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("57014") => DbError::Timeout,
+                Some("40P01" | "40001") => DbError::RolledBack(db_text(db.as_ref())),
                 // 08xxx connection exceptions; 57P01-03 admin shutdown, crash shutdown, cannot
                 // connect now: the session is gone.
                 Some(c) if c.starts_with("08") || c.starts_with("57P") => {
-                    DbError::ConnectionLost(e.to_string())
+                    DbError::ConnectionLost(db_text(db.as_ref()))
                 }
-                // Other conditions a retry may clear, answered 503 rather than 500: 40001/40P01
-                // serialization failure, deadlock; 55P03 lock not available; 53xxx insufficient
+                // Other conditions a retry may clear, answered 503 rather than 500: other 40xxx
+                // transaction rollbacks; 55P03 lock not available; 53xxx insufficient
                 // resources; 25006 read-only transaction (e.g. just after a failover).
                 Some(c)
                     if c.starts_with("40")
@@ -46,11 +63,33 @@ impl From<sqlx::Error> for DbError {
                         || c == "55P03"
                         || c == "25006" =>
                 {
-                    DbError::Unavailable(e.to_string())
+                    DbError::Unavailable(db_text(db.as_ref()))
                 }
-                _ => DbError::Other(e.to_string()),
+                _ => DbError::Other(db_text(db.as_ref())),
             },
             _ => DbError::Other(e.to_string()),
         }
+    }
+}
+
+/// A database error as text: its message and SQLSTATE. sqlx's own text (`PgDatabaseError`'s
+/// `Display`) appends the line of PostgreSQL's C source that raised it ("at line 948"), which
+/// tells an operator nothing and reads like a line of their input.
+fn db_text(db: &dyn sqlx::error::DatabaseError) -> String {
+    match db.code() {
+        Some(code) => format!(
+            "error returned from database: {} (SQLSTATE {code})",
+            db.message()
+        ),
+        None => format!("error returned from database: {}", db.message()),
+    }
+}
+
+/// `e` as text for a log line: like its `Display`, but a database error as message and
+/// SQLSTATE (see [`db_text`]).
+pub(crate) fn describe(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db_text(db.as_ref()),
+        other => other.to_string(),
     }
 }

@@ -31,9 +31,32 @@ impl Store {
     /// part is bounded: a migration that has started is never cut off halfway (it holds the
     /// migration lock until it finishes).
     async fn reach(&self) -> Result<(), DbError> {
+        use sqlx::Connection;
         // The following statements go through the sqlx pool itself; hand it our free connections.
         self.conns.clear();
         let timeout = self.settings.connect_timeout;
+        // First a connection of its own, to name the cause when there is none: sqlx's pool
+        // retries a refused connection until its acquire timeout and then reports only that.
+        let options = self.pool.connect_options();
+        let at = format!("{}:{}", options.get_host(), options.get_port());
+        match tokio::time::timeout(timeout, sqlx::PgConnection::connect_with(&options)).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+            }
+            Ok(Err(e)) => {
+                return Err(DbError::Unavailable(format!(
+                    "cannot connect to PostgreSQL at {at}: {}",
+                    super::error::describe(&e)
+                )));
+            }
+            Err(_) => {
+                return Err(DbError::Unavailable(format!(
+                    "cannot connect to PostgreSQL at {at}: no answer within {} s \
+                     (database.connect_timeout_seconds)",
+                    timeout.as_secs()
+                )));
+            }
+        }
         match tokio::time::timeout(timeout, self.pool.acquire()).await {
             Ok(conn) => conn.map(drop).map_err(DbError::from),
             Err(_) => Err(DbError::Unavailable(format!(

@@ -157,16 +157,16 @@ impl SessionSql {
             read: schema.sql(concat!(
                 "SELECT ",
                 columns!(),
-                ", expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) \
-                   <= now() AS needs_refresh \
+                ", expires_at - make_interval(secs => ttl_seconds) \
+                   + make_interval(secs => least($2, ttl_seconds * 0.5::float8)) <= now() AS needs_refresh \
                  FROM {schema}.sessions WHERE token_hash = ANY($1) AND expires_at > now()"
             )),
             refresh: schema.sql(concat!(
                 "UPDATE {schema}.sessions \
                  SET expires_at = now() + make_interval(secs => ttl_seconds), updated_at = now() \
                  WHERE token_hash = ANY($1) AND expires_at > now() \
-                   AND expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) \
-                       <= now() \
+                   AND expires_at - make_interval(secs => ttl_seconds) \
+                       + make_interval(secs => least($2, ttl_seconds * 0.5::float8)) <= now() \
                  RETURNING ",
                 columns!()
             )),
@@ -241,7 +241,11 @@ struct ReadRow {
 }
 
 /// Validation reads: one `token_hash = ANY($1)` query per batch. Each row also says whether it
-/// was last refreshed more than update_age ago, judged by the database clock.
+/// is due for sliding, judged by the database clock: last refreshed (`expires_at - ttl`) at
+/// least `sessions.update_age_seconds` ago, as BetterAuth's `updateAge`, or half its own TTL
+/// ago when that is sooner (as ASP.NET Core's sliding expiration renews past the halfway mark).
+/// Without that cap a session whose TTL is at most update_age would expire before it was ever
+/// due, however active its user.
 struct ReadBatch {
     conns: Arc<Conns>,
     sql: Arc<SessionSql>,
@@ -259,7 +263,7 @@ impl BatchOp for ReadBatch {
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<ReadOutcome>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+        let rows: Vec<PgRow> = run_once!(self.conns, Self::NAME, |c| sqlx::query(
             self.sql.read.clone()
         )
         .bind(&hashes)
@@ -318,7 +322,7 @@ impl BatchOp for RefreshBatch {
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<Option<SessionRow>>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+        let rows: Vec<PgRow> = run_once!(self.conns, Self::NAME, |c| sqlx::query(
             self.sql.refresh.clone()
         )
         .bind(&hashes)
