@@ -142,6 +142,7 @@ impl Application {
             data_listen = %data_addr,
             ops_listen = %ops_addr,
             data_threads = threads,
+            database_tls = %settings.database.tls().map(|t| t.describe()).unwrap_or_default(),
             config = %settings.redacted_json(),
             "pgsidecar started"
         );
@@ -400,12 +401,15 @@ async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, healt
                 health.probe_now();
                 return;
             }
-            Err(e) => tracing::warn!(
-                attempt,
-                error = %crate::config::redact_url(&e.to_string()),
-                retry_in_ms = delay.as_millis() as u64,
-                "database not ready; retrying"
-            ),
+            Err(e) => {
+                // One line per distinct cause, not one per attempt (see `report_failure`).
+                store.status().report_failure(&e);
+                tracing::debug!(
+                    attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "database not ready; retrying"
+                );
+            }
         }
         let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));
         tokio::select! {

@@ -52,6 +52,7 @@ impl ApiError {
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Db(DbError::Unavailable(_))
             | Self::Db(DbError::ConnectionLost(_))
+            | Self::Db(DbError::Tls(_))
             | Self::Db(DbError::PoolExhausted)
             | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -68,7 +69,10 @@ impl ApiError {
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",
             Self::Db(
-                DbError::Unavailable(_) | DbError::ConnectionLost(_) | DbError::PoolExhausted,
+                DbError::Unavailable(_)
+                | DbError::ConnectionLost(_)
+                | DbError::Tls(_)
+                | DbError::PoolExhausted,
             ) => "database_unavailable",
             Self::Db(DbError::Timeout) => "database_timeout",
             Self::Db(DbError::Other(_)) | Self::Internal => "internal",
@@ -79,7 +83,10 @@ impl ApiError {
     fn public_message(&self) -> String {
         match self {
             Self::Db(
-                DbError::Unavailable(_) | DbError::ConnectionLost(_) | DbError::PoolExhausted,
+                DbError::Unavailable(_)
+                | DbError::ConnectionLost(_)
+                | DbError::Tls(_)
+                | DbError::PoolExhausted,
             ) => "the database is unavailable; retry shortly".into(),
             Self::Db(DbError::Timeout) => {
                 "the database did not answer in time; retry shortly".into()
@@ -100,6 +107,7 @@ impl IntoResponse for ApiError {
                 DbError::Unavailable(cause) | DbError::ConnectionLost(cause) => {
                     tracing::warn!(error = %cause, "database unavailable")
                 }
+                DbError::Tls(cause) => tracing::warn!(error = %cause, "database unavailable"),
                 DbError::Timeout => tracing::warn!("database statement timed out"),
                 DbError::PoolExhausted => {
                     tracing::warn!("no database connection free within the acquire timeout")

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use http_body_util::Empty;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -132,7 +133,8 @@ fn now() -> String {
 pub struct Prober {
     store: Store,
     settings: HealthSettings,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    /// One client per upstream (each may trust its own CA), in `settings.upstreams`' order.
+    clients: Vec<Result<UpstreamClient, String>>,
     // Behind a mutex so the blocking /proc and statvfs reads can run on the blocking pool.
     system: Arc<std::sync::Mutex<SystemProbe>>,
     /// The tables check of the previous round, kept when a round could not run it.
@@ -141,14 +143,12 @@ pub struct Prober {
 
 impl Prober {
     pub fn new(store: Store, settings: HealthSettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
         Self {
             store,
             system: Arc::new(std::sync::Mutex::new(SystemProbe::new(&settings))),
             last_tables_ok: false,
+            clients: settings.upstreams.iter().map(upstream_client).collect(),
             settings,
-            client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
 
@@ -165,7 +165,8 @@ impl Prober {
             self.settings
                 .upstreams
                 .iter()
-                .map(|u| self.check_upstream(u)),
+                .zip(&self.clients)
+                .map(|(u, client)| self.check_upstream(u, client)),
         );
         let ((pg_result, elapsed), upstream_results) = tokio::join!(pg, upstreams);
 
@@ -185,12 +186,16 @@ impl Prober {
                 self.last_tables_ok,
                 Some("every pooled connection busy; other statements are succeeding".to_string()),
             ),
-            Ok(Err(e)) => (false, false, Some(e.to_string())),
-            Err(_) => (
-                false,
-                false,
-                Some(format!("no answer within {} ms", timeout.as_millis())),
-            ),
+            Ok(Err(e)) => {
+                self.store.status().report_failure(&e);
+                (false, false, Some(e.to_string()))
+            }
+            Err(_) => {
+                let e =
+                    DbError::Unavailable(format!("no answer within {} ms", timeout.as_millis()));
+                self.store.status().report_failure(&e);
+                (false, false, Some(e.to_string()))
+            }
         };
         self.last_tables_ok = tables_ok;
         self.store.status().set_reachable(postgres_ok);
@@ -314,14 +319,22 @@ impl Prober {
         }
     }
 
-    async fn check_upstream(&self, u: &UpstreamSettings) -> (Status, Option<f64>, Option<String>) {
+    async fn check_upstream(
+        &self,
+        u: &UpstreamSettings,
+        client: &Result<UpstreamClient, String>,
+    ) -> (Status, Option<f64>, Option<String>) {
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => return (Status::Fail, None, Some(e.clone())),
+        };
         let uri = match u.url.parse::<hyper::Uri>() {
             Ok(uri) => uri,
             Err(e) => return (Status::Fail, None, Some(e.to_string())),
         };
         let start = Instant::now();
         let timeout = Duration::from_millis(u.timeout_ms);
-        match tokio::time::timeout(timeout, self.client.get(uri)).await {
+        match tokio::time::timeout(timeout, client.get(uri)).await {
             Ok(Ok(resp)) => {
                 let ms = (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0;
                 if resp.status().is_success() {
@@ -334,7 +347,7 @@ impl Prober {
                     )
                 }
             }
-            Ok(Err(e)) => (Status::Fail, None, Some(format!("request failed: {e}"))),
+            Ok(Err(e)) => (Status::Fail, None, Some(request_failure(&e))),
             Err(_) => (
                 Status::Fail,
                 None,
@@ -342,6 +355,46 @@ impl Prober {
             ),
         }
     }
+}
+
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// The client of one upstream: plain HTTP, or TLS trusting the system CAs and its `ca_file`.
+fn upstream_client(u: &UpstreamSettings) -> Result<UpstreamClient, String> {
+    let tls = if u.url.starts_with("https://") {
+        crate::tls::upstream_config(u.ca_file.as_deref())?
+    } else {
+        // Never used for http:// (no handshake); spares loading the system CAs.
+        rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("tls: {e}"))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    };
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// Why an upstream request failed: a TLS failure by name, else the error and its causes (which
+/// name the connection's trouble, never the URL).
+fn request_failure(e: &hyper_util::client::legacy::Error) -> String {
+    if let Some(tls) = crate::tls::TlsFailure::find(e) {
+        return tls.to_string();
+    }
+    let mut text = format!("request failed: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// The probe loop: a round at once, then one per interval, until shutdown.

@@ -1,7 +1,13 @@
 //! [`DbStatus`]: what every data thread's store and the health probes know about the database.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use super::DbError;
+
+/// Distinct failure causes remembered between two successes; beyond this the oldest is forgotten.
+const REMEMBERED_CAUSES: usize = 16;
 
 /// What the stores know about the database, shared by every data thread's store and the
 /// health probes.
@@ -18,6 +24,9 @@ pub struct DbStatus {
     /// When a statement last succeeded on any store (milliseconds since `started`, 0 = never).
     last_ok_ms: AtomicU64,
     started: Instant,
+    /// Why Postgres could not be used, each cause as logged since it was last reachable: the
+    /// bootstrap's retries and every probe round meet the same cause again.
+    reported: Mutex<Vec<String>>,
 }
 
 impl Default for DbStatus {
@@ -29,6 +38,7 @@ impl Default for DbStatus {
             outages: AtomicU64::new(0),
             last_ok_ms: AtomicU64::new(0),
             started: Instant::now(),
+            reported: Mutex::new(Vec::new()),
         }
     }
 }
@@ -47,9 +57,37 @@ impl DbStatus {
     /// Records whether Postgres answered the health probe.
     pub fn set_reachable(&self, reachable: bool) {
         self.reachable.store(reachable, Ordering::Release);
-        if !reachable {
+        if reachable {
+            self.reported_causes().clear();
+        } else {
             self.record_outage();
         }
+    }
+
+    /// Logs why Postgres could not be used, once per distinct cause until it is reachable
+    /// again: a TLS failure as an error (someone must fix a certificate or a setting), any other
+    /// cause as a warning. Callers go on retrying.
+    pub fn report_failure(&self, e: &DbError) {
+        let cause = crate::config::redact_url(&e.to_string());
+        {
+            let mut seen = self.reported_causes();
+            if seen.contains(&cause) {
+                return;
+            }
+            if seen.len() >= REMEMBERED_CAUSES {
+                seen.remove(0);
+            }
+            seen.push(cause.clone());
+        }
+        match e {
+            DbError::Tls(_) => tracing::error!(error = %cause, "database unavailable; retrying"),
+            _ => tracing::warn!(error = %cause, "database unavailable; retrying"),
+        }
+    }
+
+    fn reported_causes(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent: keep using it.
+        self.reported.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn record_outage(&self) {
