@@ -85,6 +85,12 @@ impl PgTls {
                 "sslrootcert" | "ssl-root-cert" | "ssl-ca" => root = v,
                 "sslcert" | "ssl-cert" => cert = v,
                 "sslkey" | "ssl-key" => key = v,
+                // sqlx would ignore it with a warning that logs its value: refuse it instead.
+                "sslpassword" => {
+                    return Err(
+                        "sslpassword is not supported: give sslkey an unencrypted key".into(),
+                    );
+                }
                 _ => {}
             }
         }
@@ -491,6 +497,9 @@ mod tests {
         );
         let bad = PgTls::from_url_and_env("postgres://h/d?sslmode=sometimes", |_| None);
         assert!(bad.unwrap_err().contains("sometimes"));
+        let secret = PgTls::from_url_and_env("postgres://h/d?sslpassword=hunter2", |_| None);
+        let e = secret.unwrap_err();
+        assert!(e.contains("sslpassword") && !e.contains("hunter2"), "{e}");
         // Files are not read when no TLS is used, and the defaults need none.
         parse(
             "postgres://h/d?sslmode=disable&sslrootcert=/nonexistent",

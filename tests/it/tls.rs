@@ -129,7 +129,8 @@ fn free_port() -> u16 {
 }
 
 /// A PostgreSQL server of this module's: `ssl = on`, the test CA for client certificates, and
-/// a pg_hba.conf with only `hostssl` lines over TCP (`cert` authentication for `certuser`).
+/// a pg_hba.conf with only `hostssl` lines over TCP (`cert` authentication for `certuser` and
+/// `other`).
 struct TlsPostgres {
     pki: Pki,
     dir: PathBuf,
@@ -138,8 +139,8 @@ struct TlsPostgres {
 
 const HBA: &str = "\
 local   all all                   trust
-hostssl all certuser 127.0.0.1/32 cert
-hostssl all certuser ::1/128      cert
+hostssl all certuser,other 127.0.0.1/32 cert
+hostssl all certuser,other ::1/128      cert
 hostssl all all      127.0.0.1/32 trust
 hostssl all all      ::1/128      trust
 ";
@@ -469,7 +470,7 @@ async fn client_certificates() {
     pg.admin()
         .await
         .execute(
-            "DO $$ BEGIN CREATE ROLE certuser LOGIN SUPERUSER; \
+            "DO $$ BEGIN CREATE ROLE certuser LOGIN SUPERUSER; CREATE ROLE other LOGIN; \
              EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
         )
         .await
@@ -523,6 +524,24 @@ async fn client_certificates() {
     .await;
     drop(s);
 
+    // certuser's certificate, presented for another user.
+    let s = Sidecar::builder()
+        .db(&pg.url(
+            "other",
+            "localhost",
+            &db,
+            &format!("{verify}&{}", keys("client")),
+        ))
+        .no_wait()
+        .start()
+        .await;
+    assert_refused(
+        &s,
+        "tls: client certificate refused by the server (not accepted for this user)",
+    )
+    .await;
+    drop(s);
+
     // Signed by a CA the server does not know (its ssl_ca_file is the test CA).
     let s = Sidecar::builder()
         .db(&pg.url(
@@ -534,7 +553,11 @@ async fn client_certificates() {
         .no_wait()
         .start()
         .await;
-    assert_refused(&s, "tls: client certificate refused by the server").await;
+    assert_refused(
+        &s,
+        "tls: client certificate refused by the server (its issuer is unknown to the server)",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
