@@ -69,8 +69,13 @@ fn main() -> ExitCode {
     let tls = settings.database.tls().ok();
     let command = cli.command.unwrap_or(Command::Serve);
     if let (Some(tls), Command::Serve | Command::Migrate) = (&tls, &command) {
+        let https_upstreams = settings
+            .health
+            .upstreams
+            .iter()
+            .any(|u| u.url.starts_with("https://"));
         // SAFETY: no other thread has started yet: logging, runtimes and data threads come later.
-        unsafe { tls.confine_trust() };
+        unsafe { tls.confine_trust(https_upstreams) };
     }
     match command {
         Command::CheckConfig => {

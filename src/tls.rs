@@ -204,18 +204,21 @@ impl PgTls {
     /// sqlx starts every handshake's trust store from the system store, which rustls-native-certs
     /// reads from `SSL_CERT_FILE` when that is set, and adds `sslrootcert` to it. Pointing
     /// `SSL_CERT_FILE` at `sslrootcert` leaves that file alone; it is the only lever sqlx offers.
-    /// The system store is loaded first (see [`system_roots`]): the upstream checks keep it.
+    /// With `keep_system_roots` (https:// upstreams will need them), the system store is loaded
+    /// first (see [`system_roots`]).
     ///
     /// # Safety
     /// Changes the process environment: call it before any other thread starts.
-    pub unsafe fn confine_trust(&self) {
+    pub unsafe fn confine_trust(&self, keep_system_roots: bool) {
         if let RootCert::File(path) = &self.root_cert
             && matches!(
                 self.effective_mode(),
                 SslMode::VerifyCa | SslMode::VerifyFull
             )
         {
-            system_roots();
+            if keep_system_roots {
+                system_roots();
+            }
             // SAFETY: the caller guarantees no other thread runs yet (see above).
             unsafe {
                 std::env::set_var("SSL_CERT_FILE", path);

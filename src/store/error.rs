@@ -73,12 +73,12 @@ fn tls_failure(e: &sqlx::Error) -> Option<TlsFailure> {
         sqlx::Error::Io(io) => TlsFailure::find(io),
         sqlx::Error::Tls(inner) => TlsFailure::find(inner.as_ref()).or_else(|| {
             // sqlx's own words when the server answers the SSLRequest with "no" (require and
-            // stricter; connection/tls.rs); any other is about the certificate files, which
-            // `PgTls::check` tested at start-up.
+            // stricter; connection/tls.rs). Any other is about setting up the handshake: the
+            // certificate files (which `PgTls::check` tested at start-up) or the host name.
             Some(if inner.to_string() == "server does not support TLS" {
                 TlsFailure::NotOffered
             } else {
-                TlsFailure::Handshake("certificate or key files unusable")
+                TlsFailure::Handshake("could not start: check the certificate files and host name")
             })
         }),
         // 28000 invalid_authorization_specification: pg_hba.conf refused the connection. Its

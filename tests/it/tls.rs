@@ -14,7 +14,7 @@ use crate::helpers::*;
 
 /// CAs and certificates in a temporary directory: `ca` signed the server's certificate (for
 /// `localhost` only) and the client's (CN `certuser`); `other-ca` is a stranger's, and signed
-/// `stranger` (CN `certuser` too).
+/// `stranger` (CN `certuser` too) and `web` (another server certificate for `localhost`).
 struct Pki {
     dir: tempfile::TempDir,
 }
@@ -38,6 +38,12 @@ impl Pki {
             "other-ca",
             "certuser",
             "extendedKeyUsage=clientAuth",
+        );
+        pki.leaf(
+            "web",
+            "other-ca",
+            "localhost",
+            "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth",
         );
         pki
     }
@@ -623,23 +629,23 @@ async fn migrate_and_check_config_name_tls_problems() {
     assert!(err.contains("cannot be used with sslcert"), "{err}");
 }
 
-/// `openssl s_server -www` with the test server certificate (for localhost), killed on drop.
+/// `openssl s_server -www` with a certificate of the PKI (`server` or `web`), killed on drop.
 struct HttpsServer {
     child: Child,
     port: u16,
 }
 
 impl HttpsServer {
-    fn start(pki: &Pki) -> Self {
+    fn start(pki: &Pki, cert: &str) -> Self {
         let port = free_port();
         let child = Command::new("openssl")
             .args(["s_server", "-www", "-quiet", "-accept"])
             .arg(format!("127.0.0.1:{port}"))
             .args([
                 "-cert",
-                &pki.path("server.crt"),
+                &pki.path(&format!("{cert}.crt")),
                 "-key",
-                &pki.path("server.key"),
+                &pki.path(&format!("{cert}.key")),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -666,7 +672,7 @@ impl Drop for HttpsServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstreams_trust_the_system_and_their_ca_file() {
     let pki = Pki::new();
-    let server = HttpsServer::start(&pki);
+    let server = HttpsServer::start(&pki, "server");
     let url = format!("https://localhost:{}/", server.port);
     let upstreams = format!(
         r#"[{{name="trusted", url="{url}", timeout_ms=3000, ca_file="{}"}},
@@ -695,4 +701,30 @@ async fn https_upstreams_trust_the_system_and_their_ca_file() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     s.wait_ready(Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_keep_the_system_store_when_sslrootcert_confines_postgres() {
+    // The system store (SSL_CERT_FILE) holds other-ca, which signed the upstream's certificate;
+    // Postgres trusts only its sslrootcert (ca). Each must keep its own trust.
+    let pg = TlsPostgres::shared();
+    let db = pg.create_db().await;
+    let server = HttpsServer::start(&pg.pki, "web");
+    let upstreams = format!(
+        r#"[{{name="web", url="https://localhost:{}/", timeout_ms=3000}}]"#,
+        server.port
+    );
+    let s = Sidecar::builder()
+        .db(&pg.url(
+            "postgres",
+            "localhost",
+            &db,
+            &format!("sslmode=verify-full&{}", pg.root("ca.crt")),
+        ))
+        .env("SSL_CERT_FILE", pg.pki.path("other-ca.crt"))
+        .env("PGSIDECAR_HEALTH__UPSTREAMS", upstreams)
+        .start()
+        .await;
+    assert_eq!(check(&s, "upstream:web").await.0, "pass");
+    assert_eq!(s.put_cache("k", "1", "").await.status(), 204);
 }
