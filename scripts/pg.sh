@@ -5,6 +5,8 @@
 #                                                            (PG_PORT_HINT: what to say when PORT is taken)
 #   scripts/pg.sh stop DIR                                   fast shutdown, wait
 #   scripts/pg.sh bin                                        print the server's bin directory
+#   scripts/pg.sh user                                       print the user the server runs as
+#                                                            (empty: ourselves, when not root)
 #
 # Installs Debian's postgresql package when its binaries are missing and we are root.
 # PostgreSQL refuses to run as root, so as root the server runs as the "postgres" user
@@ -72,6 +74,10 @@ case "$cmd" in
   bin)
     pg_bindir
     ;;
+  user)
+    # For files the server must own, e.g. a TLS key (PostgreSQL refuses one others can read).
+    run_user
+    ;;
   start)
     dir=${2:?usage: pg.sh start DIR PORT [options]}
     port=${3:?usage: pg.sh start DIR PORT [options]}
@@ -108,7 +114,7 @@ case "$cmd" in
     as_db_user "$bin/pg_ctl" -D "$dir" -m fast -w -t 60 stop >/dev/null 2>&1 || true
     ;;
   *)
-    echo "usage: pg.sh start DIR PORT [options] | stop DIR | bin" >&2
+    echo "usage: pg.sh start DIR PORT [options] | stop DIR | bin | user" >&2
     exit 2
     ;;
 esac

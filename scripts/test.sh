@@ -13,6 +13,13 @@ if [ "$(id -u)" -eq 0 ] && ! command -v promtool >/dev/null 2>&1; then
     || echo "test.sh: could not install prometheus; the promtool check will be skipped" >&2
 fi
 
+# The TLS tests make their CA and certificates, and an HTTPS server, with the openssl CLI.
+if [ "$(id -u)" -eq 0 ] && ! command -v openssl >/dev/null 2>&1; then
+  echo "test.sh: installing the openssl CLI (Debian package openssl) for the TLS tests" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends openssl; } >&2
+fi
+
 started=""
 if [ -z "${DATABASE_URL:-}" ]; then
   # Tests start many sidecars at once (20 connections each at most).

@@ -15,7 +15,7 @@ use crate::http::{Guard, LaneRx, Listener, serve};
 use crate::ops::health::{Health, Prober};
 use crate::ops::{self, OpsState};
 use crate::shutdown::{self, Lifecycle};
-use crate::store::{DbStatus, Store, cleanup};
+use crate::store::{DbError, DbStatus, Store, cleanup};
 
 /// A sidecar with its listeners bound but nothing running yet.
 pub struct Application {
@@ -145,6 +145,7 @@ impl Application {
             data_listen = %data_addr,
             ops_listen = %ops_addr,
             data_threads = threads,
+            database_tls = %settings.database.tls().map(|t| t.describe()).unwrap_or_default(),
             config = %settings.redacted_json(),
             "pgsidecar started"
         );
@@ -382,6 +383,8 @@ async fn close(store: Store) {
 async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, health: Arc<Health>) {
     let mut delay = Duration::from_millis(250);
     let mut attempt: u32 = 0;
+    // The causes logged so far: the retries meet the same one again and again.
+    let mut reported: Vec<String> = Vec::new();
     loop {
         attempt += 1;
         let result = if settings.database.migrate_on_start {
@@ -401,12 +404,25 @@ async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, healt
                 health.probe_now();
                 return;
             }
-            Err(e) => tracing::warn!(
-                attempt,
-                error = %crate::config::redact_url(&e.to_string()),
-                retry_in_ms = delay.as_millis() as u64,
-                "database not ready; retrying"
-            ),
+            Err(e) => {
+                // One line per distinct cause, not one per attempt: a TLS failure as an error
+                // (someone must fix a certificate or a setting), any other as a warning.
+                let cause = crate::config::redact_url(&e.to_string());
+                let retry_in_ms = delay.as_millis() as u64;
+                if reported.contains(&cause) {
+                    tracing::debug!(attempt, error = %cause, retry_in_ms, "database not ready; retrying");
+                } else {
+                    match e {
+                        DbError::Tls(_) => {
+                            tracing::error!(attempt, error = %cause, retry_in_ms, "database not ready; retrying")
+                        }
+                        _ => {
+                            tracing::warn!(attempt, error = %cause, retry_in_ms, "database not ready; retrying")
+                        }
+                    }
+                    reported.push(cause);
+                }
+            }
         }
         let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));
         tokio::select! {

@@ -341,6 +341,9 @@ pub struct UpstreamSettings {
     pub timeout_ms: u64,
     #[serde(default = "default_true")]
     pub critical: bool,
+    /// PEM CA certificates trusted for this https:// upstream, besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn serialize_redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -365,6 +368,14 @@ pub struct ShutdownSettings {
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub level: String,
+}
+
+impl DatabaseSettings {
+    /// The URL's TLS parameters (with libpq's `PGSSL*` environment variables as fallback).
+    pub fn tls(&self) -> Result<crate::tls::PgTls, ConfigError> {
+        crate::tls::PgTls::from_url(self.url.expose())
+            .map_err(|e| ConfigError::new("database.url", e))
+    }
 }
 
 /// Keys whose environment values are taken verbatim, never parsed as numbers or lists.
@@ -495,6 +506,11 @@ impl Settings {
                 "must start with postgres:// or postgresql://",
             ));
         }
+        // sslmode, sslrootcert, sslcert, sslkey: supported as libpq means them, and their
+        // files readable, so a TLS mistake stops the start (and check-config) with its name.
+        d.tls()?
+            .check()
+            .map_err(|e| ConfigError::new("database.url", e))?;
         if url.parse::<sqlx::postgres::PgConnectOptions>().is_err() {
             return Err(ConfigError::new(
                 "database.url",
@@ -629,11 +645,22 @@ impl Settings {
                     format!("{:?} is used twice", u.name),
                 ));
             }
-            if !u.url.starts_with("http://") || u.url.parse::<hyper::Uri>().is_err() {
+            let https = u.url.starts_with("https://");
+            if !(https || u.url.starts_with("http://")) || u.url.parse::<hyper::Uri>().is_err() {
                 return Err(ConfigError::new(
                     &format!("{key}.url"),
-                    "must be a plain http:// URL",
+                    "must be an http:// or https:// URL",
                 ));
+            }
+            if let Some(ca) = &u.ca_file {
+                if !https {
+                    return Err(ConfigError::new(
+                        &format!("{key}.ca_file"),
+                        "applies to https:// URLs only",
+                    ));
+                }
+                crate::tls::read_certs("ca_file", ca)
+                    .map_err(|e| ConfigError::new(&format!("{key}.ca_file"), e))?;
             }
             positive(&format!("{key}.timeout_ms"), u.timeout_ms)?;
         }

@@ -54,6 +54,7 @@ impl ApiError {
             | Self::Db(DbError::CircuitOpen)
             | Self::Db(DbError::RolledBack(_))
             | Self::Db(DbError::ConnectionLost(_))
+            | Self::Db(DbError::Tls(_))
             | Self::Db(DbError::PoolExhausted)
             | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -74,6 +75,7 @@ impl ApiError {
                 | DbError::CircuitOpen
                 | DbError::RolledBack(_)
                 | DbError::ConnectionLost(_)
+                | DbError::Tls(_)
                 | DbError::PoolExhausted,
             ) => "database_unavailable",
             Self::Db(DbError::Timeout) => "database_timeout",
@@ -89,6 +91,7 @@ impl ApiError {
                 | DbError::CircuitOpen
                 | DbError::RolledBack(_)
                 | DbError::ConnectionLost(_)
+                | DbError::Tls(_)
                 | DbError::PoolExhausted,
             ) => "the database is unavailable; retry shortly".into(),
             Self::Db(DbError::Timeout) => {
@@ -112,6 +115,7 @@ impl IntoResponse for ApiError {
                 | DbError::ConnectionLost(cause) => {
                     tracing::warn!(error = %cause, "database unavailable")
                 }
+                DbError::Tls(cause) => tracing::warn!(error = %cause, "database unavailable"),
                 DbError::Timeout => tracing::warn!("database statement timed out"),
                 // The circuit's opening was logged once; a line per refused request would
                 // flood the log during an outage.

@@ -65,12 +65,28 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    match cli.command.unwrap_or(Command::Serve) {
+    // Validated with the settings, so this is Ok.
+    let tls = settings.database.tls().ok();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let (Some(tls), Command::Serve | Command::Migrate) = (&tls, &command) {
+        let https_upstreams = settings
+            .health
+            .upstreams
+            .iter()
+            .any(|u| u.url.starts_with("https://"));
+        // SAFETY: no other thread has started yet: logging, runtimes and data threads come later.
+        unsafe { tls.confine_trust(https_upstreams) };
+    }
+    match command {
         Command::CheckConfig => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&settings.redacted_json()).unwrap_or_default()
             );
+            // What the database connections will verify, where a person reads it (stdout is JSON).
+            if let Some(tls) = &tls {
+                eprintln!("pgsidecar: database connections: {}", tls.describe());
+            }
             ExitCode::SUCCESS
         }
         Command::Probe { what } => probe(&settings, what),

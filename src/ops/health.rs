@@ -6,6 +6,7 @@
 //! has its own timeout, so an ops request never waits on Postgres or an upstream: it answers
 //! from the last snapshot.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use http_body_util::Empty;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -265,9 +267,14 @@ fn now() -> String {
 /// never the server's own words, which name roles, databases and hosts (the ops port answers
 /// anyone). The full error goes to the log, once per change. New kinds of failure (TLS, ...)
 /// get their phrase here.
-pub fn public_cause(e: &sqlx::Error) -> &'static str {
+pub fn public_cause(e: &sqlx::Error) -> Cow<'static, str> {
     use std::io::ErrorKind;
-    match e {
+    // TLS failures have fixed texts of their own (see `tls::TlsFailure`), whichever layer of
+    // sqlx's error carries them.
+    if let DbError::Tls(tls) = DbError::of(e) {
+        return tls.to_string().into();
+    }
+    let text = match e {
         sqlx::Error::Io(io) => match io.kind() {
             ErrorKind::ConnectionRefused => "connection refused",
             ErrorKind::ConnectionReset
@@ -295,25 +302,25 @@ pub fn public_cause(e: &sqlx::Error) -> &'static str {
             _ => "database error",
         },
         _ => "database error",
-    }
+    };
+    text.into()
 }
 
 /// Runs the round's checks (system, upstreams) and publishes them; one round.
 pub struct Prober {
     settings: HealthSettings,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    /// One client per upstream (each may trust its own CA), in `settings.upstreams`' order.
+    clients: Vec<Result<UpstreamClient, String>>,
     // Behind a mutex so the blocking /proc and statvfs reads can run on the blocking pool.
     system: Arc<std::sync::Mutex<SystemProbe>>,
 }
 
 impl Prober {
     pub fn new(settings: HealthSettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
         Self {
             system: Arc::new(std::sync::Mutex::new(SystemProbe::new(&settings))),
+            clients: settings.upstreams.iter().map(upstream_client).collect(),
             settings,
-            client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
 
@@ -325,7 +332,8 @@ impl Prober {
             self.settings
                 .upstreams
                 .iter()
-                .map(|u| self.check_upstream(u)),
+                .zip(&self.clients)
+                .map(|(u, client)| self.check_upstream(u, client)),
         )
         .await;
 
@@ -393,14 +401,22 @@ impl Prober {
         });
     }
 
-    async fn check_upstream(&self, u: &UpstreamSettings) -> (Status, Option<f64>, Option<String>) {
+    async fn check_upstream(
+        &self,
+        u: &UpstreamSettings,
+        client: &Result<UpstreamClient, String>,
+    ) -> (Status, Option<f64>, Option<String>) {
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => return (Status::Fail, None, Some(e.clone())),
+        };
         let uri = match u.url.parse::<hyper::Uri>() {
             Ok(uri) => uri,
             Err(e) => return (Status::Fail, None, Some(e.to_string())),
         };
         let start = Instant::now();
         let timeout = Duration::from_millis(u.timeout_ms);
-        match tokio::time::timeout(timeout, self.client.get(uri)).await {
+        match tokio::time::timeout(timeout, client.get(uri)).await {
             Ok(Ok(resp)) => {
                 let ms = (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0;
                 if resp.status().is_success() {
@@ -413,7 +429,7 @@ impl Prober {
                     )
                 }
             }
-            Ok(Err(e)) => (Status::Fail, None, Some(format!("request failed: {e}"))),
+            Ok(Err(e)) => (Status::Fail, None, Some(request_failure(&e))),
             Err(_) => (
                 Status::Fail,
                 None,
@@ -421,6 +437,46 @@ impl Prober {
             ),
         }
     }
+}
+
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// The client of one upstream: plain HTTP, or TLS trusting the system CAs and its `ca_file`.
+fn upstream_client(u: &UpstreamSettings) -> Result<UpstreamClient, String> {
+    let tls = if u.url.starts_with("https://") {
+        crate::tls::upstream_config(u.ca_file.as_deref())?
+    } else {
+        // Never used for http:// (no handshake); spares loading the system CAs.
+        rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("tls: {e}"))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    };
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// Why an upstream request failed: a TLS failure by name, else the error and its causes (which
+/// name the connection's trouble, never the URL).
+fn request_failure(e: &hyper_util::client::legacy::Error) -> String {
+    if let Some(tls) = crate::tls::TlsFailure::find(e) {
+        return tls.to_string();
+    }
+    let mut text = format!("request failed: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// The probe loop: a round at once, then one per interval, until shutdown.
@@ -458,11 +514,16 @@ enum Finding {
     /// A reused connection broke: not a failure (see `store::circuit`), but check again at
     /// once, with a fresh connection.
     BrokenConnection {
-        public: &'static str,
+        public: Cow<'static, str>,
         detail: String,
     },
-    /// Postgres could not be reached: counts for the circuit.
-    Failed { public: String, detail: String },
+    /// Postgres could not be reached: counts for the circuit. `tls`: for a TLS reason, which
+    /// someone must fix (a certificate, a setting), so it is logged as an error.
+    Failed {
+        public: String,
+        detail: String,
+        tls: bool,
+    },
 }
 
 /// Watches Postgres for the circuit (see `store::circuit`) and `/health`: a check every
@@ -540,10 +601,18 @@ pub async fn watch_postgres(
                 circuit.suspect();
                 (Status::Warn, Some(format!("{public}; checking again")))
             }
-            Finding::Failed { public, detail } => {
+            Finding::Failed {
+                public,
+                detail,
+                tls,
+            } => {
                 status.record_failure(&detail);
                 if logged.as_deref() != Some(public.as_str()) {
-                    tracing::warn!(error = %detail, "postgres check failed");
+                    if tls {
+                        tracing::error!(error = %detail, "postgres check failed");
+                    } else {
+                        tracing::warn!(error = %detail, "postgres check failed");
+                    }
                     logged = Some(public.clone());
                 }
                 let state = if circuit.is_open() {
@@ -585,8 +654,9 @@ pub async fn watch_postgres(
 
 fn failed(e: &sqlx::Error) -> Finding {
     Finding::Failed {
-        public: public_cause(e).to_string(),
+        public: public_cause(e).into_owned(),
         detail: crate::config::redact_url(&describe(e)),
+        tls: matches!(DbError::of(e), DbError::Tls(_)),
     }
 }
 
@@ -598,5 +668,6 @@ fn no_answer(text: String) -> Finding {
     Finding::Failed {
         public: text.clone(),
         detail: text,
+        tls: false,
     }
 }

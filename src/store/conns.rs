@@ -195,7 +195,8 @@ impl Held<'_> {
     /// the server is gone.
     pub fn finish<T>(mut self, result: &Result<T, DbError>) {
         match result {
-            Err(DbError::ConnectionLost(_)) => {
+            // A TLS failure on an open connection (an alert from the server) breaks it too.
+            Err(DbError::ConnectionLost(_) | DbError::Tls(_)) => {
                 // The other free connections (of every data thread) are likely dead too. Not
                 // a failure for the circuit (the connection is gone, maybe not Postgres): the
                 // monitor checks with a fresh connection now.

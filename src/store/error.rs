@@ -1,6 +1,8 @@
 //! [`DbError`]: what a caller needs to know of a failed database call, mapped from sqlx's
 //! errors and SQLSTATE codes in one place.
 
+use crate::tls::TlsFailure;
+
 /// Why a database call failed, as far as a caller needs to know.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum DbError {
@@ -26,6 +28,11 @@ pub enum DbError {
     /// `run!` and the batchers, which do so once).
     #[error("database rolled the statement back: {0}")]
     RolledBack(String),
+    /// No connection could be opened for a TLS reason (untrusted certificate, wrong host name,
+    /// no TLS offered, plaintext refused, client certificate refused). Retried like an outage,
+    /// since the operator may fix the server, but reported as what it is.
+    #[error("{0}")]
+    Tls(TlsFailure),
     #[error("database error: {0}")]
     Other(String),
 }
@@ -39,6 +46,9 @@ impl From<sqlx::Error> for DbError {
 impl DbError {
     /// What `e` means for a caller (the `From` conversion, from a borrowed error).
     pub fn of(e: &sqlx::Error) -> Self {
+        if let Some(tls) = tls_failure(e) {
+            return DbError::Tls(tls);
+        }
         match e {
             sqlx::Error::PoolTimedOut => DbError::PoolExhausted,
             sqlx::Error::PoolClosed => DbError::Unavailable(e.to_string()),
@@ -91,5 +101,41 @@ pub(crate) fn describe(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Database(db) => db_text(db.as_ref()),
         other => other.to_string(),
+    }
+}
+
+/// The TLS reason a connection failed, if it was one.
+fn tls_failure(e: &sqlx::Error) -> Option<TlsFailure> {
+    match e {
+        // rustls reports a failed handshake, and an alert the server sends after it (a refused
+        // client certificate, under TLS 1.3), inside the socket's io::Error.
+        sqlx::Error::Io(io) => TlsFailure::find(io),
+        sqlx::Error::Tls(inner) => TlsFailure::find(inner.as_ref()).or_else(|| {
+            // sqlx's own words when the server answers the SSLRequest with "no" (require and
+            // stricter; connection/tls.rs). Any other is about setting up the handshake: the
+            // certificate files (which `PgTls::check` tested at start-up) or the host name.
+            Some(if inner.to_string() == "server does not support TLS" {
+                TlsFailure::NotOffered
+            } else {
+                TlsFailure::Handshake("could not start: check the certificate files and host name")
+            })
+        }),
+        // 28000 invalid_authorization_specification: pg_hba.conf refused the connection. Its
+        // message (English unless lc_messages says otherwise) tells a TLS reason apart.
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("28000") => {
+            let msg = db.message();
+            if msg.contains("no encryption") {
+                Some(TlsFailure::Required)
+            } else if msg.contains("requires a valid client certificate") {
+                Some(TlsFailure::ClientCertRefused("none sent"))
+            } else if msg.contains("certificate") {
+                // "certificate authentication failed for user", "certificate validation
+                // (clientcert=verify-full) failed for user": its CN is not this user's.
+                Some(TlsFailure::ClientCertRefused("not accepted for this user"))
+            } else {
+                None
+            }
+        }
+        _ => None,
     }
 }

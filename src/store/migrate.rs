@@ -44,10 +44,14 @@ impl Store {
                 let _ = conn.close().await;
             }
             Ok(Err(e)) => {
-                return Err(DbError::Unavailable(format!(
-                    "cannot connect to PostgreSQL at {at}: {}",
-                    super::error::describe(&e)
-                )));
+                // A TLS failure keeps its own kind and fixed text (see `tls::TlsFailure`).
+                return Err(match DbError::of(&e) {
+                    tls @ DbError::Tls(_) => tls,
+                    _ => DbError::Unavailable(format!(
+                        "cannot connect to PostgreSQL at {at}: {}",
+                        super::error::describe(&e)
+                    )),
+                });
             }
             Err(_) => {
                 return Err(DbError::Unavailable(format!(

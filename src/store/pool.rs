@@ -6,20 +6,26 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::DbError;
 use crate::config::{DatabaseSettings, Settings};
+use crate::tls::PgTls;
 
 pub(crate) fn build_pool(settings: &Settings) -> Result<PgPool, DbError> {
     let d = &settings.database;
+    let invalid = |e: String| {
+        DbError::Other(format!(
+            "invalid database url: {}",
+            crate::config::redact_url(&e)
+        ))
+    };
     let opts: PgConnectOptions = d
         .url
         .expose()
         .parse::<PgConnectOptions>()
-        .map_err(|e| {
-            DbError::Other(format!(
-                "invalid database url: {}",
-                crate::config::redact_url(&e.to_string())
-            ))
-        })?
+        .map_err(|e| invalid(e.to_string()))?
         .application_name("pgsidecar");
+    // sslmode, sslrootcert, sslcert and sslkey as libpq reads them (see `tls`).
+    let opts = PgTls::from_url(d.url.expose())
+        .map_err(invalid)?
+        .apply(opts);
     Ok(PgPoolOptions::new()
         .max_connections(d.max_connections)
         .min_connections(d.min_connections)

@@ -12,3 +12,4 @@ mod logs;
 mod openapi;
 mod ops;
 mod sessions;
+mod tls;
