@@ -82,8 +82,7 @@ if side:
     need(ref.get("name") == secret["metadata"]["name"] and ref.get("key") in secret.get("stringData", {}),
          "kubernetes: DATABASE_URL must come from the Secret shown")
     sc = side.get("securityContext", {})
-    need(sc.get("runAsUser") == 65532 or not sc.get("runAsNonRoot"),
-         "kubernetes: runAsNonRoot needs runAsUser: 65532 (the image's USER is a name)")
+    need(sc.get("runAsUser", 65532) == 65532, "kubernetes: runAsUser must be the image's user, 65532")
 app = next((c for c in pod["containers"] if c["name"] == "app"), None)
 need(app is not None and any(e["name"] == "PGSIDECAR_URL" and e.get("value") == "http://127.0.0.1:7070"
                              for e in app.get("env", [])), "kubernetes: the app needs PGSIDECAR_URL=http://127.0.0.1:7070")

@@ -22,7 +22,7 @@
 # The build gets its crates from the host's cargo registry (`cargo fetch --locked` first) and
 # runs without a network.
 #
-# The checks: the image's user, HEALTHCHECK and STOPSIGNAL as written; no shell in it; the
+# The checks: the image's user (numeric), HEALTHCHECK and STOPSIGNAL as written; no shell in it; the
 # sidecar runs as uid 65532 and is PID 1; /ready answers 200 through the published ops port;
 # the HEALTHCHECK command (`pgsidecar probe live`) passes in the running container; on SIGTERM
 # (`podman stop`) /ready turns 503 at once and the process exits 0 within
@@ -248,7 +248,8 @@ PG_PORT_HINT="set PGSIDECAR_IMAGE_PG_PORT to a free port" scripts/pg.sh start .p
 
 # The image as written.
 inspect() { podman image inspect --format "$1" "$IMAGE"; }
-check "image user is nonroot:nonroot" test "$(inspect '{{.Config.User}}')" = nonroot:nonroot
+# Numeric, so that Kubernetes' runAsNonRoot can verify it.
+check "image user is 65532:65532 (nonroot)" test "$(inspect '{{.Config.User}}')" = 65532:65532
 check "image HEALTHCHECK is 'pgsidecar probe live'" \
   test "$(inspect '{{json .Config.Healthcheck.Test}}')" = '["CMD","/usr/local/bin/pgsidecar","probe","live"]'
 check "image STOPSIGNAL is SIGTERM" test "$(inspect '{{.Config.StopSignal}}')" = SIGTERM
