@@ -5,9 +5,10 @@
 #   scripts/image.sh --rmi     the same, then remove the built image and its build cache
 #   scripts/image.sh --purge   remove everything this script keeps (base images, caches) and exit
 #
-# A release check, not part of scripts/test.sh: on a 2-core machine a cold run takes about
-# 14 minutes and a warm one about 4 (docs/deploy.md). Run it as root on Debian bookworm; it
-# installs podman, runc, slirp4netns, debootstrap and curl from Debian's packages when missing.
+# A release check, too slow for scripts/test.sh: on a busy 2-core machine a cold run took 26
+# minutes, a warm one 10 after a source edit and 36 s with nothing changed (docs/deploy.md).
+# Run it as root on Debian bookworm; it installs podman, runc, slirp4netns, debootstrap and curl
+# from Debian's packages when missing.
 #
 # No container registry is needed: the two base images the Dockerfile names are made here and
 # imported under exactly those names, into a podman storage of this script's own
@@ -22,11 +23,13 @@
 # The build gets its crates from the host's cargo registry (`cargo fetch --locked` first) and
 # runs without a network.
 #
-# The checks: the image's user (numeric), HEALTHCHECK and STOPSIGNAL as written; no shell in it; the
-# sidecar runs as uid 65532 and is PID 1; /ready answers 200 through the published ops port;
-# the HEALTHCHECK command (`pgsidecar probe live`) passes in the running container; on SIGTERM
-# (`podman stop`) /ready turns 503 at once and the process exits 0 within
-# drain + grace + 5 s, logging "pgsidecar stopped".
+# The checks: the image's user (numeric), HEALTHCHECK and STOPSIGNAL as written; no shell in
+# it; the sidecar runs as uid 65532 and is PID 1, read-only and without capabilities; /ready
+# answers 200 through the published ops port; the HEALTHCHECK command (`pgsidecar probe live`)
+# passes in the running container; on SIGTERM (`podman stop`) /ready turns 503 at once and the
+# process exits 0 within drain + grace + 5 s, logging "pgsidecar stopped". Then the Compose
+# example of docs/deploy.md runs with podman-compose, and scripts/deploy-check.sh checks the
+# other snippets there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,8 +41,10 @@ IMAGE=localhost/pgsidecar:check
 RUST_BASE=rust:1-bookworm
 RUNTIME_BASE=gcr.io/distroless/cc-debian12:nonroot
 MIRROR=${PGSIDECAR_IMAGE_MIRROR:-http://deb.debian.org/debian}
-# The sidecar's defaults (config/default.toml): its worst case from SIGTERM to exit.
-DRAIN=5 GRACE=20
+# The sidecar's worst case from SIGTERM to exit is drain + grace + ~5 s (config/default.toml).
+shutdown_key() { awk -F' *= *' -v k="$1" '/^\[/ {s = ($0 == "[shutdown]")} s && $1 == k {print $2}' config/default.toml; }
+DRAIN=$(shutdown_key drain_seconds)
+GRACE=$(shutdown_key grace_seconds)
 
 say() { echo "image.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
@@ -60,8 +65,10 @@ for tool in podman:podman runc:runc slirp4netns:slirp4netns debootstrap:debootst
   iptables:iptables; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
-# The build's own network (crate downloads) is a CNI bridge.
+# Podman's default bridge network (CNI), for anything run without --network.
 [ -e /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+# The venvs for podman-compose and scripts/deploy-check.sh.
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   say "installing ${need[*]} (Debian packages)"
   export DEBIAN_FRONTEND=noninteractive
@@ -113,6 +120,8 @@ sysroot=$(rustc --print sysroot)
 rust_version=$(rustc --version | awk '{print $2}')
 [ -x "$sysroot/bin/cargo" ] || die "no cargo in $sysroot (a rustup toolchain has both)"
 toolchain=$(basename "$sysroot")
+# Edition 2024 needs Rust 1.85.
+printf '1.85.0\n%s\n' "${rust_version%%-*}" | sort -V -C || die "Rust $rust_version on the host; the crate needs 1.85 or newer"
 want="$RECIPE-$(rustc -vV | md5sum | cut -c1-16)"
 have=$(label "$RUST_BASE" org.pgsidecar.base)
 have_runtime=$(label "$RUNTIME_BASE" org.pgsidecar.base)
@@ -209,7 +218,7 @@ build=(podman build --pull=never --format docker --layers --network none
   --volume "${CARGO_HOME:-$HOME/.cargo}/registry:/usr/local/cargo/registry:ro"
   --volume "$CACHE/cargo-offline.toml:/usr/local/cargo/config.toml:ro"
   -f Dockerfile.sidecar -t "$IMAGE")
-say "building $IMAGE from Dockerfile.sidecar (a release build of ~300 crates: minutes when Cargo.lock changed)"
+say "building $IMAGE from Dockerfile.sidecar (a release build: minutes; the dependencies stay cached until Cargo.toml or Cargo.lock change)"
 "${build[@]}" . >&2 || die "podman build failed"
 t_build=$(now)
 
