@@ -217,9 +217,13 @@ printf '[net]\noffline = true\n' >"$CACHE/cargo-offline.toml"
 build=(podman build --pull=never --format docker --layers --network none
   --volume "${CARGO_HOME:-$HOME/.cargo}/registry:/usr/local/cargo/registry:ro"
   --volume "$CACHE/cargo-offline.toml:/usr/local/cargo/config.toml:ro"
-  -f Dockerfile.sidecar -t "$IMAGE")
+  -f Dockerfile.sidecar)
 say "building $IMAGE from Dockerfile.sidecar (a release build: minutes; the dependencies stay cached until Cargo.toml or Cargo.lock change)"
-"${build[@]}" . >&2 || die "podman build failed"
+# The build stage gets a tag of its own, so that pruning what older builds left behind (a few GB
+# each time Cargo.lock changes) keeps the current layer cache.
+"${build[@]}" --target build -t localhost/pgsidecar:build-cache . >&2 || die "podman build failed"
+"${build[@]}" -t "$IMAGE" . >&2 || die "podman build failed"
+podman image prune -f >/dev/null
 t_build=$(now)
 
 # --- run it against a real PostgreSQL --------------------------------------------------------
@@ -248,7 +252,7 @@ cleanup() {
   podman ps -a -q --filter "label=com.docker.compose.project=$project" | xargs -r podman rm -f -t 0 >/dev/null 2>&1 || true
   scripts/pg.sh stop .pgdata/image
   if [ -n "$rmi" ]; then
-    podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
+    podman rmi -f "$IMAGE" localhost/pgsidecar:build-cache >/dev/null 2>&1 || true
     podman image prune -f >/dev/null 2>&1 || true
   fi
 }
@@ -293,7 +297,8 @@ check "/metrics serves pgsidecar_build_info" bash -c \
   "curl -s --max-time 2 'http://$ops/metrics' | grep -q '^pgsidecar_build_info'"
 check "HEALTHCHECK passes (podman healthcheck run)" bash -c \
   "podman healthcheck run '$ctr' >/dev/null 2>&1"
-check "'pgsidecar probe ready' passes in the container" podman exec "$ctr" /usr/local/bin/pgsidecar probe ready
+check "'pgsidecar probe ready' passes in the container" bash -c \
+  "podman exec '$ctr' /usr/local/bin/pgsidecar probe ready >/dev/null"
 
 pid=$(podman inspect --format '{{.State.Pid}}' "$ctr")
 check "the sidecar runs as uid 65532" bash -c "grep -q -E '^Uid:\s+65532\s' /proc/$pid/status"
