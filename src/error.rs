@@ -53,6 +53,7 @@ impl ApiError {
             Self::Db(DbError::Unavailable(_))
             | Self::Db(DbError::ConnectionLost(_))
             | Self::Db(DbError::PoolExhausted)
+            | Self::Db(DbError::ReadOnly(_))
             | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -70,6 +71,7 @@ impl ApiError {
             Self::Db(
                 DbError::Unavailable(_) | DbError::ConnectionLost(_) | DbError::PoolExhausted,
             ) => "database_unavailable",
+            Self::Db(DbError::ReadOnly(_)) => "database_read_only",
             Self::Db(DbError::Timeout) => "database_timeout",
             Self::Db(DbError::Other(_)) | Self::Internal => "internal",
         }
@@ -81,6 +83,9 @@ impl ApiError {
             Self::Db(
                 DbError::Unavailable(_) | DbError::ConnectionLost(_) | DbError::PoolExhausted,
             ) => "the database is unavailable; retry shortly".into(),
+            Self::Db(DbError::ReadOnly(_)) => {
+                "the database accepts no writes right now (failover?); retry shortly".into()
+            }
             Self::Db(DbError::Timeout) => {
                 "the database did not answer in time; retry shortly".into()
             }
@@ -97,7 +102,9 @@ impl IntoResponse for ApiError {
             // The one place a database failure behind a client error is logged.
             match e {
                 DbError::Other(cause) => tracing::error!(error = %cause, "database error"),
-                DbError::Unavailable(cause) | DbError::ConnectionLost(cause) => {
+                DbError::Unavailable(cause)
+                | DbError::ConnectionLost(cause)
+                | DbError::ReadOnly(cause) => {
                     tracing::warn!(error = %cause, "database unavailable")
                 }
                 DbError::Timeout => tracing::warn!("database statement timed out"),

@@ -137,6 +137,8 @@ pub struct Prober {
     system: Arc<std::sync::Mutex<SystemProbe>>,
     /// The tables check of the previous round, kept when a round could not run it.
     last_tables_ok: bool,
+    /// Whether PostgreSQL answered the previous round.
+    last_postgres_ok: bool,
 }
 
 impl Prober {
@@ -147,6 +149,7 @@ impl Prober {
             store,
             system: Arc::new(std::sync::Mutex::new(SystemProbe::new(&settings))),
             last_tables_ok: false,
+            last_postgres_ok: true,
             settings,
             client: Client::builder(TokioExecutor::new()).build(connector),
         }
@@ -167,7 +170,19 @@ impl Prober {
                 .iter()
                 .map(|u| self.check_upstream(u)),
         );
-        let ((pg_result, elapsed), upstream_results) = tokio::join!(pg, upstreams);
+        // While PostgreSQL refuses new connections (too many clients), try one each round: the
+        // stores open new ones again once it accepts. After a failed round, find out whether
+        // that is why (sqlx's pool retries such refusals silently until its timeout).
+        let status = self.store.status().clone();
+        let pool = self.store.pool().clone();
+        let diagnose = status.refusal().is_some() || !self.last_postgres_ok;
+        let slots = async move {
+            if diagnose {
+                crate::store::conns::diagnose_connect(&pool, &status, timeout).await;
+            }
+            status.refusal()
+        };
+        let ((pg_result, elapsed), upstream_results, refusal) = tokio::join!(pg, upstreams, slots);
 
         let t = now();
         let mut checks = BTreeMap::new();
@@ -193,6 +208,7 @@ impl Prober {
             ),
         };
         self.last_tables_ok = tables_ok;
+        self.last_postgres_ok = postgres_ok;
         self.store.status().set_reachable(postgres_ok);
         checks.insert(
             "postgres:responseTime".to_string(),
@@ -234,6 +250,30 @@ impl Prober {
                 }),
             }],
         );
+        if let Some(cause) = refusal {
+            // The sidecar keeps serving on the connections it has: a warning, unless nothing
+            // answers at all.
+            let open = self.store.pool_connections().0;
+            checks.insert(
+                "postgres:connections".to_string(),
+                vec![CheckEntry {
+                    component_id: None,
+                    component_type: "datastore",
+                    observed_value: Some(open as f64),
+                    observed_unit: Some("connections"),
+                    status: if postgres_ok {
+                        Status::Warn
+                    } else {
+                        Status::Fail
+                    },
+                    time: t.clone(),
+                    output: Some(format!(
+                        "PostgreSQL refuses new connections: {cause}; serving on the \
+                         connections already open, retrying every probe round"
+                    )),
+                }],
+            );
+        }
         let mut failed_critical = Vec::new();
         for (u, (status, ms, output)) in self.settings.upstreams.iter().zip(upstream_results) {
             if status == Status::Fail && u.critical {

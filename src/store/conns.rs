@@ -10,15 +10,25 @@
 //! Every connection still belongs to the sqlx pool, so `database.max_connections` holds. A
 //! connection resting in the free list is invisible to callers already waiting inside sqlx's
 //! `acquire()`; so while anyone waits there, finished connections go back to sqlx instead.
+//!
+//! Connections are not kept past `database.max_lifetime_seconds` (sqlx does not see this list),
+//! nor after the server refused a write as read-only (a failover: a new connection may reach the
+//! new primary). While PostgreSQL refuses new connections for lack of slots ("too many
+//! clients"), statements wait for one of the connections already open instead of retrying
+//! connects until the acquire timeout.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, PgPool, Postgres};
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
+use super::pooler::{Scope, StatementMode};
 use super::{DbError, DbStatus};
+
+/// A free connection: since when it rests there, and when the store first had it.
+type Free = (PoolConnection<Postgres>, Instant, Instant);
 
 pub struct Conns {
     pool: PgPool,
@@ -28,12 +38,25 @@ pub struct Conns {
     status: Arc<DbStatus>,
     /// `status.outages()` when this free list was last emptied for an outage.
     outages_seen: AtomicU64,
-    free: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+    free: Mutex<Vec<Free>>,
     idle_timeout: Duration,
+    /// `database.max_lifetime_seconds`, counted from when the store first had a connection
+    /// (sqlx, which opened it earlier, closes it when it comes back past its own count).
+    max_lifetime: Option<Duration>,
+    /// How statements run (directly, or each in a transaction behind a pooler).
+    mode: StatementMode,
+    /// One check at a time of why the pool could not open a connection.
+    diagnosing: AtomicBool,
 }
 
 impl Conns {
-    pub fn new(pool: PgPool, idle_timeout: Duration, status: Arc<DbStatus>) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        idle_timeout: Duration,
+        max_lifetime: Option<Duration>,
+        mode: StatementMode,
+        status: Arc<DbStatus>,
+    ) -> Self {
         Self {
             pool,
             waiting: AtomicUsize::new(0),
@@ -41,10 +64,13 @@ impl Conns {
             status,
             free: Mutex::new(Vec::new()),
             idle_timeout,
+            max_lifetime,
+            mode,
+            diagnosing: AtomicBool::new(false),
         }
     }
 
-    fn free_list(&self) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, Instant)>> {
+    fn free_list(&self) -> std::sync::MutexGuard<'_, Vec<Free>> {
         // A panic while holding this lock cannot leave the Vec inconsistent: keep using it.
         self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -62,27 +88,78 @@ impl Conns {
             let mut free = self.free_list();
             // Trim one stale connection per call from the bottom (the least recently used).
             let stale = match free.first() {
-                Some((_, since)) if since.elapsed() > self.idle_timeout => Some(free.remove(0)),
+                Some((_, since, _)) if since.elapsed() > self.idle_timeout => Some(free.remove(0)),
                 _ => None,
             };
             drop(stale);
-            free.pop().map(|(c, _)| c)
+            free.pop().map(|(c, _, opened)| (c, opened))
         };
-        let conn = match reused {
+        let (conn, opened) = match reused {
             Some(c) => c,
-            None => {
-                let _waiting = Waiting::enter(&self.waiting);
-                // Boxed: sqlx's acquire future is about 8 KiB, and inline it would make every
-                // statement's future (and every move of one) that large, though the free list
-                // above serves almost every call.
-                Box::pin(self.pool.acquire()).await?
-            }
+            None => (self.take_from_pool().await?, Instant::now()),
         };
         Ok(Held {
             conn: Some(conn),
+            opened,
             owner: self,
             clean: false,
         })
+    }
+
+    /// A connection from the sqlx pool: an idle one, or a new one. While PostgreSQL refuses new
+    /// connections, only the ones already open (see [`Conns::wait_for_open`]).
+    async fn take_from_pool(&self) -> Result<PoolConnection<Postgres>, DbError> {
+        if self.pool.size() > 0 && self.status.refusal().is_some() {
+            return self.wait_for_open().await;
+        }
+        let acquired = {
+            let _waiting = Waiting::enter(&self.waiting);
+            // Boxed: sqlx's acquire future is about 8 KiB, and inline it would make every
+            // statement's future (and every move of one) that large, though the free list
+            // above serves almost every call.
+            Box::pin(self.pool.acquire()).await
+        };
+        match acquired {
+            Ok(c) => Ok(c),
+            // The pool had room but opened nothing in time: sqlx retries a refused connect
+            // (too many clients, or the server starting up) until the acquire timeout without
+            // saying why. Find out, so the stores stop trying and /health can tell.
+            Err(sqlx::Error::PoolTimedOut)
+                if self.pool.size() < self.pool.options().get_max_connections() =>
+            {
+                self.diagnose().await;
+                Err(DbError::PoolExhausted)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits, up to the acquire timeout, for a connection already open: one idle in sqlx's
+    /// queue, or one a statement finishes with (it comes back to the free list, as nobody waits
+    /// inside sqlx). Polls: this runs only while PostgreSQL refuses connections.
+    async fn wait_for_open(&self) -> Result<PoolConnection<Postgres>, DbError> {
+        let deadline = Instant::now() + self.pool.options().get_acquire_timeout();
+        loop {
+            let freed = self.free_list().pop().map(|(c, _, _)| c);
+            if let Some(c) = freed.or_else(|| self.pool.try_acquire()) {
+                return Ok(c);
+            }
+            if Instant::now() >= deadline {
+                return Err(DbError::PoolExhausted);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Opens one connection with the pool's options to learn why the pool could not, and
+    /// records a refusal for lack of slots (SQLSTATE 53300). One at a time per store.
+    async fn diagnose(&self) {
+        if self.diagnosing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let timeout = self.pool.options().get_acquire_timeout();
+        diagnose_connect(&self.pool, &self.status, timeout).await;
+        self.diagnosing.store(false, Ordering::Release);
     }
 
     pub fn idle_timeout(&self) -> Duration {
@@ -106,7 +183,7 @@ impl Conns {
             let mut free = self.free_list();
             let keep_from = free
                 .iter()
-                .position(|(_, since)| since.elapsed() <= self.idle_timeout)
+                .position(|(_, since, _)| since.elapsed() <= self.idle_timeout)
                 .unwrap_or(free.len());
             free.drain(..keep_from).collect()
         };
@@ -118,6 +195,8 @@ impl Conns {
 /// dropped without it (a cancelled future), the connection is not reused.
 pub struct Held<'a> {
     conn: Option<PoolConnection<Postgres>>,
+    /// When the store first had this connection.
+    opened: Instant,
     owner: &'a Conns,
     clean: bool,
 }
@@ -125,6 +204,14 @@ pub struct Held<'a> {
 impl Held<'_> {
     pub fn conn(&mut self) -> &mut PgConnection {
         self.conn.as_mut().expect("connection present until drop")
+    }
+
+    /// Opens one statement's scope on this connection (a transaction behind a
+    /// transaction-mode pooler; see `pooler.rs`).
+    pub(crate) async fn scope(&mut self) -> Result<Scope<'_>, sqlx::Error> {
+        let mode = &self.owner.mode;
+        let conn = self.conn.as_mut().expect("connection present until drop");
+        Scope::open(conn, mode).await
     }
 
     /// Marks the connection reusable unless the statement failed because the connection or
@@ -135,6 +222,14 @@ impl Held<'_> {
                 // The other free connections (of every data thread) are likely dead too.
                 self.owner.status.record_outage();
                 self.owner.clear();
+            }
+            Err(DbError::ReadOnly(_)) => {
+                // The server turned standby (a failover, or a demoted primary behind the same
+                // address): this connection will not write again. Close it; a new one may
+                // reach the new primary.
+                if let Some(c) = self.conn.as_mut() {
+                    c.close_on_drop();
+                }
             }
             Ok(_) => {
                 self.owner.status.record_success();
@@ -147,11 +242,18 @@ impl Held<'_> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
+        let expired = self
+            .owner
+            .max_lifetime
+            .is_some_and(|max| self.opened.elapsed() > max);
         if let Some(conn) = self.conn.take()
             && self.clean
+            && !expired
             && self.owner.waiting.load(Ordering::Acquire) == 0
         {
-            self.owner.free_list().push((conn, Instant::now()));
+            self.owner
+                .free_list()
+                .push((conn, Instant::now(), self.opened));
         }
         // Otherwise the connection drops here and returns to sqlx (which hands it to a waiter).
     }
@@ -171,5 +273,23 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Opens one connection with `pool`'s options (within `timeout`) and records in `status`
+/// whether PostgreSQL refuses new connections for lack of slots. The connection, if one opens,
+/// is closed at once.
+pub(crate) async fn diagnose_connect(pool: &PgPool, status: &DbStatus, timeout: Duration) {
+    let options = pool.connect_options();
+    match tokio::time::timeout(timeout, PgConnection::connect_with(&options)).await {
+        Ok(Ok(conn)) => {
+            status.clear_refusal();
+            let _ = conn.close().await;
+        }
+        Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("53300") => {
+            status.record_refusal(format!("{} (SQLSTATE 53300)", e.message()));
+        }
+        // Anything else (unreachable, slow) is the health probe's to report.
+        _ => {}
     }
 }

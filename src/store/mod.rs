@@ -8,6 +8,7 @@
 //! - [`status`]: [`DbStatus`], what every store and the health probes know of the database.
 //! - [`pool`]: the sqlx pool and connection start-up options.
 //! - [`conns`]: the free list of held connections in front of the pool.
+//! - [`pooler`]: how a statement runs behind a pooler (PgBouncer), set by `database.pooler`.
 //! - [`migrate`]: the embedded migrations.
 //! - [`batch`]: coalescing concurrent calls into one statement.
 //! - [`cache`], [`sessions`]: the data, in SQL.
@@ -30,16 +31,22 @@ pub use sessions::{NewSession, SessionRecord, TokenHash};
 
 /// Runs one statement on a held connection (see [`conns`]), timed under `operation`:
 /// `run!(self.conns, "cache_delete", |c| sqlx::query("...").execute(c))`.
-/// A future of `Result<T, DbError>`.
+/// `c` is a [`pooler::Exec`]; behind a transaction-mode pooler the statement runs in its own
+/// transaction, unnamed (see [`pooler`]). A future of `Result<T, DbError>`.
 macro_rules! run {
     ($conns:expr, $op:expr, |$c:ident| $stmt:expr) => {
         async {
         match $conns.get().await {
             Ok(mut held) => {
-                let result = {
-                    let $c = held.conn();
-                    $crate::store::timed($op, $stmt).await
-                };
+                let result = $crate::store::timed($op, async {
+                    let mut scope = held.scope().await?;
+                    let out = {
+                        let $c = scope.exec();
+                        $stmt.await
+                    };
+                    scope.close(out).await
+                })
+                .await;
                 held.finish(&result);
                 result
             }
@@ -59,6 +66,7 @@ pub mod conns;
 pub mod error;
 pub mod migrate;
 pub mod pool;
+pub mod pooler;
 mod rows;
 pub mod sessions;
 mod sql;
@@ -94,6 +102,8 @@ pub struct StoreSettings {
     pub cleanup_lease_seconds: u32,
     /// Qualifies the statements built outside the hot path (probe, cleanup, migrations check).
     pub(crate) schema: sql::Schema,
+    /// Where and how migrations connect (`migrate_url`, `pooler`).
+    pub(crate) database: crate::config::DatabaseSettings,
 }
 
 impl Store {
@@ -111,12 +121,16 @@ impl Store {
 
     pub fn with_pool(pool: PgPool, status: Arc<DbStatus>, settings: &Settings) -> Self {
         let b = &settings.batch;
+        let d = &settings.database;
+        let mode =
+            pooler::StatementMode::new(d, pool::operator_chose_plans(&pool.connect_options()));
         let conns = Arc::new(conns::Conns::new(
             pool.clone(),
             settings.idle_timeout(),
+            settings.max_lifetime(),
+            mode,
             status.clone(),
         ));
-        let d = &settings.database;
         let schema = sql::Schema::new(&d.schema);
         let share = batch::Share::new(d.max_connections as usize, BATCH_KINDS, b.max_in_flight);
         let limits = batch::BatchLimits {
@@ -149,6 +163,7 @@ impl Store {
                 cleanup_batch_size: settings.cleanup.batch_size,
                 cleanup_lease_seconds: settings.cleanup.lease_seconds,
                 schema,
+                database: d.clone(),
             }),
         }
     }
