@@ -58,6 +58,13 @@ async fn mixed_operations_match_a_sequential_model(data_threads: u32) {
             .await,
     );
     assert!(s.logs.contains(&format!("\"data_threads\":{data_threads}")));
+    let (single, all) = mixed_operations_on(s).await;
+    eprintln!("cache_get batches: {single} of size 1 out of {all}");
+}
+
+/// Runs the mixed workload against `s` and checks it against a sequential model; returns the
+/// `cache_get` batches of size 1 and all of them (from /metrics).
+pub(crate) async fn mixed_operations_on(s: Arc<Sidecar>) -> (f64, f64) {
     let base = Instant::now();
     let log = Arc::new(std::sync::Mutex::new(Vec::<Done>::new()));
     let mut tasks = Vec::new();
@@ -131,10 +138,7 @@ async fn mixed_operations_match_a_sequential_model(data_threads: u32) {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .collect::<Vec<_>>();
     assert_eq!(batched.len(), 2, "{metrics}");
-    eprintln!(
-        "cache_get batches: {} of size 1 out of {}",
-        batched[0], batched[1]
-    );
+    (batched[0], batched[1])
 }
 
 /// Panics on an answer no sequential execution could give. Writes carry unique values; each

@@ -11,4 +11,6 @@ mod lifecycle;
 mod logs;
 mod openapi;
 mod ops;
+mod pooler;
+mod servers;
 mod sessions;
