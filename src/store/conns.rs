@@ -27,6 +27,10 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use super::pooler::{Scope, StatementMode};
 use super::{DbError, DbStatus};
 
+/// How long a connection from the pool may take before the store asks PostgreSQL why (a
+/// healthy connect takes a few milliseconds).
+const DIAGNOSE_AFTER: Duration = Duration::from_millis(250);
+
 /// A free connection: since when it rests there, and when the store first had it.
 type Free = (PoolConnection<Postgres>, Instant, Instant);
 
@@ -112,21 +116,37 @@ impl Conns {
         if self.pool.size() > 0 && self.status.refusal().is_some() {
             return self.wait_for_open().await;
         }
-        let acquired = {
-            let _waiting = Waiting::enter(&self.waiting);
-            // Boxed: sqlx's acquire future is about 8 KiB, and inline it would make every
-            // statement's future (and every move of one) that large, though the free list
-            // above serves almost every call.
-            Box::pin(self.pool.acquire()).await
+        let max = self.pool.options().get_max_connections();
+        let waiting = Waiting::enter(&self.waiting);
+        // Boxed: sqlx's acquire future is about 8 KiB, and inline it would make every
+        // statement's future (and every move of one) that large, though the free list above
+        // serves almost every call.
+        let mut acquire = Box::pin(self.pool.acquire());
+        let acquired = tokio::select! {
+            biased;
+            acquired = &mut acquire => acquired,
+            _ = tokio::time::sleep(DIAGNOSE_AFTER) => {
+                // Nothing yet, and the pool has room: sqlx is opening a connection, and it
+                // retries a refused connect (too many clients, or a server starting up) until
+                // the acquire timeout without saying why. Find out meanwhile; when it is a
+                // lack of slots, wait for a connection already open instead.
+                if self.pool.size() < max {
+                    self.diagnose().await;
+                }
+                if self.pool.size() > 0 && self.status.refusal().is_some() {
+                    drop(acquire);
+                    drop(waiting);
+                    return self.wait_for_open().await;
+                }
+                acquire.await
+            }
         };
+        drop(waiting);
         match acquired {
             Ok(c) => Ok(c),
-            // The pool had room but opened nothing in time: sqlx retries a refused connect
-            // (too many clients, or the server starting up) until the acquire timeout without
-            // saying why. Find out, so the stores stop trying and /health can tell.
-            Err(sqlx::Error::PoolTimedOut)
-                if self.pool.size() < self.pool.options().get_max_connections() =>
-            {
+            // The same, found only at the timeout (the refused connection would have been the
+            // pool's last).
+            Err(sqlx::Error::PoolTimedOut) if self.pool.size() < max => {
                 self.diagnose().await;
                 Err(DbError::PoolExhausted)
             }

@@ -6,6 +6,7 @@ mod helpers;
 mod cache;
 mod cli;
 mod concurrency;
+mod database;
 mod failover;
 mod http;
 mod lifecycle;
