@@ -8,6 +8,7 @@ mod cli;
 mod concurrency;
 mod database;
 mod failover;
+mod fleet;
 mod http;
 mod lifecycle;
 mod logs;
