@@ -93,27 +93,8 @@ async fn fleet() {
     for s in starting {
         fleet.push(Arc::new(s.await.unwrap()));
     }
-    let until = Instant::now() + Duration::from_secs(90);
-    for s in &fleet {
-        while s
-            .http
-            .get(s.ops_url("/ready"))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-            != 200
-        {
-            if Instant::now() > until {
-                let mut c = PgConnection::connect(&pg.url()).await.unwrap();
-                let rows: Vec<(Option<String>, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
-                    "SELECT datname::text, state, wait_event, left(query, 120) FROM pg_stat_activity WHERE backend_type = 'client backend'",
-                ).fetch_all(&mut c).await.unwrap();
-                panic!("not ready: {:?}\nactivity: {rows:#?}", s.logs.lines());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    futures_util::future::join_all(fleet.iter().map(|s| s.wait_ready(Duration::from_secs(90))))
+        .await;
     eprintln!("{sidecars} sidecars ready after {:?}", started.elapsed());
 
     // Exactly one migration run: each embedded version once in the ledger, applied
