@@ -836,6 +836,54 @@ mod tests {
     }
 
     #[test]
+    fn pooler_settings() {
+        let load = |pairs: &[(&str, &str)]| Settings::load_from(None, &env(pairs));
+        let d = load(&[]).unwrap().database;
+        assert_eq!(d.pooler, Pooler::None);
+        assert!(d.can_migrate());
+        let d = load(&[("PGSIDECAR_DATABASE__POOLER", "transaction")])
+            .unwrap()
+            .database;
+        assert_eq!(d.pooler, Pooler::Transaction);
+        assert!(
+            !d.can_migrate(),
+            "no advisory lock through a transaction pooler"
+        );
+        let d = load(&[
+            ("PGSIDECAR_DATABASE__POOLER", "transaction"),
+            (
+                "PGSIDECAR_DATABASE__MIGRATE_URL",
+                "postgres://u:secret-pw@db/app",
+            ),
+        ])
+        .unwrap();
+        assert!(d.database.can_migrate());
+        assert!(!d.redacted_json().to_string().contains("secret-pw"));
+        for (pairs, key) in [
+            (
+                vec![("PGSIDECAR_DATABASE__POOLER", "statement")],
+                "database.pooler",
+            ),
+            (
+                vec![("PGSIDECAR_DATABASE__POOLER_PREPARED_STATEMENTS", "true")],
+                "database.pooler_prepared_statements",
+            ),
+            (
+                vec![("PGSIDECAR_DATABASE__MIGRATE_URL", "mysql://db/app")],
+                "database.migrate_url",
+            ),
+        ] {
+            assert_eq!(load(&pairs).unwrap_err().key, key);
+        }
+        let s = load(&[("PGSIDECAR_DATABASE__MAX_LIFETIME_SECONDS", "0")]).unwrap();
+        assert_eq!(s.max_lifetime(), None);
+        assert_eq!(
+            load(&[]).unwrap().max_lifetime(),
+            Some(Duration::from_secs(1800))
+        );
+    }
+
+    #[test]
     fn redacts_passwords_in_urls() {
         assert_eq!(
             redact_url("postgres://a:b@h/d"),

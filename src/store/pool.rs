@@ -138,6 +138,46 @@ mod tests {
         opts.get_options().unwrap_or_default().to_string()
     }
 
+    fn database(pairs: &[(&str, &str)]) -> DatabaseSettings {
+        let env: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::load_from(None, &env).unwrap().database
+    }
+
+    #[test]
+    fn migrations_connect_directly_when_they_can() {
+        // migrate_url: that server, with the schema on the search path as a start-up option.
+        let d = database(&[
+            ("PGSIDECAR_DATABASE__POOLER", "transaction"),
+            (
+                "PGSIDECAR_DATABASE__MIGRATE_URL",
+                "postgres://u@primary:5432/app",
+            ),
+        ]);
+        let (opts, after) = migration_options(&d).unwrap();
+        assert_eq!(opts.get_host(), "primary");
+        assert!(
+            opts.get_options()
+                .unwrap()
+                .contains("search_path=pgsidecar")
+        );
+        assert!(after.is_none());
+        // Through a session pooler: no start-up option, SETs after connecting.
+        let d = database(&[("PGSIDECAR_DATABASE__POOLER", "session")]);
+        let (opts, after) = migration_options(&d).unwrap();
+        assert!(opts.get_options().is_none());
+        assert_eq!(
+            after.as_deref(),
+            Some("SET search_path = \"pgsidecar\"; SET statement_timeout = 0")
+        );
+        assert_eq!(
+            session_settings(&d, false),
+            "SET statement_timeout = 2000; SET plan_cache_mode = force_generic_plan"
+        );
+    }
+
     #[test]
     fn connections_use_generic_plans_unless_the_operator_chose() {
         let ours = options_for("postgres://u@db/app");

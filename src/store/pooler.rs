@@ -190,3 +190,46 @@ impl<'c> Executor<'c> for Exec<'c> {
         self.conn.describe(sql)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn mode(pairs: &[(&str, &str)], operator_chose_plans: bool) -> StatementMode {
+        let env: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let d = Settings::load_from(None, &env).unwrap().database;
+        StatementMode::new(&d, operator_chose_plans)
+    }
+
+    #[test]
+    fn only_transaction_pooling_wraps_and_unnames_statements() {
+        for pooler in ["none", "session"] {
+            let m = mode(&[("PGSIDECAR_DATABASE__POOLER", pooler)], false);
+            assert!(m.begin.is_none() && m.named, "{pooler}");
+        }
+        let m = mode(&[("PGSIDECAR_DATABASE__POOLER", "transaction")], false);
+        assert!(!m.named);
+        assert_eq!(
+            m.begin.unwrap().as_str(),
+            "BEGIN; SET LOCAL statement_timeout = 2000"
+        );
+        let prepared = [
+            ("PGSIDECAR_DATABASE__POOLER", "transaction"),
+            ("PGSIDECAR_DATABASE__POOLER_PREPARED_STATEMENTS", "true"),
+        ];
+        let m = mode(&prepared, false);
+        assert!(m.named);
+        assert!(
+            m.begin
+                .unwrap()
+                .as_str()
+                .ends_with("; SET LOCAL plan_cache_mode = force_generic_plan")
+        );
+        let m = mode(&prepared, true);
+        assert!(!m.begin.unwrap().as_str().contains("plan_cache_mode"));
+    }
+}
