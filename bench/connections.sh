@@ -174,7 +174,10 @@ for round in $(seq 1 "$ROUNDS"); do
       log "round $round  $mode  max_connections=$size  $scen  @$CLIENTS"
       wrk -t2 -c"$CLIENTS" -d"${WARMUP}s" -s "bench/wrk/$scen.lua" "http://127.0.0.1:$DATA_PORT" -- "$WORK/tokens.txt" >/dev/null
       line=$(wrk -t2 -c"$CLIENTS" -d"${DURATION}s" -s "bench/wrk/$scen.lua" "http://127.0.0.1:$DATA_PORT" -- "$WORK/tokens.txt" | grep '^BENCH ' | cut -c7-)
-      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$size" "$threads" "$scen" "$line" >>"$OUT"
+      # Connections the sidecar holds right after the run (idle ones close only after
+      # database.idle_timeout_seconds): how many the load made it open.
+      open=$(curl -fsS "http://127.0.0.1:$OPS_PORT/metrics" | awk '/^pgsidecar_db_pool_connections\{/ {s += $2} END {print s + 0}')
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$size" "$threads" "$scen" "$open" "$line" >>"$OUT"
     done
     stop_sidecar
   done
@@ -186,11 +189,11 @@ import json, statistics, sys
 out, results, stamp, commit, duration, rounds, clients = sys.argv[1:]
 runs = []
 for line in open(out):
-    rnd, mode, size, threads, scen, js = line.rstrip("\n").split("\t", 5)
+    rnd, mode, size, threads, scen, opened, js = line.rstrip("\n").split("\t", 6)
     b = json.loads(js)
     errors = sum(b[k] for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
     runs.append({"round": int(rnd), "mode": mode, "max_connections": int(size),
-                 "data_threads": int(threads or 0), "scenario": scen,
+                 "data_threads": int(threads or 0), "scenario": scen, "connections_open": int(float(opened)),
                  "req_per_s": b["requests"] / (b["duration_us"] / 1e6),
                  "p50_ms": b["p50_us"] / 1000, "p99_ms": b["p99_us"] / 1000, "errors": errors})
 with open("/proc/loadavg") as f:
@@ -205,7 +208,8 @@ keys = sorted({(r["mode"], r["max_connections"], r["data_threads"]) for r in run
               key=lambda k: (k[0] != "direct", k[1]))
 names = {"cache_get": "cache GET", "session_get": "session validate", "cache_put": "cache PUT"}
 lines = [f"{stamp}, commit {commit}, {rounds} round(s) of {duration} s per run at {clients} client "
-         f"connections (medians over the rounds), load average at the end {' '.join(load)}", "",
+         f"connections (medians over the rounds; \"open\": most connections the sidecar held after a run), "
+         f"load average at the end {' '.join(load)}", "",
          "| path | database.max_connections | data threads | " + " | ".join(names.values()) + " |",
          "|---|---:|---:|" + "---|" * len(names)]
 for mode, size, threads in keys:
@@ -216,7 +220,8 @@ for mode, size, threads in keys:
         p50 = statistics.median(r["p50_ms"] for r in rs)
         p99 = statistics.median(r["p99_ms"] for r in rs)
         err = sum(r["errors"] for r in rs)
-        cells.append(f"{rps:,.0f} req/s, p50 {p50:.2f} / p99 {p99:.2f} ms" + (f", {err} errors" if err else ""))
+        held = max(r["connections_open"] for r in rs)
+        cells.append(f"{rps:,.0f} req/s, p50 {p50:.2f} / p99 {p99:.2f} ms, {held} open" + (f", {err} errors" if err else ""))
     path = "direct" if mode == "direct" else "PgBouncer (transaction)"
     lines.append(f"| {path} | {size} | {threads} | " + " | ".join(cells) + " |")
 text = "\n".join(lines) + "\n"
