@@ -206,6 +206,9 @@ impl PgBouncer {
         me
     }
 
+    /// `query_wait_timeout = 1`: a client waiting longer for a server connection gets an error
+    /// (which the sidecar answers 503), well inside the sidecar's request timeout even when a
+    /// read is retried once.
     fn write_config(&self, pg_port: u16) {
         let ini = format!(
             "[databases]\n\
@@ -222,7 +225,7 @@ impl PgBouncer {
              max_client_conn = 2000\n\
              server_login_retry = 1\n\
              server_connect_timeout = 2\n\
-             query_wait_timeout = 3\n\
+             query_wait_timeout = 1\n\
              log_connections = 0\n\
              log_disconnections = 0\n",
             port = self.port,
