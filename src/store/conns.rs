@@ -100,7 +100,7 @@ impl Conns {
         };
         let (conn, opened) = match reused {
             Some(c) => c,
-            None => (self.take_from_pool().await?, Instant::now()),
+            None => self.take_from_pool().await?,
         };
         Ok(Held {
             conn: Some(conn),
@@ -111,8 +111,9 @@ impl Conns {
     }
 
     /// A connection from the sqlx pool: an idle one, or a new one. While PostgreSQL refuses new
-    /// connections, only the ones already open (see [`Conns::wait_for_open`]).
-    async fn take_from_pool(&self) -> Result<PoolConnection<Postgres>, DbError> {
+    /// connections, only the ones already open (see [`Conns::wait_for_open`]). With when the
+    /// store first had it.
+    async fn take_from_pool(&self) -> Result<(PoolConnection<Postgres>, Instant), DbError> {
         if self.pool.size() > 0 && self.status.refusal().is_some() {
             return self.wait_for_open().await;
         }
@@ -143,7 +144,7 @@ impl Conns {
         };
         drop(waiting);
         match acquired {
-            Ok(c) => Ok(c),
+            Ok(c) => Ok((c, Instant::now())),
             // The same, found only at the timeout (the refused connection would have been the
             // pool's last).
             Err(sqlx::Error::PoolTimedOut) if self.pool.size() < max => {
@@ -157,11 +158,12 @@ impl Conns {
     /// Waits, up to the acquire timeout, for a connection already open: one idle in sqlx's
     /// queue, or one a statement finishes with (it comes back to the free list, as nobody waits
     /// inside sqlx). Polls: this runs only while PostgreSQL refuses connections.
-    async fn wait_for_open(&self) -> Result<PoolConnection<Postgres>, DbError> {
+    async fn wait_for_open(&self) -> Result<(PoolConnection<Postgres>, Instant), DbError> {
         let deadline = Instant::now() + self.pool.options().get_acquire_timeout();
         loop {
-            let freed = self.free_list().pop().map(|(c, _, _)| c);
-            if let Some(c) = freed.or_else(|| self.pool.try_acquire()) {
+            let freed = self.free_list().pop().map(|(c, _, opened)| (c, opened));
+            let idle = || self.pool.try_acquire().map(|c| (c, Instant::now()));
+            if let Some(c) = freed.or_else(idle) {
                 return Ok(c);
             }
             if Instant::now() >= deadline {
