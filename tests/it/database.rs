@@ -174,7 +174,11 @@ async fn too_many_clients_keeps_serving_on_open_connections_and_recovers() {
     .await;
     assert_eq!(v["checks"]["postgres:connections"][0]["status"], "fail");
     assert_eq!(get_json(&late, "/ready").await.0, 503);
-    assert!(late.logs.contains("too many clients"), "the retry says why");
+    assert!(
+        late.logs
+            .wait_for("too many clients", Duration::from_secs(5)),
+        "the retry says why"
+    );
 
     // Slots free up: both recover without a restart, and the first grows its pool again.
     while hog.len() > 4 {
@@ -281,6 +285,8 @@ async fn an_older_binary_serves_on_a_schema_migrated_by_a_newer_one() {
             .env("PGSIDECAR_DATABASE__MIGRATE_ON_START", migrate_on_start)
             .start()
             .await;
+        // Log lines reach the pipe up to 100 ms after they are written.
+        assert!(s.logs.wait_for("does not know", Duration::from_secs(5)));
         let newer: Vec<Value> = s
             .logs
             .json()
