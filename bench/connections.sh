@@ -43,6 +43,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 SIDECAR_PID=""
 BOUNCER_PID=""
+BDIR=""
 PG_STARTED=""
 stop_sidecar() {
   if [ -n "$SIDECAR_PID" ] && alive "$SIDECAR_PID"; then
@@ -58,6 +59,7 @@ cleanup() {
   trap - EXIT INT TERM
   stop_sidecar
   if [ -n "$BOUNCER_PID" ]; then kill -TERM "$BOUNCER_PID" 2>/dev/null || true; wait "$BOUNCER_PID" 2>/dev/null || true; fi
+  [ -n "$BDIR" ] && rm -rf "$BDIR"
   [ -n "$PG_STARTED" ] && scripts/pg.sh stop "$PG_DIR" || true
   exit "$rc"
 }
