@@ -201,6 +201,7 @@ impl Application {
                         .map(|u| u.timeout_ms)
                         .fold(settings.health.check_timeout_ms, u64::max),
             ),
+            ready_requires_database: settings.health.ready_requires_database,
             service_id,
             prometheus: telemetry.prometheus.clone(),
             log_dropped: telemetry.log_dropped.clone(),
@@ -385,10 +386,20 @@ async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, healt
     let mut attempt: u32 = 0;
     // The causes logged so far: the retries meet the same one again and again.
     let mut reported: Vec<String> = Vec::new();
+    let d = &settings.database;
+    let apply = d.migrate_on_start && d.can_migrate();
+    if d.migrate_on_start && !apply {
+        tracing::warn!(
+            "database.pooler = \"transaction\" without database.migrate_url: not applying \
+             migrations (sqlx's migration lock is a session advisory lock, which a \
+             transaction-mode pooler does not keep); waiting until `pgsidecar migrate` (with \
+             a direct database.migrate_url) or another sidecar has applied them"
+        );
+    }
     loop {
         attempt += 1;
-        let result = if settings.database.migrate_on_start {
-            store.migrate(&settings.database.schema).await
+        let result = if apply {
+            store.migrate(&d.schema).await
         } else {
             store.check_migrated().await
         };
@@ -396,7 +407,7 @@ async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, healt
             Ok(()) => {
                 tracing::info!(
                     attempt,
-                    migrate_on_start = settings.database.migrate_on_start,
+                    migrate_on_start = apply,
                     "database ready: migrations applied"
                 );
                 // Readiness follows at once rather than at the next probe round. Every data

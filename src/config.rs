@@ -284,6 +284,37 @@ pub struct DatabaseSettings {
     pub schema: String,
     pub migrate_on_start: bool,
     pub circuit_failure_threshold: u32,
+    /// Applies migrations over this URL instead of `url` (a direct one, when `url` is a pooler).
+    pub migrate_url: DatabaseUrl,
+    /// What sits between the sidecar and PostgreSQL.
+    pub pooler: Pooler,
+    /// Under `pooler = "transaction"`: keep named prepared statements (PgBouncer 1.21 or newer
+    /// with `max_prepared_statements`).
+    pub pooler_prepared_statements: bool,
+    /// A pooled connection is closed after this long (0 = never).
+    pub max_lifetime_seconds: u64,
+}
+
+impl DatabaseSettings {
+    /// Whether migrations may be applied by this process: not over a transaction-mode pooler,
+    /// where the migrator's session advisory lock (and its prepared statements) would not hold.
+    pub fn can_migrate(&self) -> bool {
+        self.pooler != Pooler::Transaction || !self.migrate_url.expose().is_empty()
+    }
+}
+
+/// What sits between the sidecar and PostgreSQL (`database.pooler`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooler {
+    /// Direct connections: start-up options, prepared statements, advisory-lock migrations.
+    None,
+    /// A pooler that gives each client connection one server connection for its whole life
+    /// (PgBouncer `pool_mode = session`).
+    Session,
+    /// A pooler that may run each transaction on another server connection (PgBouncer
+    /// `pool_mode = transaction`).
+    Transaction,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -329,6 +360,8 @@ pub struct HealthSettings {
     pub disk_warn_percent: f64,
     pub disk_paths: Vec<PathBuf>,
     pub upstreams: Vec<UpstreamSettings>,
+    /// `/ready` also needs PostgreSQL reachable (false: only the sidecar itself).
+    pub ready_requires_database: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -379,11 +412,12 @@ impl DatabaseSettings {
 }
 
 /// Keys whose environment values are taken verbatim, never parsed as numbers or lists.
-const TEXT_KEYS: [&str; 6] = [
+const TEXT_KEYS: [&str; 7] = [
     "server.auth_token",
     "server.data_listen",
     "server.ops_listen",
     "database.url",
+    "database.migrate_url",
     "database.schema",
     "log.level",
 ];
@@ -515,6 +549,25 @@ impl Settings {
             return Err(ConfigError::new(
                 "database.url",
                 "is not a valid PostgreSQL URL",
+            ));
+        }
+        let migrate_url = d.migrate_url.expose();
+        if !migrate_url.is_empty()
+            && (!(migrate_url.starts_with("postgres://")
+                || migrate_url.starts_with("postgresql://"))
+                || migrate_url
+                    .parse::<sqlx::postgres::PgConnectOptions>()
+                    .is_err())
+        {
+            return Err(ConfigError::new(
+                "database.migrate_url",
+                "must be empty or a PostgreSQL URL (postgres:// or postgresql://)",
+            ));
+        }
+        if d.pooler_prepared_statements && d.pooler != Pooler::Transaction {
+            return Err(ConfigError::new(
+                "database.pooler_prepared_statements",
+                "applies only with database.pooler = \"transaction\" (the other modes keep prepared statements anyway)",
             ));
         }
         if d.max_connections == 0 || d.max_connections > 1000 {
@@ -695,6 +748,12 @@ impl Settings {
         s.database.max_connections = share(self.database.max_connections);
         s.database.min_connections = share(self.database.min_connections);
         s
+    }
+
+    /// `database.max_lifetime_seconds`, or `None` when 0 (no limit).
+    pub fn max_lifetime(&self) -> Option<Duration> {
+        let s = self.database.max_lifetime_seconds;
+        (s > 0).then(|| Duration::from_secs(s))
     }
 
     /// `database.idle_timeout_seconds`, at least a second.
@@ -976,6 +1035,54 @@ mod tests {
         ] {
             assert_eq!(redact_url(plain), plain);
         }
+    }
+
+    #[test]
+    fn pooler_settings() {
+        let load = |pairs: &[(&str, &str)]| Settings::load_from(None, &env(pairs));
+        let d = load(&[]).unwrap().database;
+        assert_eq!(d.pooler, Pooler::None);
+        assert!(d.can_migrate());
+        let d = load(&[("PGSIDECAR_DATABASE__POOLER", "transaction")])
+            .unwrap()
+            .database;
+        assert_eq!(d.pooler, Pooler::Transaction);
+        assert!(
+            !d.can_migrate(),
+            "no advisory lock through a transaction pooler"
+        );
+        let d = load(&[
+            ("PGSIDECAR_DATABASE__POOLER", "transaction"),
+            (
+                "PGSIDECAR_DATABASE__MIGRATE_URL",
+                "postgres://u:secret-pw@db/app",
+            ),
+        ])
+        .unwrap();
+        assert!(d.database.can_migrate());
+        assert!(!d.redacted_json().to_string().contains("secret-pw"));
+        for (pairs, key) in [
+            (
+                vec![("PGSIDECAR_DATABASE__POOLER", "statement")],
+                "database.pooler",
+            ),
+            (
+                vec![("PGSIDECAR_DATABASE__POOLER_PREPARED_STATEMENTS", "true")],
+                "database.pooler_prepared_statements",
+            ),
+            (
+                vec![("PGSIDECAR_DATABASE__MIGRATE_URL", "mysql://db/app")],
+                "database.migrate_url",
+            ),
+        ] {
+            assert_eq!(load(&pairs).unwrap_err().key, key);
+        }
+        let s = load(&[("PGSIDECAR_DATABASE__MAX_LIFETIME_SECONDS", "0")]).unwrap();
+        assert_eq!(s.max_lifetime(), None);
+        assert_eq!(
+            load(&[]).unwrap().max_lifetime(),
+            Some(Duration::from_secs(1800))
+        );
     }
 
     #[test]

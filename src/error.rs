@@ -56,6 +56,7 @@ impl ApiError {
             | Self::Db(DbError::ConnectionLost(_))
             | Self::Db(DbError::Tls(_))
             | Self::Db(DbError::PoolExhausted)
+            | Self::Db(DbError::ReadOnly(_))
             | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -78,6 +79,7 @@ impl ApiError {
                 | DbError::Tls(_)
                 | DbError::PoolExhausted,
             ) => "database_unavailable",
+            Self::Db(DbError::ReadOnly(_)) => "database_read_only",
             Self::Db(DbError::Timeout) => "database_timeout",
             Self::Db(DbError::Other(_)) | Self::Internal => "internal",
         }
@@ -94,6 +96,9 @@ impl ApiError {
                 | DbError::Tls(_)
                 | DbError::PoolExhausted,
             ) => "the database is unavailable; retry shortly".into(),
+            Self::Db(DbError::ReadOnly(_)) => {
+                "the database accepts no writes right now (failover?); retry shortly".into()
+            }
             Self::Db(DbError::Timeout) => {
                 "the database did not answer in time; retry shortly".into()
             }
@@ -112,7 +117,8 @@ impl IntoResponse for ApiError {
                 DbError::Other(cause) => tracing::error!(error = %cause, "database error"),
                 DbError::Unavailable(cause)
                 | DbError::RolledBack(cause)
-                | DbError::ConnectionLost(cause) => {
+                | DbError::ConnectionLost(cause)
+                | DbError::ReadOnly(cause) => {
                     tracing::warn!(error = %cause, "database unavailable")
                 }
                 DbError::Tls(cause) => tracing::warn!(error = %cause, "database unavailable"),

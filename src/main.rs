@@ -149,6 +149,14 @@ fn serve(settings: Settings) -> ExitCode {
 }
 
 fn migrate(settings: Settings) -> ExitCode {
+    if !settings.database.can_migrate() {
+        eprintln!(
+            "pgsidecar: database.migrate_url: must be set to a direct PostgreSQL URL to migrate \
+             with database.pooler = \"transaction\" (the migration lock is a session advisory \
+             lock, which a transaction-mode pooler does not keep)"
+        );
+        return ExitCode::from(EX_CONFIG);
+    }
     let log = pgsidecar::telemetry::init(&settings.log.level, std::io::stdout());
     let Ok(rt) = current_thread_runtime() else {
         return ExitCode::FAILURE;
@@ -163,7 +171,9 @@ fn migrate(settings: Settings) -> ExitCode {
         };
         match store.migrate(&settings.database.schema).await {
             Ok(()) => {
-                tracing::info!(schema = %settings.database.schema, database = %settings.database.url.redacted(), "migrations applied");
+                let d = &settings.database;
+                let url = if d.migrate_url.expose().is_empty() { &d.url } else { &d.migrate_url };
+                tracing::info!(schema = %d.schema, database = %url.redacted(), "migrations applied");
                 ExitCode::SUCCESS
             }
             Err(e) => {

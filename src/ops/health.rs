@@ -24,6 +24,7 @@ use super::system::SystemProbe;
 use crate::config::{HealthSettings, UpstreamSettings};
 use crate::metrics as m;
 use crate::shutdown::Lifecycle;
+use crate::store::conns::diagnose_connect;
 use crate::store::error::describe;
 use crate::store::{CheckError, DbError, Store};
 
@@ -73,6 +74,8 @@ pub struct Snapshot {
 struct PostgresReport {
     /// `postgres:responseTime` and `postgres:tables`.
     entries: [CheckEntry; 2],
+    /// `postgres:connections`, only while PostgreSQL refuses new connections.
+    connections: Option<CheckEntry>,
     postgres_ok: bool,
     tables_ok: bool,
 }
@@ -117,6 +120,7 @@ impl PostgresReport {
         };
         Self {
             entries: [response_time, tables],
+            connections: None,
             postgres_ok: reachable,
             tables_ok: reachable && tables_ok,
         }
@@ -134,6 +138,7 @@ impl PostgresReport {
         };
         Self {
             entries: [entry("not probed yet"), entry("not probed yet")],
+            connections: None,
             postgres_ok: false,
             tables_ok: false,
         }
@@ -220,6 +225,9 @@ impl Health {
         let [time, tables] = parts.postgres.entries.clone();
         checks.insert("postgres:responseTime".into(), vec![time]);
         checks.insert("postgres:tables".into(), vec![tables]);
+        if let Some(connections) = &parts.postgres.connections {
+            checks.insert("postgres:connections".into(), vec![connections.clone()]);
+        }
         let status = checks
             .values()
             .flatten()
@@ -547,36 +555,30 @@ pub async fn watch_postgres(
     let mut logged: Option<String> = None;
     loop {
         let started = Instant::now();
-        let fresh = circuit.is_suspect();
+        // While PostgreSQL refuses new connections for lack of slots (too many clients), try
+        // one each check: the stores open new ones again once it accepts (see `conns`).
+        if status.refusal().is_some() {
+            diagnose_connect(store.pool(), &status, timeout).await;
+        }
+        // Once something looked wrong, check with a new connection, unless new ones are
+        // refused: then the ones already open tell whether PostgreSQL answers.
+        let fresh = circuit.is_suspect() && status.refusal().is_none();
         let finding = if fresh {
             match store.check_fresh(timeout).await {
                 Ok(present) => Finding::Answered(present),
+                // Up, but out of connection slots: not an outage while the pool's own
+                // connections answer.
+                Err(CheckError::Db(sqlx::Error::Database(e)))
+                    if e.code().as_deref() == Some("53300") =>
+                {
+                    status.record_refusal(format!("{} (SQLSTATE 53300)", e.message()));
+                    check_pooled(&store, timeout, interval).await
+                }
                 Err(CheckError::Db(e)) => failed(&e),
                 Err(_) => no_answer(answer_text(timeout)),
             }
         } else {
-            // No pooled connection in time is not an outage when other statements succeeded
-            // meanwhile: the pool is busy, the sidecar loaded.
-            let busy = || status.succeeded_within(timeout + interval);
-            match store.check_pooled(timeout).await {
-                Ok(present) => Finding::Answered(present),
-                Err(CheckError::NoConnection | CheckError::Db(sqlx::Error::PoolTimedOut))
-                    if busy() =>
-                {
-                    Finding::Busy
-                }
-                Err(CheckError::Db(e)) if matches!(DbError::of(&e), DbError::ConnectionLost(_)) => {
-                    Finding::BrokenConnection {
-                        public: public_cause(&e),
-                        detail: crate::config::redact_url(&describe(&e)),
-                    }
-                }
-                Err(CheckError::Db(e)) => failed(&e),
-                Err(CheckError::NoConnection) => {
-                    no_answer(format!("no connection within {} ms", timeout.as_millis()))
-                }
-                Err(CheckError::NoAnswer) => no_answer(answer_text(timeout)),
-            }
+            check_pooled(&store, timeout, interval).await
         };
         let elapsed = started.elapsed();
         let (check, output) = match finding {
@@ -631,7 +633,28 @@ pub async fn watch_postgres(
         let reachable = answered_once && !open;
         let check = if open { Status::Fail } else { check };
         let latency = (check == Status::Pass && output.is_none()).then_some(elapsed);
-        let report = PostgresReport::new(check, output, latency, reachable, tables_ok);
+        let mut report = PostgresReport::new(check, output, latency, reachable, tables_ok);
+        if let Some(cause) = status.refusal() {
+            // The sidecar keeps serving on the connections it has: a warning, unless nothing
+            // answers at all.
+            let open = store.pool_connections().0;
+            report.connections = Some(CheckEntry {
+                component_id: None,
+                component_type: "datastore",
+                observed_value: Some(open as f64),
+                observed_unit: Some("connections"),
+                status: if reachable {
+                    Status::Warn
+                } else {
+                    Status::Fail
+                },
+                time: now(),
+                output: Some(format!(
+                    "PostgreSQL refuses new connections: {cause}; serving on the connections \
+                     already open, retrying every check"
+                )),
+            });
+        }
         health.update(|parts| parts.postgres = report);
 
         // Next: soon while failures pile up below the threshold, else after the interval (or
@@ -649,6 +672,30 @@ pub async fn watch_postgres(
         }
         tokio::time::sleep((started + CHECK_SPACING).saturating_duration_since(Instant::now()))
             .await;
+    }
+}
+
+/// A check on a pooled connection, as the monitor judges it.
+async fn check_pooled(store: &Store, timeout: Duration, interval: Duration) -> Finding {
+    // No pooled connection in time is not an outage when other statements succeeded
+    // meanwhile: the pool is busy, the sidecar loaded.
+    let busy = || store.status().succeeded_within(timeout + interval);
+    match store.check_pooled(timeout).await {
+        Ok(present) => Finding::Answered(present),
+        Err(CheckError::NoConnection | CheckError::Db(sqlx::Error::PoolTimedOut)) if busy() => {
+            Finding::Busy
+        }
+        Err(CheckError::Db(e)) if matches!(DbError::of(&e), DbError::ConnectionLost(_)) => {
+            Finding::BrokenConnection {
+                public: public_cause(&e),
+                detail: crate::config::redact_url(&describe(&e)),
+            }
+        }
+        Err(CheckError::Db(e)) => failed(&e),
+        Err(CheckError::NoConnection) => {
+            no_answer(format!("no connection within {} ms", timeout.as_millis()))
+        }
+        Err(CheckError::NoAnswer) => no_answer(answer_text(timeout)),
     }
 }
 

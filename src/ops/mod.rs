@@ -40,6 +40,8 @@ pub struct OpsState {
     pub max_connections: u32,
     /// A health snapshot older than this means the probe loop is stuck: not ready.
     pub stale_after: std::time::Duration,
+    /// `health.ready_requires_database`: false leaves PostgreSQL's reachability out of `/ready`.
+    pub ready_requires_database: bool,
     pub service_id: String,
     pub prometheus: Option<PrometheusHandle>,
     pub log_dropped: Option<DroppedLines>,
@@ -82,19 +84,20 @@ pub fn not_ready_reason(state: &OpsState) -> Option<String> {
     if !state.stores[0].status().migrated.load(Ordering::Acquire) {
         return Some("database migrations not applied yet".into());
     }
-    // The circuit itself, not the last snapshot: readiness turns the moment it opens.
-    if state.stores[0].status().circuit.is_open() {
-        return Some("postgres unreachable".into());
-    }
     let snap = state.health.snapshot();
     if snap.taken.elapsed() > state.stale_after {
         return Some("health probes stalled".into());
     }
-    if !snap.postgres_ok {
-        return Some("postgres unreachable".into());
-    }
-    if !snap.tables_ok {
-        return Some("sidecar tables missing".into());
+    // With `health.ready_requires_database = false`, a database outage leaves every container
+    // in the load balancer (data requests answer 503 fast; pages that need no state work).
+    if state.ready_requires_database {
+        // The circuit itself, not the last snapshot: readiness turns the moment it opens.
+        if state.stores[0].status().circuit.is_open() || !snap.postgres_ok {
+            return Some("postgres unreachable".into());
+        }
+        if !snap.tables_ok {
+            return Some("sidecar tables missing".into());
+        }
     }
     if !snap.failed_critical.is_empty() {
         return Some(format!(

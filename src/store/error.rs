@@ -20,6 +20,10 @@ pub enum DbError {
     /// Every pooled connection stayed busy for `database.acquire_timeout_ms`.
     #[error("no database connection free within the acquire timeout")]
     PoolExhausted,
+    /// The server accepts no writes: a standby, or a primary demoted by a failover (SQLSTATE
+    /// 25006). The connection is closed, not reused: a new one may reach the new primary.
+    #[error("database is read-only: {0}")]
+    ReadOnly(String),
     /// Postgres cancelled the statement (statement_timeout).
     #[error("database statement timed out")]
     Timeout,
@@ -59,6 +63,9 @@ impl DbError {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("57014") => DbError::Timeout,
                 Some("40P01" | "40001") => DbError::RolledBack(db_text(db.as_ref())),
+                // read_only_sql_transaction: a write on a hot standby (or on a primary demoted
+                // by a failover, or with default_transaction_read_only on).
+                Some("25006") => DbError::ReadOnly(db_text(db.as_ref())),
                 // 08xxx connection exceptions; 57P01-03 admin shutdown, crash shutdown, cannot
                 // connect now: the session is gone.
                 Some(c) if c.starts_with("08") || c.starts_with("57P") => {
@@ -66,13 +73,8 @@ impl DbError {
                 }
                 // Other conditions a retry may clear, answered 503 rather than 500: other 40xxx
                 // transaction rollbacks; 55P03 lock not available; 53xxx insufficient
-                // resources; 25006 read-only transaction (e.g. just after a failover).
-                Some(c)
-                    if c.starts_with("40")
-                        || c.starts_with("53")
-                        || c == "55P03"
-                        || c == "25006" =>
-                {
+                // resources (53300 too many connections).
+                Some(c) if c.starts_with("40") || c.starts_with("53") || c == "55P03" => {
                     DbError::Unavailable(db_text(db.as_ref()))
                 }
                 _ => DbError::Other(db_text(db.as_ref())),

@@ -9,6 +9,7 @@
 //! - [`circuit`]: the breaker that refuses data requests at once while Postgres is unreachable.
 //! - [`pool`]: the sqlx pool and connection start-up options.
 //! - [`conns`]: the free list of held connections in front of the pool.
+//! - [`pooler`]: how a statement runs behind a pooler (PgBouncer), set by `database.pooler`.
 //! - [`migrate`]: the embedded migrations.
 //! - [`batch`]: coalescing concurrent calls into one statement.
 //! - [`cache`], [`sessions`]: the data, in SQL.
@@ -33,7 +34,9 @@ pub use sessions::{NewSession, SessionRecord, TokenHash};
 /// Runs one statement on a held connection (see [`conns`]), timed under `operation` and bounded
 /// by the connection's deadline (see [`conns::Conns::deadline`]), without any retry:
 /// `run_once!(self.conns, "cache_delete", |c| sqlx::query("...").execute(c))`.
-/// A future of `Result<T, DbError>`. The batchers use it and decide about retries themselves.
+/// `c` is a [`pooler::Exec`]; behind a transaction-mode pooler the statement runs in its own
+/// transaction, unnamed (see [`pooler`]). A future of `Result<T, DbError>`. The batchers use it
+/// and decide about retries themselves.
 macro_rules! run_once {
     ($conns:expr, $op:expr, |$c:ident| $stmt:expr) => {
         async {
@@ -41,10 +44,15 @@ macro_rules! run_once {
             let attempt = async {
                 match conns.get().await {
                     Ok(mut held) => {
-                        let result = {
-                            let $c = held.conn();
-                            $crate::store::timed($op, $stmt).await
-                        };
+                        let result = $crate::store::timed($op, async {
+                            let mut scope = held.scope().await?;
+                            let out = {
+                                let $c = scope.exec();
+                                $stmt.await
+                            };
+                            scope.close(out).await
+                        })
+                        .await;
                         held.finish(&result);
                         result
                     }
@@ -88,6 +96,7 @@ pub mod conns;
 pub mod error;
 pub mod migrate;
 pub mod pool;
+pub mod pooler;
 mod rows;
 pub mod sessions;
 mod sql;
@@ -125,6 +134,8 @@ pub struct StoreSettings {
     pub cache_max_bytes: u64,
     /// Qualifies the statements built outside the hot path (probe, cleanup, migrations check).
     pub(crate) schema: sql::Schema,
+    /// Where and how migrations connect (`migrate_url`, `pooler`).
+    pub(crate) database: crate::config::DatabaseSettings,
 }
 
 impl Store {
@@ -147,9 +158,13 @@ impl Store {
     pub fn with_pool(pool: PgPool, status: Arc<DbStatus>, settings: &Settings) -> Self {
         let b = &settings.batch;
         let d = &settings.database;
+        let mode =
+            pooler::StatementMode::new(d, pool::operator_chose_plans(&pool.connect_options()));
         let conns = Arc::new(conns::Conns::new(
             pool.clone(),
             settings.idle_timeout(),
+            settings.max_lifetime(),
+            mode,
             statement_deadline(settings),
             status.clone(),
         ));
@@ -184,6 +199,7 @@ impl Store {
                 cleanup_lease_seconds: settings.cleanup.lease_seconds,
                 cache_max_bytes: settings.cache.max_bytes,
                 schema,
+                database: d.clone(),
             }),
         }
     }
@@ -271,11 +287,15 @@ impl Store {
             Err(_) => return Err(CheckError::NoConnection),
         };
         let left = timeout.saturating_sub(start.elapsed());
-        let result = tokio::time::timeout(
-            left,
-            sqlx::query_scalar(self.check_sql()).fetch_one(held.conn()),
-        )
-        .await;
+        let sql = self.check_sql();
+        // Through the statement's scope like every statement (a transaction behind a
+        // transaction-mode pooler; see `pooler`).
+        let check = async {
+            let mut scope = held.scope().await?;
+            let out = sqlx::query_scalar(sql).fetch_one(scope.exec()).await;
+            scope.close(out).await
+        };
+        let result = tokio::time::timeout(left, check).await;
         m::cached::record(
             m::DB_QUERY_DURATION,
             &[("operation", "health_probe")],
@@ -305,9 +325,17 @@ impl Store {
         let check = async {
             let options = self.pool.connect_options();
             let mut conn = sqlx::PgConnection::connect_with(&options).await?;
-            let present = sqlx::query_scalar(self.check_sql())
-                .fetch_one(&mut conn)
-                .await;
+            // In a scope of the store's statement mode, as on a pooled connection: unnamed and
+            // in a transaction behind a transaction-mode pooler, where a named statement left
+            // on the server connection would clash with another client's.
+            let present = async {
+                let mut scope = self.conns.scope_on(&mut conn).await?;
+                let out = sqlx::query_scalar(self.check_sql())
+                    .fetch_one(scope.exec())
+                    .await;
+                scope.close(out).await
+            }
+            .await;
             // Closed politely whatever the answer; a failure to close changes nothing.
             let _ = conn.close().await;
             present

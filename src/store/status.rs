@@ -1,5 +1,6 @@
 //! [`DbStatus`]: what every data thread's store and the health monitor know about the database.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -7,6 +8,10 @@ use super::circuit::Circuit;
 
 /// Consecutive failures that open the circuit when the settings do not say.
 pub const DEFAULT_CIRCUIT_THRESHOLD: u32 = 3;
+
+/// How long a refused connection attempt keeps the stores from opening more (the health probe
+/// renews it every round while PostgreSQL keeps refusing, and clears it once it accepts).
+const REFUSAL_HOLDS: Duration = Duration::from_secs(30);
 
 /// What the stores know about the database, shared by every data thread's store and the
 /// health monitor.
@@ -23,6 +28,9 @@ pub struct DbStatus {
     /// When a statement last succeeded on any store (milliseconds since `started`, 0 = never).
     last_ok_ms: AtomicU64,
     started: Instant,
+    /// PostgreSQL's last refusal of a new connection for lack of slots (SQLSTATE 53300, "too
+    /// many clients"), and when: the stores then serve on the connections they have.
+    refusal: Mutex<Option<(Instant, String)>>,
 }
 
 impl Default for DbStatus {
@@ -42,6 +50,7 @@ impl DbStatus {
             outages: AtomicU64::new(0),
             last_ok_ms: AtomicU64::new(0),
             started: Instant::now(),
+            refusal: Mutex::new(None),
         }
     }
 
@@ -89,5 +98,26 @@ impl DbStatus {
         last > 0
             && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
                 <= window.as_millis() as u64
+    }
+
+    /// Records that PostgreSQL refused a new connection for lack of slots (`cause`: its message).
+    pub fn record_refusal(&self, cause: String) {
+        *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), cause));
+    }
+
+    /// PostgreSQL accepts new connections again.
+    pub fn clear_refusal(&self) {
+        self.refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    /// Why new connections are refused, if they were recently.
+    pub fn refusal(&self) -> Option<String> {
+        match &*self.refusal.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((at, cause)) if at.elapsed() < REFUSAL_HOLDS => Some(cause.clone()),
+            _ => None,
+        }
     }
 }

@@ -58,6 +58,13 @@ async fn mixed_operations_match_a_sequential_model(data_threads: u32) {
             .await,
     );
     assert!(s.logs.contains(&format!("\"data_threads\":{data_threads}")));
+    let (single, all) = mixed_operations_on(s).await;
+    eprintln!("cache_get batches: {single} of size 1 out of {all}");
+}
+
+/// Runs the mixed workload against `s` and checks it against a sequential model; returns the
+/// `cache_get` batches of size 1 and all of them (from /metrics).
+pub(crate) async fn mixed_operations_on(s: Arc<Sidecar>) -> (f64, f64) {
     let base = Instant::now();
     let log = Arc::new(std::sync::Mutex::new(Vec::<Done>::new()));
     let mut tasks = Vec::new();
@@ -133,6 +140,7 @@ async fn mixed_operations_match_a_sequential_model(data_threads: u32) {
         requests > batches,
         "{requests} requests in {batches} batches"
     );
+    (single, batches)
 }
 
 /// Panics on an answer no sequential execution could give. Writes carry unique values; each

@@ -1,70 +1,12 @@
 //! Failure is normal: Postgres absent at start, Postgres restarting under a running sidecar,
 //! and the SIGTERM drain sequence.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, Executor};
 
 use crate::helpers::*;
-
-/// A private PostgreSQL server this test may stop and start (through scripts/pg.sh).
-struct PrivatePostgres {
-    dir: PathBuf,
-    port: u16,
-}
-
-impl PrivatePostgres {
-    fn new() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join(".pgdata")
-            .join(format!("outage-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-        Self { dir, port }
-    }
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-    fn script() -> String {
-        std::env::var("PGSIDECAR_TEST_PG_SCRIPT")
-            .unwrap_or_else(|_| format!("{}/scripts/pg.sh", env!("CARGO_MANIFEST_DIR")))
-    }
-    fn start(&self) {
-        let out = Command::new("bash")
-            .args([
-                &Self::script(),
-                "start",
-                self.dir.to_str().unwrap(),
-                &self.port.to_string(),
-                "-c",
-                "fsync=off",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    fn stop(&self) {
-        let out = Command::new("bash")
-            .args([&Self::script(), "stop", self.dir.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg.sh stop: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
+use crate::servers::PrivatePostgres;
 
 /// Stops every process of a PostgreSQL server with SIGSTOP (so connections hang instead of
 /// failing) and resumes them with SIGCONT when dropped, also when the test fails.
@@ -116,16 +58,6 @@ fn parent_of(pid: i32) -> Option<i32> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .args([&Self::script(), "stop", self.dir.to_str().unwrap()])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = std::fs::remove_file(self.dir.with_extension("initdb.log"));
-    }
 }
 
 async fn status(s: &Sidecar, path: &str) -> u16 {
