@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
@@ -134,7 +134,8 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Ap
     })
 }
 
-/// A single path parameter, percent-decoded; undecodable input is `code`.
+/// A single path parameter, decoded by the strict decoder ([`crate::http::decode`]: `+` is a
+/// plus sign, malformed escapes and non-UTF-8 are refused); undecodable input is `CODE`.
 pub struct PathParam<const CODE: u8>(pub String);
 
 /// Codes for [`PathParam`] rejections.
@@ -145,34 +146,50 @@ pub const PARAM_USER: u8 = 2;
 impl<S: Send + Sync, const CODE: u8> FromRequestParts<S> for PathParam<CODE> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(s)) => Ok(Self(s)),
-            Err(_) => Err(match CODE {
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        use crate::http::decode::{Plus, path_param, percent_decode};
+        // The raw segment, not axum's decoded one: axum passes malformed escapes through as text.
+        let raw = parts
+            .extensions
+            .get::<MatchedPath>()
+            .and_then(|m| path_param(m.as_str(), parts.uri.path()));
+        let Some(raw) = raw else {
+            return Err(ApiError::Internal);
+        };
+        percent_decode(raw, Plus::Literal)
+            .map(Self)
+            .map_err(|e| match CODE {
                 PARAM_KEY => ApiError::bad_request(
                     "invalid_key",
-                    "the key in the path is not valid percent-encoded UTF-8",
+                    format!("the key in the path is not valid percent-encoded UTF-8: {e}"),
                 ),
                 PARAM_USER => ApiError::bad_request(
                     "invalid_user_id",
-                    "the user id in the path is not valid percent-encoded UTF-8",
+                    format!("the user id in the path is not valid percent-encoded UTF-8: {e}"),
                 ),
                 // A token that cannot even be decoded is simply unknown.
                 _ => ApiError::NotFound("session not found"),
-            }),
-        }
+            })
     }
 }
 
-/// Query parameters; a malformed query string is 400 `invalid_query`.
+/// Query parameters, decoded by the strict decoder ([`crate::http::decode::parse_query`]: `+`
+/// is a space, malformed escapes, non-UTF-8 and repeated names are refused) into `T`, whose
+/// fields are strings; anything else is 400 `invalid_query`.
 pub struct QueryParams<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        axum::extract::Query::<T>::try_from_uri(&parts.uri)
-            .map(|axum::extract::Query(t)| QueryParams(t))
-            .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+        let pairs = crate::http::decode::parse_query(parts.uri.query().unwrap_or(""))
+            .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+        let map: serde_json::Map<String, serde_json::Value> = pairs
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        serde_json::from_value(serde_json::Value::Object(map))
+            .map(QueryParams)
+            .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))
     }
 }
