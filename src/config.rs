@@ -223,6 +223,11 @@ pub struct ServerSettings {
     pub header_read_timeout_ms: u64,
     pub max_concurrent_requests: usize,
     pub worker_threads: usize,
+    pub body_read_timeout_ms: u64,
+    pub max_body_bytes_in_flight: usize,
+    pub keep_alive_idle_seconds: u64,
+    pub max_connections: usize,
+    pub ops_max_connections: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -252,6 +257,8 @@ pub struct SessionSettings {
     pub default_ttl_seconds: u32,
     pub update_age_seconds: u32,
     pub max_data_bytes: usize,
+    pub max_per_user: u32,
+    pub max_list_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -259,6 +266,7 @@ pub struct SessionSettings {
 pub struct CacheSettings {
     pub default_ttl_seconds: u32,
     pub max_value_bytes: usize,
+    pub max_mget_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -316,16 +324,33 @@ pub struct ShutdownSettings {
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub level: String,
+    pub access: AccessLog,
+    pub access_slow_ms: u64,
+    pub access_sample_rate: f64,
+}
+
+/// Which requests get an access line (`log.access`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    /// Every request.
+    All,
+    /// Server errors, client errors other than 404, requests slower than `log.access_slow_ms`,
+    /// and a sample (`log.access_sample_rate`) of the rest.
+    Errors,
+    /// None.
+    Off,
 }
 
 /// Keys whose environment values are taken verbatim, never parsed as numbers or lists.
-const TEXT_KEYS: [&str; 6] = [
+const TEXT_KEYS: [&str; 7] = [
     "server.auth_token",
     "server.data_listen",
     "server.ops_listen",
     "database.url",
     "database.schema",
     "log.level",
+    "log.access",
 ];
 
 /// The longest TTL anyone may ask for: one year.
@@ -433,6 +458,16 @@ impl Settings {
                 "must be at least 1024",
             ));
         }
+        positive("server.body_read_timeout_ms", s.body_read_timeout_ms)?;
+        if s.max_body_bytes_in_flight < s.max_body_bytes {
+            return Err(ConfigError::new(
+                "server.max_body_bytes_in_flight",
+                "must be at least server.max_body_bytes (one largest body must fit)",
+            ));
+        }
+        positive("server.keep_alive_idle_seconds", s.keep_alive_idle_seconds)?;
+        positive("server.max_connections", s.max_connections as u64)?;
+        positive("server.ops_max_connections", s.ops_max_connections as u64)?;
 
         let d = &self.database;
         let url = d.url.expose();
@@ -496,12 +531,25 @@ impl Settings {
             "sessions.max_data_bytes",
             self.sessions.max_data_bytes as u64,
         )?;
+        if self.sessions.max_list_bytes < 2 * self.sessions.max_data_bytes {
+            return Err(ConfigError::new(
+                "sessions.max_list_bytes",
+                "must be at least twice sessions.max_data_bytes (a page holds at least one session)",
+            ));
+        }
         ttl("cache.default_ttl_seconds", self.cache.default_ttl_seconds)?;
         positive("cache.max_value_bytes", self.cache.max_value_bytes as u64)?;
         if self.cache.max_value_bytes > s.max_body_bytes {
             return Err(ConfigError::new(
                 "cache.max_value_bytes",
                 "must not exceed server.max_body_bytes",
+            ));
+        }
+
+        if self.cache.max_mget_bytes < self.cache.max_value_bytes {
+            return Err(ConfigError::new(
+                "cache.max_mget_bytes",
+                "must be at least cache.max_value_bytes (one largest value must fit)",
             ));
         }
 
@@ -558,6 +606,12 @@ impl Settings {
                 ));
             }
             positive(&format!("{key}.timeout_ms"), u.timeout_ms)?;
+        }
+        if !(0.0..=1.0).contains(&self.log.access_sample_rate) {
+            return Err(ConfigError::new(
+                "log.access_sample_rate",
+                "must be between 0 and 1",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::new(

@@ -12,6 +12,7 @@ async fn every_line_is_json_with_fixed_fields_and_no_secret() {
     let s = Sidecar::builder()
         .db(&db)
         .env("PGSIDECAR_SERVER__AUTH_TOKEN", secret)
+        .env("PGSIDECAR_LOG__ACCESS", "all")
         .start()
         .await;
     let auth = format!("Bearer {secret}");
@@ -185,6 +186,7 @@ async fn rust_log_and_log_level_filter_lines() {
     // RUST_LOG takes precedence over log.level.
     let s = Sidecar::builder()
         .env("PGSIDECAR_LOG__LEVEL", "warn,pgsidecar::app=info")
+        .env("PGSIDECAR_LOG__ACCESS", "all")
         .env("RUST_LOG", "info")
         .start()
         .await;
@@ -207,6 +209,7 @@ async fn a_full_log_pipe_drops_lines_and_never_stalls_requests() {
         .env("PGSIDECAR_SERVER__DATA_LISTEN", "127.0.0.1:0")
         .env("PGSIDECAR_SERVER__OPS_LISTEN", "127.0.0.1:0")
         .env("PGSIDECAR_HEALTH__INTERVAL_MS", "200")
+        .env("PGSIDECAR_LOG__ACCESS", "all")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
