@@ -33,6 +33,8 @@ pub struct Limits {
     pub session_max_data_bytes: usize,
     pub cache_default_ttl: u32,
     pub cache_max_value_bytes: usize,
+    pub cache_max_mget_bytes: usize,
+    pub session_max_list_bytes: usize,
 }
 
 /// Builds the data router. Its guard (auth, load shedding, request timeout) and body limit are
@@ -45,6 +47,8 @@ pub fn router(store: Store, settings: &Settings) -> Router {
             session_max_data_bytes: settings.sessions.max_data_bytes,
             cache_default_ttl: settings.cache.default_ttl_seconds,
             cache_max_value_bytes: settings.cache.max_value_bytes,
+            cache_max_mget_bytes: settings.cache.max_mget_bytes,
+            session_max_list_bytes: settings.sessions.max_list_bytes,
         }),
     };
     let mut router = Router::new();

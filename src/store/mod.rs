@@ -26,7 +26,7 @@ use crate::metrics as m;
 const BATCH_KINDS: usize = 4;
 
 pub use cache::{CacheEntry, CacheKey};
-pub use sessions::{NewSession, SessionRecord, TokenHash};
+pub use sessions::{ListPage, NewSession, SessionRecord, SessionsPage, TokenHash};
 
 /// Runs one statement on a held connection (see [`conns`]), timed under `operation`:
 /// `run!(self.conns, "cache_delete", |c| sqlx::query("...").execute(c))`.
@@ -90,6 +90,8 @@ pub struct StoreSettings {
     /// Connections this store opens at start and keeps (its share of `min_connections`).
     pub min_connections: u32,
     pub session_update_age_seconds: u32,
+    /// `sessions.max_per_user`; 0 = no cap.
+    pub session_max_per_user: u32,
     pub cleanup_batch_size: u32,
     pub cleanup_lease_seconds: u32,
     /// Qualifies the statements built outside the hot path (probe, cleanup, migrations check).
@@ -146,6 +148,7 @@ impl Store {
                 connect_timeout: Duration::from_secs(d.connect_timeout_seconds),
                 min_connections: d.min_connections,
                 session_update_age_seconds: settings.sessions.update_age_seconds,
+                session_max_per_user: settings.sessions.max_per_user,
                 cleanup_batch_size: settings.cleanup.batch_size,
                 cleanup_lease_seconds: settings.cleanup.lease_seconds,
                 schema,
