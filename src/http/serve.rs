@@ -85,9 +85,11 @@ where
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        // Off: it would also run between requests (see the module documentation); TimedIo
-        // keeps the header timer instead.
-        .header_read_timeout(None)
+        // hyper's header timer also runs between requests (see the module documentation), so
+        // TimedIo keeps both timers. hyper's is kept, set past both, because while it is set
+        // hyper starts reading the next head as soon as an answer is out (without it hyper waits
+        // for the socket to be readable, and TimedIo would not see the idle period begin).
+        .header_read_timeout(timeouts.keep_alive_idle + timeouts.header)
         .keep_alive(true);
     let keep_alive =
         HeaderValue::from_str(&format!("timeout={}", timeouts.keep_alive_idle.as_secs())).ok();

@@ -8,6 +8,7 @@ mod cli;
 mod concurrency;
 mod http;
 mod lifecycle;
+mod limits;
 mod logs;
 mod openapi;
 mod ops;
