@@ -110,12 +110,16 @@ impl Guard {
         let read = async {
             let mut body = body;
             let mut held: Option<SemaphorePermit<'_>> = None;
+            // A body in one frame (the usual case) is kept as it came, without a copy.
+            let mut first: Option<Bytes> = None;
             let mut buf = bytes::BytesMut::new();
+            let mut len = 0;
             while let Some(frame) = body.frame().await {
                 let Ok(data) = frame.map_err(|_| BodyError::Truncated)?.into_data() else {
                     continue; // trailers
                 };
-                if buf.len() + data.len() > self.max_body_bytes {
+                len += data.len();
+                if len > self.max_body_bytes {
                     return Err(BodyError::TooLarge(self.max_body_bytes));
                 }
                 let Ok(more) = self.body_bytes.try_acquire_many(data.len() as u32) else {
@@ -126,11 +130,19 @@ impl Guard {
                     Some(h) => h.merge(more),
                     None => held = Some(more),
                 }
-                if buf.is_empty() {
-                    // One allocation for a body of known length.
-                    buf.reserve(declared.map_or(data.len(), |n| n as usize));
+                match first.take() {
+                    None if buf.is_empty() => first = Some(data),
+                    earlier => {
+                        if let Some(earlier) = earlier {
+                            buf.reserve(declared.map_or(len, |n| n as usize));
+                            buf.extend_from_slice(&earlier);
+                        }
+                        buf.extend_from_slice(&data);
+                    }
                 }
-                buf.extend_from_slice(&data);
+            }
+            if let Some(only) = first {
+                return Ok((only, held));
             }
             Ok((buf.freeze(), held))
         };
