@@ -112,6 +112,7 @@ impl Application {
             );
         }
         let guard = Guard::new(&settings.server);
+        let answers = crate::api::AnswerBudget::new(&settings.server);
         let store = Store::with_status(&settings.for_data_thread(0, threads), status.clone())
             .map_err(|e| e.to_string())?;
         let (first_lane, first_rx) = crate::http::lane();
@@ -126,6 +127,7 @@ impl Application {
                 settings: settings.for_data_thread(i, threads),
                 status: status.clone(),
                 guard: guard.clone(),
+                answers: answers.clone(),
                 lifecycle: lifecycle.clone(),
                 lane: rx,
             };
@@ -227,8 +229,13 @@ impl Application {
             .map_err(|e| format!("cannot start the ops thread: {e}"))?;
 
         let accept = tokio::spawn(crate::http::accept(data, lanes, lifecycle.clone()));
-        let data_server =
-            tokio::spawn(serve_data(first_rx, store.clone(), settings.clone(), guard));
+        let data_server = tokio::spawn(serve_data(
+            first_rx,
+            store.clone(),
+            settings.clone(),
+            guard,
+            answers,
+        ));
 
         // Wait for a signal (or a stop from the embedding code, e.g. a test).
         tokio::select! {
@@ -317,9 +324,15 @@ pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Serves the data API on one data thread: the connections arriving on `lane`, with the
 /// thread's own store, until the acceptor stops and in-flight requests have finished.
-async fn serve_data(lane: LaneRx, store: Store, settings: Settings, guard: Guard) {
+async fn serve_data(
+    lane: LaneRx,
+    store: Store,
+    settings: Settings,
+    guard: Guard,
+    answers: crate::api::AnswerBudget,
+) {
     let app = crate::http::edge(
-        crate::api::router(store, &settings),
+        crate::api::router(store, &settings, answers),
         "data",
         crate::api::route_table().into_iter().map(|(_, path)| path),
         Some(guard),
@@ -346,6 +359,7 @@ struct DataThread {
     settings: Settings,
     status: Arc<DbStatus>,
     guard: Guard,
+    answers: crate::api::AnswerBudget,
     lifecycle: Lifecycle,
     lane: LaneRx,
 }
@@ -365,6 +379,7 @@ impl DataThread {
             settings,
             status,
             guard,
+            answers,
             lifecycle,
             lane,
         } = self;
@@ -379,7 +394,7 @@ impl DataThread {
             };
             let _ = started.send(Ok(store.clone()));
             let warm = tokio::spawn(keep_warm(store.clone(), lifecycle));
-            serve_data(lane, store.clone(), settings, guard).await;
+            serve_data(lane, store.clone(), settings, guard, answers).await;
             warm.abort();
             close(store).await;
         });

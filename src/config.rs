@@ -225,6 +225,7 @@ pub struct ServerSettings {
     pub worker_threads: usize,
     pub body_read_timeout_ms: u64,
     pub max_body_bytes_in_flight: usize,
+    pub max_response_bytes_in_flight: usize,
     pub keep_alive_idle_seconds: u64,
     pub max_connections: usize,
     pub ops_max_connections: usize,
@@ -550,6 +551,14 @@ impl Settings {
             return Err(ConfigError::new(
                 "cache.max_mget_bytes",
                 "must be at least cache.max_value_bytes (one largest value must fit)",
+            ));
+        }
+        if s.max_response_bytes_in_flight
+            < self.cache.max_mget_bytes.max(self.sessions.max_list_bytes)
+        {
+            return Err(ConfigError::new(
+                "server.max_response_bytes_in_flight",
+                "must be at least cache.max_mget_bytes and sessions.max_list_bytes (one largest answer must fit)",
             ));
         }
 

@@ -12,6 +12,7 @@ pub const HTTP_DURATION: &str = "pgsidecar_http_request_duration_seconds";
 pub const HTTP_IN_FLIGHT: &str = "pgsidecar_http_requests_in_flight";
 pub const HTTP_SHED: &str = "pgsidecar_http_requests_shed_total";
 pub const HTTP_BODY_BUDGET_SHED: &str = "pgsidecar_http_body_budget_exhausted_total";
+pub const HTTP_ANSWER_BUDGET_SHED: &str = "pgsidecar_http_answer_budget_exhausted_total";
 pub const HTTP_CONNECTIONS: &str = "pgsidecar_http_connections";
 pub const HTTP_CONNECTIONS_REJECTED: &str = "pgsidecar_http_connections_rejected_total";
 pub const HTTP_ACCEPT_ERRORS: &str = "pgsidecar_http_accept_errors_total";
@@ -69,6 +70,10 @@ fn describe() {
     describe_counter!(
         HTTP_BODY_BUDGET_SHED,
         "Data API requests refused with 503 because server.max_body_bytes_in_flight of request bodies were held."
+    );
+    describe_counter!(
+        HTTP_ANSWER_BUDGET_SHED,
+        "_mget and session list requests refused with 503 because server.max_response_bytes_in_flight of answers were held."
     );
     describe_gauge!(HTTP_CONNECTIONS, "Open connections, by listener.");
     describe_counter!(

@@ -158,9 +158,16 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
             keys.push(k);
         }
     }
+    // Every key appears once in the answer (a hit, a miss or unprocessed): room for them, and
+    // for the values up to cache.max_mget_bytes, or as much as the answer budget has free.
+    let key_bytes: usize = keys.iter().map(|k| k.as_str().len() + 8).sum::<usize>() + 64;
+    let permit = s.answers.reserve(
+        s.limits.cache_max_mget_bytes + key_bytes,
+        s.limits.cache_max_value_bytes + key_bytes,
+    )?;
     let slots = s
         .store
-        .cache_mget_bounded(&keys, s.limits.cache_max_mget_bytes)
+        .cache_mget_bounded(&keys, permit.num_permits().saturating_sub(key_bytes))
         .await?;
     // Values are stored, validated JSON: splice them in as they are instead of re-encoding.
     let mut hits = Vec::new();
@@ -196,14 +203,19 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
         serde_json::to_writer(&mut out, &unprocessed).map_err(|_| ApiError::Internal)?;
     }
     out.push(b'}');
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        out,
-    )
-        .into_response())
+    let len = out.len();
+    Ok(super::held_response(
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            out,
+        )
+            .into_response(),
+        permit,
+        len,
+    ))
 }
 
 #[derive(Deserialize)]

@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use serde::de::DeserializeOwned;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Settings;
 use crate::error::ApiError;
@@ -24,6 +25,86 @@ use crate::store::Store;
 pub struct AppState {
     pub store: Store,
     pub limits: Arc<Limits>,
+    pub answers: AnswerBudget,
+}
+
+/// Bytes of answers whose size the request does not bound (`_mget` answers, session list
+/// pages) held at once, all data threads together (`server.max_response_bytes_in_flight`).
+/// Clones share the budget.
+#[derive(Clone)]
+pub struct AnswerBudget(Arc<Semaphore>);
+
+impl AnswerBudget {
+    pub fn new(settings: &crate::config::ServerSettings) -> Self {
+        Self(Arc::new(Semaphore::new(
+            settings
+                .max_response_bytes_in_flight
+                .min(Semaphore::MAX_PERMITS),
+        )))
+    }
+
+    /// Up to `want` bytes of the budget, at least `at_least`; 503 `overloaded` when not even
+    /// that much is free. The caller sizes its answer to what it got.
+    pub fn reserve(&self, want: usize, at_least: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+        // Racing other reservations: what was free a moment ago may be gone; try again.
+        for _ in 0..4 {
+            let n = self.0.available_permits().min(want);
+            if n < at_least.min(want) {
+                break;
+            }
+            if let Ok(p) = self
+                .0
+                .clone()
+                .try_acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
+            {
+                return Ok(p);
+            }
+        }
+        metrics::counter!(crate::metrics::HTTP_ANSWER_BUDGET_SHED).increment(1);
+        Err(ApiError::Overloaded)
+    }
+}
+
+/// `resp` holding `permit` (its share of the [`AnswerBudget`], trimmed to `bytes`) until the
+/// answer has been sent.
+pub fn held_response(
+    resp: axum::response::Response,
+    mut permit: OwnedSemaphorePermit,
+    bytes: usize,
+) -> axum::response::Response {
+    drop(permit.split(permit.num_permits().saturating_sub(bytes)));
+    resp.map(|inner| {
+        axum::body::Body::new(Held {
+            inner,
+            _permit: permit,
+        })
+    })
+}
+
+/// A response body and the budget it holds.
+struct Held {
+    inner: axum::body::Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl axum::body::HttpBody for Held {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Input limits, from the settings.
@@ -35,12 +116,14 @@ pub struct Limits {
     pub cache_max_value_bytes: usize,
     pub cache_max_mget_bytes: usize,
     pub session_max_list_bytes: usize,
+    pub session_max_data_bytes_page: usize,
 }
 
 /// Builds the data router. Its guard (auth, load shedding, request timeout) and body limit are
-/// put around it by [`crate::http::edge`].
-pub fn router(store: Store, settings: &Settings) -> Router {
+/// put around it by [`crate::http::edge`]. `answers` is shared by every data thread's router.
+pub fn router(store: Store, settings: &Settings, answers: AnswerBudget) -> Router {
     let state = AppState {
+        answers,
         store,
         limits: Arc::new(Limits {
             session_default_ttl: settings.sessions.default_ttl_seconds,
@@ -49,6 +132,8 @@ pub fn router(store: Store, settings: &Settings) -> Router {
             cache_max_value_bytes: settings.cache.max_value_bytes,
             cache_max_mget_bytes: settings.cache.max_mget_bytes,
             session_max_list_bytes: settings.sessions.max_list_bytes,
+            // One session's share of a page at most: its data, a user agent, the rest.
+            session_max_data_bytes_page: settings.sessions.max_data_bytes + 2048,
         }),
     };
     let mut router = Router::new();

@@ -278,6 +278,11 @@ pub async fn list(
             )
         })?),
     };
+    // A page of up to sessions.max_list_bytes, or as much as the answer budget has free.
+    let permit = s.answers.reserve(
+        s.limits.session_max_list_bytes,
+        s.limits.session_max_data_bytes_page,
+    )?;
     let page = s
         .store
         .sessions_of_user(
@@ -285,14 +290,18 @@ pub async fn list(
             ListPage {
                 after,
                 limit,
-                max_bytes: s.limits.session_max_list_bytes,
+                max_bytes: permit.num_permits(),
             },
         )
         .await?;
-    Ok(super::json_response(&SessionList {
+    let resp = super::json_response(&SessionList {
         sessions: &page.sessions,
         next_cursor: page.next.map(encode_cursor),
-    }))
+    });
+    let len = axum::body::HttpBody::size_hint(resp.body())
+        .exact()
+        .map_or(usize::MAX, |n| n as usize);
+    Ok(super::held_response(resp, permit, len))
 }
 
 #[derive(Deserialize)]

@@ -345,7 +345,11 @@ async fn idle_connections_close_after_the_idle_timeout_and_slow_heads_after_the_
     let start = Instant::now();
     let mut rest = Vec::new();
     let read = c.read_to_end(&mut rest);
-    assert!(read.is_ok() && rest.is_empty(), "{read:?} {rest:?} after {:?}", start.elapsed());
+    assert!(
+        read.is_ok() && rest.is_empty(),
+        "{read:?} {rest:?} after {:?}",
+        start.elapsed()
+    );
     assert!(
         start.elapsed() < Duration::from_secs(15),
         "{:?}",
@@ -730,4 +734,59 @@ async fn the_unix_socket_never_exists_with_another_mode() {
         .unwrap();
     assert_eq!(read_answer(&mut c).unwrap().status, 404);
     drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_held_by_a_client_that_does_not_read_count_against_the_answer_budget() {
+    const MIB: usize = 1 << 20;
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_SERVER__MAX_BODY_BYTES", 5 * MIB)
+        .env("PGSIDECAR_CACHE__MAX_VALUE_BYTES", 5 * MIB)
+        .env("PGSIDECAR_CACHE__MAX_MGET_BYTES", 20 * MIB)
+        .env("PGSIDECAR_SERVER__MAX_RESPONSE_BYTES_IN_FLIGHT", 20 * MIB)
+        .start()
+        .await;
+    let value = format!("\"{}\"", "v".repeat(4 * MIB));
+    for k in ["a", "b", "c", "d"] {
+        assert_eq!(s.put_cache(k, &value, "").await.status(), 204);
+    }
+    let body = json!({"keys": ["a", "b", "c", "d"]}).to_string();
+    // A 16 MiB answer, more than the sockets' buffers hold: while its client does not read,
+    // the rest waits in the sidecar, counted.
+    let mut stalled = connect(&s);
+    stalled
+        .write_all(
+            format!(
+                "POST /v1/cache/_mget HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    // Less than one largest value is left: another _mget is shed until the first is read.
+    let until = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = s
+            .post_json("/v1/cache/_mget", &json!({"keys": ["a"]}))
+            .await;
+        if r.status() == 503 {
+            break r;
+        }
+        assert!(
+            Instant::now() < until,
+            "the stalled answer never held the budget"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_error(r, 503, "overloaded").await;
+    assert!(metric(&s, "pgsidecar_http_answer_budget_exhausted_total").await >= 1.0);
+    let a = tokio::task::spawn_blocking(move || read_answer(&mut stalled).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["hits"].as_object().unwrap().len(), 4);
+    let r = s
+        .post_json("/v1/cache/_mget", &json!({"keys": ["a"]}))
+        .await;
+    assert_eq!(r.status(), 200);
 }
