@@ -3,9 +3,10 @@
 
     bench/attacks.py --bin target/release/pgsidecar --database-url postgres://... [--only NAME]
 
-Each attack runs against a fresh sidecar process (its own schema in the given database), so
-the peak resident memory (VmHWM) reported is that attack's. While it runs, resident memory and
-open descriptors are sampled every 50 ms. Prints one JSON object per attack and a table; the
+Each attack runs against a fresh sidecar process (its own schema in the given database); the
+peak resident memory (VmHWM, reset through /proc/PID/clear_refs once any seeding is done) is that
+of the attack proper, as is the start figure. While it runs, resident memory and open
+descriptors are sampled every 50 ms. Prints one JSON object per attack and a table; the
 same script measures an older binary (keys it does not know are not set), for before/after.
 Standard library only. bench/attacks.sh wraps it with a release build and a PostgreSQL.
 """
@@ -43,6 +44,8 @@ class Sidecar:
             "PGSIDECAR_SHUTDOWN__GRACE_SECONDS": "1",
         }
         e.update(env)
+        # Extra settings for every sidecar of a run (only for a binary that has them).
+        e.update(json.loads(os.environ.get("ATTACKS_ENV", "{}")))
         self.log_path = log_path
         self.proc = subprocess.Popen(
             [binary], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -74,6 +77,17 @@ class Sidecar:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
         return 0
+
+    def begin(self):
+        """Marks the start of the attack proper (after seeding): resets the peak (VmHWM) and
+        the sampled figures."""
+        try:
+            with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        self.rss_start = self.status("VmRSS")
+        self.peak = {"rss": 0, "fds": 0}
 
     def fds(self):
         try:
@@ -125,10 +139,10 @@ def tally(results):
     return out
 
 
-async def sample(sc, stop, peak):
+async def sample(sc, stop):
     while not stop.is_set():
-        peak["rss"] = max(peak["rss"], sc.status("VmRSS"))
-        peak["fds"] = max(peak["fds"], sc.fds())
+        sc.peak["rss"] = max(sc.peak["rss"], sc.status("VmRSS"))
+        sc.peak["fds"] = max(sc.peak["fds"], sc.fds())
         await asyncio.sleep(0.05)
 
 
@@ -153,6 +167,7 @@ async def mget(sc, new):
     value = b'"' + b"x" * (MIB - 16) + b'"'
     await put_many(sc, [("PUT", f"/v1/cache/big{i}?ttl_seconds=3600", value) for i in range(100)])
     body = json.dumps({"keys": [f"big{i}" for i in range(100)]}).encode()
+    sc.begin()
     res = await asyncio.gather(
         *(request(sc.data, "POST", "/v1/cache/_mget", body) for _ in range(10))
     )
@@ -170,6 +185,7 @@ async def sessions(sc, new):
     data = {"pad": "p" * 60_000}
     body = json.dumps({"user_id": "victim", "data": data}).encode()
     await put_many(sc, [("POST", "/v1/sessions", body)] * 2000)
+    sc.begin()
     res = await asyncio.gather(
         *(request(sc.data, "GET", "/v1/users/victim/sessions") for _ in range(10))
     )
@@ -184,8 +200,9 @@ async def sessions(sc, new):
 async def big_bodies(sc, new):
     """256 bodies of 2 MiB (server.max_body_bytes) at once."""
     body = b"[" + b"1," * (MIB - 2) + b"1]"  # 2 MiB of valid JSON
+    n = int(os.environ.get("ATTACKS_BODIES", "256"))
     res = await asyncio.gather(
-        *(request(sc.data, "POST", "/v1/sessions", body) for _ in range(256))
+        *(request(sc.data, "POST", "/v1/sessions", body) for _ in range(n))
     )
     return {"answers": tally(s for s, _ in res)}
 
@@ -290,6 +307,7 @@ async def parsing(sc, new):
 async def access_log(sc, new):
     """5,000 cache GETs (hits and misses): bytes of log written."""
     await put_many(sc, [("PUT", "/v1/cache/k", b"1")])
+    sc.begin()
     before = sc.log_bytes
     sem = asyncio.Semaphore(32)
 
@@ -336,9 +354,9 @@ async def run(args):
                 if s == 200:
                     break
                 await asyncio.sleep(0.1)
-            base = sc.status("VmRSS")
-            stop, peak = asyncio.Event(), {"rss": 0, "fds": 0}
-            sampler = asyncio.create_task(sample(sc, stop, peak))
+            sc.begin()  # attacks that seed data begin again after seeding
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(sample(sc, stop))
             t = time.monotonic()
             outcome = await attack(sc, new)
             stop.set()
@@ -347,9 +365,9 @@ async def run(args):
                 "binary": args.label,
                 "attack": name,
                 "seconds": round(time.monotonic() - t, 1),
-                "rss_start_mib": round(base / MIB, 1),
-                "rss_peak_mib": round(max(sc.status("VmHWM"), peak["rss"]) / MIB, 1),
-                "fds_peak": peak["fds"],
+                "rss_start_mib": round(sc.rss_start / MIB, 1),
+                "rss_peak_mib": round(max(sc.status("VmHWM"), sc.peak["rss"]) / MIB, 1),
+                "fds_peak": sc.peak["fds"],
                 **outcome,
             }
         finally:

@@ -31,6 +31,9 @@ use super::listener::{Accepted, AcceptedIo, LaneRx, Listener, accept, lane};
 use crate::config::ServerSettings;
 use crate::shutdown::Lifecycle;
 
+/// Largest read buffer of a connection (see `serve_lane`).
+pub const READ_BUFFER_BYTES: usize = 16 * 1024;
+
 /// A connection's timers (see the module documentation).
 #[derive(Clone, Copy, Debug)]
 pub struct ConnTimeouts {
