@@ -31,8 +31,9 @@ use super::listener::{Accepted, AcceptedIo, LaneRx, Listener, accept, lane};
 use crate::config::ServerSettings;
 use crate::shutdown::Lifecycle;
 
-/// Largest read buffer of a connection (see `serve_lane`).
-pub const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// Largest read buffer of a connection (see `serve_lane`): room for the largest legitimate
+/// request head, a PUT with 64 tags of 256 bytes, each percent-encoded (about 49 KiB).
+pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// A connection's timers (see the module documentation).
 #[derive(Clone, Copy, Debug)]

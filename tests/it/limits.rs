@@ -790,3 +790,25 @@ async fn answers_held_by_a_client_that_does_not_read_count_against_the_answer_bu
         .await;
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_legitimate_request_head_fits_the_read_buffer() {
+    let s = Sidecar::start().await;
+    // 64 tags of 256 bytes of "é", each percent-encoded: a 49 KiB query string.
+    let tags: Vec<String> = (0..64)
+        .map(|i| format!("{i:02}{}", "é".repeat(127)))
+        .collect();
+    let query = format!(
+        "?tags={}",
+        tags.iter().map(|t| enc(t)).collect::<Vec<_>>().join(",")
+    );
+    assert!(query.len() > 48_000);
+    assert_eq!(
+        s.put_cache(&"k".repeat(512), "1", &query).await.status(),
+        204
+    );
+    let r = s
+        .post_json("/v1/cache/_invalidate", &json!({"tags": [tags[63]]}))
+        .await;
+    assert_eq!(r.json::<Value>().await.unwrap()["deleted"], 1);
+}
