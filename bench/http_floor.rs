@@ -3,7 +3,7 @@
 //!
 //! It serves through the sidecar's own accept loop and serving loops (`pgsidecar::http`: the
 //! main thread accepts and hands each connection to the least busy of one current-thread
-//! runtime per CPU; hyper's HTTP/1 server with the header-read timer and TCP_NODELAY), with
+//! runtime per CPU; hyper's HTTP/1 server with the connection timers and TCP_NODELAY), with
 //! mimalloc, but behind them only a plain axum router: no database, access log, metrics, request
 //! ids or guard. Each route answers a fixed body of the sidecar's size and headers (a cache hit:
 //! a 1,020-byte value with `Expires`; a session: its JSON record) and a PUT reads its body and

@@ -840,6 +840,50 @@ mod tests {
     }
 
     #[test]
+    fn budgets_must_hold_one_largest_item() {
+        let key = |pairs: &[(&str, &str)]| Settings::load_from(None, &env(pairs)).unwrap_err().key;
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__MAX_BODY_BYTES_IN_FLIGHT", "1024")]),
+            "server.max_body_bytes_in_flight"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_CACHE__MAX_MGET_BYTES", "1024")]),
+            "cache.max_mget_bytes"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SESSIONS__MAX_LIST_BYTES", "65536")]),
+            "sessions.max_list_bytes"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__MAX_RESPONSE_BYTES_IN_FLIGHT", "1048576")]),
+            "server.max_response_bytes_in_flight"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__MAX_CONNECTIONS", "0")]),
+            "server.max_connections"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__KEEP_ALIVE_IDLE_SECONDS", "0")]),
+            "server.keep_alive_idle_seconds"
+        );
+    }
+
+    #[test]
+    fn access_log_modes() {
+        let load = |v: &str| Settings::load_from(None, &env(&[("PGSIDECAR_LOG__ACCESS", v)]));
+        assert_eq!(load("all").unwrap().log.access, AccessLog::All);
+        assert_eq!(load("off").unwrap().log.access, AccessLog::Off);
+        assert_eq!(
+            Settings::load_from(None, &[]).unwrap().log.access,
+            AccessLog::Errors
+        );
+        assert_eq!(load("verbose").unwrap_err().key, "log.access");
+        let e = Settings::load_from(None, &env(&[("PGSIDECAR_LOG__ACCESS_SAMPLE_RATE", "1.5")]))
+            .unwrap_err();
+        assert_eq!(e.key, "log.access_sample_rate");
+    }
+
+    #[test]
     fn redacts_passwords_in_urls() {
         assert_eq!(
             redact_url("postgres://a:b@h/d"),

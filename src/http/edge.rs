@@ -264,3 +264,34 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         "internal error",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_policy() {
+        let errors = AccessPolicy {
+            mode: AccessLog::Errors,
+            slow: Some(Duration::from_millis(500)),
+            sample_rate: 0.0,
+        };
+        let fast = Duration::from_millis(1);
+        assert!(!errors.logs(200, fast));
+        assert!(!errors.logs(404, fast), "a miss is ordinary traffic");
+        assert!(errors.logs(400, fast));
+        assert!(errors.logs(503, fast));
+        assert!(errors.logs(200, Duration::from_millis(500)));
+        let all_sampled = AccessPolicy {
+            sample_rate: 1.0,
+            ..errors
+        };
+        assert!(all_sampled.logs(200, fast));
+        assert!(AccessPolicy::ALL.logs(200, fast));
+        let off = AccessPolicy {
+            mode: AccessLog::Off,
+            ..errors
+        };
+        assert!(!off.logs(500, Duration::from_secs(9)));
+    }
+}
