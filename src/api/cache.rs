@@ -159,12 +159,15 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
         }
     }
     // Every key appears once in the answer (a hit, a miss or unprocessed): room for them, and
-    // for the values up to cache.max_mget_bytes, or as much as the answer budget has free.
+    // for the values up to cache.max_mget_bytes, or the share of the answer budget it gets.
     let key_bytes: usize = keys.iter().map(|k| k.as_str().len() + 8).sum::<usize>() + 64;
-    let permit = s.answers.reserve(
-        s.limits.cache_max_mget_bytes + key_bytes,
-        s.limits.cache_max_value_bytes + key_bytes,
-    )?;
+    let permit = s
+        .answers
+        .reserve(
+            s.limits.cache_max_mget_bytes + key_bytes,
+            s.limits.cache_max_value_bytes + key_bytes,
+        )
+        .await?;
     let slots = s
         .store
         .cache_mget_bounded(&keys, permit.num_permits().saturating_sub(key_bytes))

@@ -43,27 +43,43 @@ impl AnswerBudget {
         )))
     }
 
-    /// Up to `want` bytes of the budget, at least `at_least`; 503 `overloaded` when not even
-    /// that much is free. The caller sizes its answer to what it got.
-    pub fn reserve(&self, want: usize, at_least: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+    /// Bytes of the budget for one answer: an eighth of what is free, but at least `at_least`
+    /// (one largest item) and at most `want` (the answer's own bound), so that one answer cannot
+    /// take it all from the next ones; answers are cut to what they get (an `_mget` sooner, a
+    /// page shorter). When not even `at_least` is free, waits for it (in turn) up to
+    /// [`ANSWER_BUDGET_WAIT`], then 503 `overloaded`.
+    pub async fn reserve(
+        &self,
+        want: usize,
+        at_least: usize,
+    ) -> Result<OwnedSemaphorePermit, ApiError> {
+        let at_least = at_least.min(want);
+        let permits = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         // Racing other reservations: what was free a moment ago may be gone; try again.
         for _ in 0..4 {
-            let n = self.0.available_permits().min(want);
-            if n < at_least.min(want) {
+            let free = self.0.available_permits();
+            if free < at_least {
                 break;
             }
-            if let Ok(p) = self
-                .0
-                .clone()
-                .try_acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
-            {
+            let n = (free / 8).clamp(at_least, want);
+            if let Ok(p) = self.0.clone().try_acquire_many_owned(permits(n)) {
                 return Ok(p);
             }
         }
-        metrics::counter!(crate::metrics::HTTP_ANSWER_BUDGET_SHED).increment(1);
-        Err(ApiError::Overloaded)
+        let wait = self.0.clone().acquire_many_owned(permits(at_least));
+        match tokio::time::timeout(ANSWER_BUDGET_WAIT, wait).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => {
+                metrics::counter!(crate::metrics::HTTP_ANSWER_BUDGET_SHED).increment(1);
+                Err(ApiError::Overloaded)
+            }
+        }
     }
 }
+
+/// Longest an answer waits for room in the [`AnswerBudget`]: answers are written in
+/// milliseconds, so a longer wait means clients that do not read theirs.
+pub const ANSWER_BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `resp` holding `permit` (its share of the [`AnswerBudget`], trimmed to `bytes`) until the
 /// answer has been sent.
@@ -81,7 +97,7 @@ pub fn held_response(
     })
 }
 
-/// A response body and the budget it holds.
+/// A response body and the budget it holds until hyper has written it to the socket.
 struct Held {
     inner: axum::body::Body,
     _permit: OwnedSemaphorePermit,
@@ -98,8 +114,11 @@ impl axum::body::HttpBody for Held {
         std::pin::Pin::new(&mut self.inner).poll_frame(cx)
     }
 
+    /// Never true: hyper drops a body that says it has ended as soon as it has taken its last
+    /// bytes, before writing them; asked for a frame after that, this body ends (and gives its
+    /// share back) once hyper has written the bytes out.
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        false
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {

@@ -278,11 +278,14 @@ pub async fn list(
             )
         })?),
     };
-    // A page of up to sessions.max_list_bytes, or as much as the answer budget has free.
-    let permit = s.answers.reserve(
-        s.limits.session_max_list_bytes,
-        s.limits.session_max_data_bytes_page,
-    )?;
+    // A page of up to sessions.max_list_bytes, or the share of the answer budget it gets.
+    let permit = s
+        .answers
+        .reserve(
+            s.limits.session_max_list_bytes,
+            s.limits.session_max_data_bytes_page,
+        )
+        .await?;
     let page = s
         .store
         .sessions_of_user(

@@ -740,22 +740,22 @@ async fn the_unix_socket_never_exists_with_another_mode() {
 async fn answers_held_by_a_client_that_does_not_read_count_against_the_answer_budget() {
     const MIB: usize = 1 << 20;
     let s = Sidecar::builder()
-        .env("PGSIDECAR_SERVER__MAX_BODY_BYTES", 5 * MIB)
-        .env("PGSIDECAR_CACHE__MAX_VALUE_BYTES", 5 * MIB)
-        .env("PGSIDECAR_CACHE__MAX_MGET_BYTES", 20 * MIB)
-        .env("PGSIDECAR_SERVER__MAX_RESPONSE_BYTES_IN_FLIGHT", 20 * MIB)
+        .env("PGSIDECAR_SERVER__MAX_BODY_BYTES", 9 * MIB)
+        .env("PGSIDECAR_CACHE__MAX_VALUE_BYTES", 9 * MIB)
+        .env("PGSIDECAR_CACHE__MAX_MGET_BYTES", 24 * MIB)
+        .env("PGSIDECAR_SERVER__MAX_RESPONSE_BYTES_IN_FLIGHT", 24 * MIB)
         .start()
         .await;
-    let value = format!("\"{}\"", "v".repeat(4 * MIB));
-    for k in ["a", "b", "c", "d"] {
+    let value = format!("\"{}\"", "v".repeat(8 * MIB));
+    for k in ["a", "b"] {
         assert_eq!(s.put_cache(k, &value, "").await.status(), 204);
     }
-    let body = json!({"keys": ["a", "b", "c", "d"]}).to_string();
-    // A 16 MiB answer, more than the sockets' buffers hold: while its client does not read,
-    // the rest waits in the sidecar, counted.
-    let mut stalled = connect(&s);
-    stalled
-        .write_all(
+    // Two 8 MiB answers, more than the sockets' buffers hold: while their clients do not
+    // read, the rest waits in the sidecar, counted against the 24 MiB.
+    let stall = |key: &str| {
+        let body = json!({"keys": [key]}).to_string();
+        let mut c = connect(&s);
+        c.write_all(
             format!(
                 "POST /v1/cache/_mget HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
@@ -763,8 +763,11 @@ async fn answers_held_by_a_client_that_does_not_read_count_against_the_answer_bu
             .as_bytes(),
         )
         .unwrap();
-    // Less than one largest value is left: another _mget is shed until the first is read.
-    let until = Instant::now() + Duration::from_secs(30);
+        c
+    };
+    let mut stalled = vec![stall("a"), stall("b")];
+    // Less than one largest value (9 MiB) is left: another _mget waits, then is shed.
+    let until = Instant::now() + Duration::from_secs(60);
     let r = loop {
         let r = s
             .post_json("/v1/cache/_mget", &json!({"keys": ["a"]}))
@@ -774,17 +777,22 @@ async fn answers_held_by_a_client_that_does_not_read_count_against_the_answer_bu
         }
         assert!(
             Instant::now() < until,
-            "the stalled answer never held the budget"
+            "the stalled answers never held the budget"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_error(r, 503, "overloaded").await;
     assert!(metric(&s, "pgsidecar_http_answer_budget_exhausted_total").await >= 1.0);
-    let a = tokio::task::spawn_blocking(move || read_answer(&mut stalled).unwrap())
-        .await
-        .unwrap();
+    let first = stalled.remove(0);
+    let a = tokio::task::spawn_blocking(move || {
+        let mut first = first;
+        read_answer(&mut first).unwrap()
+    })
+    .await
+    .unwrap();
     assert_eq!(a.status, 200);
-    assert_eq!(a.json()["hits"].as_object().unwrap().len(), 4);
+    assert_eq!(a.json()["hits"]["a"].as_str().unwrap().len(), 8 * MIB);
+    // Once read, its share is free again.
     let r = s
         .post_json("/v1/cache/_mget", &json!({"keys": ["a"]}))
         .await;
