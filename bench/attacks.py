@@ -33,7 +33,7 @@ def raise_nofile():
 class Sidecar:
     """The binary on ports 0, its stdout to a file; the start line gives the addresses."""
 
-    def __init__(self, binary, db, env, log_path):
+    def __init__(self, binary, db, env, log_path, nofile=None):
         e = {
             "PATH": os.environ.get("PATH", ""),
             "DATABASE_URL": db,
@@ -47,8 +47,12 @@ class Sidecar:
         # Extra settings for every sidecar of a run (only for a binary that has them).
         e.update(json.loads(os.environ.get("ATTACKS_ENV", "{}")))
         self.log_path = log_path
+        def limit():
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
-            [binary], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            [binary], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limit
         )
         self.log_bytes = 0
         started = threading.Event()
@@ -198,13 +202,40 @@ async def sessions(sc, new):
 
 
 async def big_bodies(sc, new):
-    """256 bodies of 2 MiB (server.max_body_bytes) at once."""
+    """256 bodies of 2 MiB (server.max_body_bytes) at once: all but the last byte sent, held
+    3 s, then completed."""
     body = b"[" + b"1," * (MIB - 2) + b"1]"  # 2 MiB of valid JSON
     n = int(os.environ.get("ATTACKS_BODIES", "256"))
-    res = await asyncio.gather(
-        *(request(sc.data, "POST", "/v1/sessions", body) for _ in range(n))
+    head = (
+        f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
     )
-    return {"answers": tally(s for s, _ in res)}
+
+    async def one():
+        try:
+            r, w = await asyncio.open_connection(*sc.data)
+        except Exception as e:  # noqa: BLE001
+            return f"connect:{type(e).__name__}"
+        # Read while writing: an early answer (503) comes before the body is sent.
+        reader = asyncio.create_task(r.read())
+        try:
+            w.write(head.encode() + body[:-1])
+            await w.drain()
+            await asyncio.sleep(3)
+            w.write(body[-1:])
+            await w.drain()
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            data = await asyncio.wait_for(reader, 30)
+        except Exception as e:  # noqa: BLE001
+            return f"error:{type(e).__name__}"
+        finally:
+            w.close()
+        return int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else "closed"
+
+    res = await asyncio.gather(*(one() for _ in range(n)))
+    return {"answers": tally(res)}
 
 
 async def slow_bodies(sc, new):
@@ -246,7 +277,8 @@ async def slow_bodies(sc, new):
 
 
 async def connection_flood(sc, new):
-    """6,000 idle connections (past the 4,096 default cap), then probes and a request."""
+    """6,000 idle connections (past the 4,096 default cap), then probes and a request; the
+    log lines about failed accepts are counted."""
     conns = []
     for _ in range(6000):
         try:
@@ -259,11 +291,15 @@ async def connection_flood(sc, new):
     data, _ = await request(sc.data, "GET", "/v1/cache/k", timeout=10)
     for _, w in conns:
         w.close()
+    await asyncio.sleep(0.5)
+    with open(sc.log_path, "rb") as f:
+        accept_lines = sum(1 for line in f if b"accept failed" in line)
     return {
         "connections_opened": len(conns),
         "ready": ready,
         "live": live,
         "data_request": data,
+        "accept_failed_log_lines": accept_lines,
     }
 
 
@@ -327,6 +363,8 @@ ATTACKS = {
     "big_bodies": (big_bodies, {}),
     "slow_bodies": (slow_bodies, {}),
     "connection_flood": (connection_flood, {}),
+    # The same with an open-file limit of 1024 (soft and hard), common in containers.
+    "connection_flood_nofile_1024": (connection_flood, {}),
     "keep_alive": (keep_alive, {}),
     "parsing": (parsing, {}),
     "access_log": (access_log, {}),
@@ -347,7 +385,13 @@ async def run(args):
         new = supports(args.bin, {"PGSIDECAR_LOG__ACCESS": "errors"})
         if env and not supports(args.bin, env):
             continue  # a key this binary does not have
-        sc = Sidecar(args.bin, args.database_url, env, f"{args.logs}/{args.label}-{name}.log")
+        sc = Sidecar(
+            args.bin,
+            args.database_url,
+            env,
+            f"{args.logs}/{args.label}-{name}.log",
+            nofile=1024 if name.endswith("nofile_1024") else None,
+        )
         try:
             for _ in range(100):
                 s, _ = await request(sc.ops, "GET", "/ready", timeout=5)

@@ -162,29 +162,21 @@ enum BodyError {
 
 impl IntoResponse for BodyError {
     fn into_response(self) -> Response {
-        let (e, close) = match self {
-            Self::TooLarge(max) => (
-                ApiError::PayloadTooLarge(format!(
-                    "request body is larger than server.max_body_bytes ({max})"
-                )),
-                true,
+        let e = match self {
+            Self::TooLarge(max) => ApiError::PayloadTooLarge(format!(
+                "request body is larger than server.max_body_bytes ({max})"
+            )),
+            Self::Timeout => ApiError::BodyTimeout,
+            Self::Truncated => ApiError::bad_request(
+                "invalid_body",
+                "the request body ended early or was malformed",
             ),
-            Self::Timeout => (ApiError::BodyTimeout, true),
-            Self::Truncated => (
-                ApiError::bad_request(
-                    "invalid_body",
-                    "the request body ended early or was malformed",
-                ),
-                true,
-            ),
-            Self::Budget => (ApiError::Overloaded, false),
+            Self::Budget => ApiError::Overloaded,
         };
         let mut resp = e.into_response();
-        if close {
-            // The rest of the body is never read: this connection cannot carry another request.
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
+        // The rest of the body is never read: this connection cannot carry another request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         resp
     }
 }
