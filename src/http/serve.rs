@@ -31,6 +31,9 @@ use super::listener::{Accepted, AcceptedIo, LaneRx, Listener, accept, lane};
 use crate::config::ServerSettings;
 use crate::shutdown::Lifecycle;
 
+/// `Keep-Alive`, which the http crate has no constant for.
+const KEEP_ALIVE: axum::http::HeaderName = axum::http::HeaderName::from_static("keep-alive");
+
 /// Largest read buffer of a connection (see `serve_lane`): room for the largest legitimate
 /// request head, a PUT with 64 tags of 256 bytes, each percent-encoded (about 49 KiB).
 pub const READ_BUFFER_BYTES: usize = 64 * 1024;
@@ -214,8 +217,7 @@ where
         let this = &mut *self;
         let Ok(mut resp) = std::task::ready!(Pin::new(&mut this.fut).poll(cx));
         if let Some(v) = this.keep_alive.take() {
-            resp.headers_mut()
-                .insert(axum::http::HeaderName::from_static("keep-alive"), v);
+            resp.headers_mut().insert(KEEP_ALIVE, v);
         }
         this.state.answered.fetch_add(1, Ordering::Release);
         this.state.busy.store(false, Ordering::Release);
@@ -243,24 +245,30 @@ struct TimedIo<T> {
     phase: Phase,
     /// `state.answered` when this last looked: a change means an answer went out since.
     seen: u64,
-    deadline: Pin<Box<Sleep>>,
+    /// When the current phase's time is up.
+    deadline: Instant,
+    /// Set to `deadline` only when a read has to wait: most reads find their bytes at once,
+    /// and a timer reset per request would cost more than the rest of this wrapper.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl<T> TimedIo<T> {
     fn new(io: T, state: Arc<ConnState>, timeouts: ConnTimeouts) -> Self {
+        let deadline = Instant::now() + timeouts.header;
         Self {
             io,
             state,
             timeouts,
             phase: Phase::Head,
             seen: 0,
-            deadline: Box::pin(tokio::time::sleep(timeouts.header)),
+            deadline,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
         }
     }
 
     fn arm(&mut self, phase: Phase, after: Duration) {
         self.phase = phase;
-        self.deadline.as_mut().reset(Instant::now() + after);
+        self.deadline = Instant::now() + after;
     }
 }
 
@@ -293,7 +301,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                if this.phase != Phase::Busy && this.deadline.as_mut().poll(cx).is_ready() {
+                if this.phase == Phase::Busy {
+                    return Poll::Pending;
+                }
+                if this.timer.deadline() != this.deadline {
+                    this.timer.as_mut().reset(this.deadline);
+                }
+                if this.timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(match this.phase {
                         // Idle too long: end of stream, which hyper takes as a quiet close.
                         Phase::Idle => Ok(()),
