@@ -269,6 +269,12 @@ pub struct ServerSettings {
     pub header_read_timeout_ms: u64,
     pub max_concurrent_requests: usize,
     pub worker_threads: usize,
+    pub body_read_timeout_ms: u64,
+    pub max_body_bytes_in_flight: usize,
+    pub max_response_bytes_in_flight: usize,
+    pub keep_alive_idle_seconds: u64,
+    pub max_connections: usize,
+    pub ops_max_connections: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -330,6 +336,8 @@ pub struct SessionSettings {
     pub default_ttl_seconds: u32,
     pub update_age_seconds: u32,
     pub max_data_bytes: usize,
+    pub max_per_user: u32,
+    pub max_list_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -338,6 +346,7 @@ pub struct CacheSettings {
     pub default_ttl_seconds: u32,
     pub max_value_bytes: usize,
     pub max_bytes: u64,
+    pub max_mget_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -401,6 +410,22 @@ pub struct ShutdownSettings {
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub level: String,
+    pub access: AccessLog,
+    pub access_slow_ms: u64,
+    pub access_sample_rate: f64,
+}
+
+/// Which requests get an access line (`log.access`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    /// Every request.
+    All,
+    /// Server errors, client errors other than 404, requests slower than `log.access_slow_ms`,
+    /// and a sample (`log.access_sample_rate`) of the rest.
+    Errors,
+    /// None.
+    Off,
 }
 
 impl DatabaseSettings {
@@ -412,7 +437,7 @@ impl DatabaseSettings {
 }
 
 /// Keys whose environment values are taken verbatim, never parsed as numbers or lists.
-const TEXT_KEYS: [&str; 7] = [
+const TEXT_KEYS: [&str; 8] = [
     "server.auth_token",
     "server.data_listen",
     "server.ops_listen",
@@ -420,6 +445,7 @@ const TEXT_KEYS: [&str; 7] = [
     "database.migrate_url",
     "database.schema",
     "log.level",
+    "log.access",
 ];
 
 /// The longest TTL anyone may ask for: one year.
@@ -531,6 +557,16 @@ impl Settings {
                 "must be at least 1024",
             ));
         }
+        positive("server.body_read_timeout_ms", s.body_read_timeout_ms)?;
+        if s.max_body_bytes_in_flight < s.max_body_bytes {
+            return Err(ConfigError::new(
+                "server.max_body_bytes_in_flight",
+                "must be at least server.max_body_bytes (one largest body must fit)",
+            ));
+        }
+        positive("server.keep_alive_idle_seconds", s.keep_alive_idle_seconds)?;
+        positive("server.max_connections", s.max_connections as u64)?;
+        positive("server.ops_max_connections", s.ops_max_connections as u64)?;
 
         let d = &self.database;
         let url = d.url.expose();
@@ -629,6 +665,12 @@ impl Settings {
             "sessions.max_data_bytes",
             self.sessions.max_data_bytes as u64,
         )?;
+        if self.sessions.max_list_bytes < 2 * self.sessions.max_data_bytes {
+            return Err(ConfigError::new(
+                "sessions.max_list_bytes",
+                "must be at least twice sessions.max_data_bytes (a page holds at least one session)",
+            ));
+        }
         ttl("cache.default_ttl_seconds", self.cache.default_ttl_seconds)?;
         positive("cache.max_value_bytes", self.cache.max_value_bytes as u64)?;
         if self.cache.max_value_bytes > s.max_body_bytes {
@@ -646,6 +688,21 @@ impl Settings {
                 "must be 0 (no cap) or at least cache.max_value_bytes",
             ));
         }
+        if self.cache.max_mget_bytes < self.cache.max_value_bytes {
+            return Err(ConfigError::new(
+                "cache.max_mget_bytes",
+                "must be at least cache.max_value_bytes (one largest value must fit)",
+            ));
+        }
+        if s.max_response_bytes_in_flight
+            < self.cache.max_mget_bytes.max(self.sessions.max_list_bytes)
+        {
+            return Err(ConfigError::new(
+                "server.max_response_bytes_in_flight",
+                "must be at least cache.max_mget_bytes and sessions.max_list_bytes (one largest answer must fit)",
+            ));
+        }
+
         positive("cleanup.interval_seconds", self.cleanup.interval_seconds)?;
         if !(1..=100_000).contains(&self.cleanup.batch_size) {
             return Err(ConfigError::new(
@@ -718,6 +775,12 @@ impl Settings {
             positive(&format!("{key}.timeout_ms"), u.timeout_ms)?;
         }
         check_log_filter(&self.log.level).map_err(|m| ConfigError::new("log.level", m))?;
+        if !(0.0..=1.0).contains(&self.log.access_sample_rate) {
+            return Err(ConfigError::new(
+                "log.access_sample_rate",
+                "must be between 0 and 1",
+            ));
+        }
         Ok(())
     }
 
@@ -1083,6 +1146,50 @@ mod tests {
             load(&[]).unwrap().max_lifetime(),
             Some(Duration::from_secs(1800))
         );
+    }
+
+    #[test]
+    fn budgets_must_hold_one_largest_item() {
+        let key = |pairs: &[(&str, &str)]| Settings::load_from(None, &env(pairs)).unwrap_err().key;
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__MAX_BODY_BYTES_IN_FLIGHT", "1024")]),
+            "server.max_body_bytes_in_flight"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_CACHE__MAX_MGET_BYTES", "1024")]),
+            "cache.max_mget_bytes"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SESSIONS__MAX_LIST_BYTES", "65536")]),
+            "sessions.max_list_bytes"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__MAX_RESPONSE_BYTES_IN_FLIGHT", "1048576")]),
+            "server.max_response_bytes_in_flight"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__MAX_CONNECTIONS", "0")]),
+            "server.max_connections"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__KEEP_ALIVE_IDLE_SECONDS", "0")]),
+            "server.keep_alive_idle_seconds"
+        );
+    }
+
+    #[test]
+    fn access_log_modes() {
+        let load = |v: &str| Settings::load_from(None, &env(&[("PGSIDECAR_LOG__ACCESS", v)]));
+        assert_eq!(load("all").unwrap().log.access, AccessLog::All);
+        assert_eq!(load("off").unwrap().log.access, AccessLog::Off);
+        assert_eq!(
+            Settings::load_from(None, &[]).unwrap().log.access,
+            AccessLog::Errors
+        );
+        assert_eq!(load("verbose").unwrap_err().key, "log.access");
+        let e = Settings::load_from(None, &env(&[("PGSIDECAR_LOG__ACCESS_SAMPLE_RATE", "1.5")]))
+            .unwrap_err();
+        assert_eq!(e.key, "log.access_sample_rate");
     }
 
     #[test]

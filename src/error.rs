@@ -27,6 +27,8 @@ pub enum ApiError {
     Overloaded,
     #[error("the request took longer than the configured timeout")]
     Timeout,
+    #[error("the request body did not arrive within server.body_read_timeout_ms")]
+    BodyTimeout,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("internal error")]
@@ -50,6 +52,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Db(DbError::Unavailable(_))
             | Self::Db(DbError::CircuitOpen)
             | Self::Db(DbError::RolledBack(_))
@@ -71,6 +74,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",
+            Self::BodyTimeout => "body_timeout",
             Self::Db(
                 DbError::Unavailable(_)
                 | DbError::CircuitOpen

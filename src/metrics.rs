@@ -11,6 +11,13 @@ pub const HTTP_REQUESTS: &str = "pgsidecar_http_requests_total";
 pub const HTTP_DURATION: &str = "pgsidecar_http_request_duration_seconds";
 pub const HTTP_IN_FLIGHT: &str = "pgsidecar_http_requests_in_flight";
 pub const HTTP_SHED: &str = "pgsidecar_http_requests_shed_total";
+pub const HTTP_BODY_BUDGET_SHED: &str = "pgsidecar_http_body_budget_exhausted_total";
+pub const HTTP_ANSWER_BUDGET_SHED: &str = "pgsidecar_http_answer_budget_exhausted_total";
+pub const HTTP_CONNECTIONS: &str = "pgsidecar_http_connections";
+pub const HTTP_CONNECTIONS_REJECTED: &str = "pgsidecar_http_connections_rejected_total";
+pub const HTTP_ACCEPT_ERRORS: &str = "pgsidecar_http_accept_errors_total";
+pub const ACCESS_LOG_SKIPPED: &str = "pgsidecar_access_log_lines_skipped_total";
+pub const SESSIONS_EVICTED: &str = "pgsidecar_sessions_evicted_total";
 pub const DB_QUERY_DURATION: &str = "pgsidecar_db_query_duration_seconds";
 pub const DB_ERRORS: &str = "pgsidecar_db_errors_total";
 pub const DB_POOL_CONNECTIONS: &str = "pgsidecar_db_pool_connections";
@@ -70,6 +77,31 @@ fn describe() {
     describe_counter!(
         HTTP_SHED,
         "Data API requests refused with 503 because max_concurrent_requests were in flight."
+    );
+    describe_counter!(
+        HTTP_BODY_BUDGET_SHED,
+        "Data API requests refused with 503 because server.max_body_bytes_in_flight of request bodies were held."
+    );
+    describe_counter!(
+        HTTP_ANSWER_BUDGET_SHED,
+        "_mget and session list requests refused with 503 because server.max_response_bytes_in_flight of answers were held."
+    );
+    describe_gauge!(HTTP_CONNECTIONS, "Open connections, by listener.");
+    describe_counter!(
+        HTTP_CONNECTIONS_REJECTED,
+        "Connections answered 503 and closed at once because the listener's connection cap was reached, by listener."
+    );
+    describe_counter!(
+        HTTP_ACCEPT_ERRORS,
+        "Failed accepts (e.g. out of file descriptors), by listener."
+    );
+    describe_counter!(
+        ACCESS_LOG_SKIPPED,
+        "Requests answered without an access line because of log.access."
+    );
+    describe_counter!(
+        SESSIONS_EVICTED,
+        "Live sessions revoked because their user reached sessions.max_per_user."
     );
     describe_histogram!(
         DB_QUERY_DURATION,

@@ -10,7 +10,7 @@ use super::{AppState, Body, PARAM_KEY, PathParam, QueryParams, parse_json};
 use crate::config::MAX_TTL_SECONDS;
 use crate::error::ApiError;
 use crate::store::CacheKey;
-use crate::store::cache::{CachePut, Tag};
+use crate::store::cache::{CachePut, MgetSlot, Tag};
 
 /// Most keys one `_mget` may ask for.
 pub const MAX_MGET_KEYS: usize = 1000;
@@ -139,7 +139,9 @@ struct MgetBody {
     keys: Vec<String>,
 }
 
-/// `POST /v1/cache/_mget`: `{"hits": {key: value}, "misses": [key]}`.
+/// `POST /v1/cache/_mget`: `{"hits": {key: value}, "misses": [key]}`, plus `"unprocessed":
+/// [key]` when the values would exceed `cache.max_mget_bytes` (as DynamoDB's BatchGetItem
+/// returns `UnprocessedKeys`): the keys, in the order asked, from the first that did not fit.
 pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
     let req: MgetBody = parse_json(&body)?;
     if req.keys.is_empty() || req.keys.len() > MAX_MGET_KEYS {
@@ -156,14 +158,29 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
             keys.push(k);
         }
     }
-    let entries = s.store.cache_mget(keys.clone()).await?;
+    // Every key appears once in the answer (a hit, a miss or unprocessed): room for them, and
+    // for the values up to cache.max_mget_bytes, or the share of the answer budget it gets.
+    let key_bytes: usize = keys.iter().map(|k| k.as_str().len() + 8).sum::<usize>() + 64;
+    let permit = s
+        .answers
+        .reserve(
+            s.limits.cache_max_mget_bytes + key_bytes,
+            s.limits.cache_max_value_bytes + key_bytes,
+        )
+        .await?;
+    let slots = s
+        .store
+        .cache_mget_bounded(&keys, permit.num_permits().saturating_sub(key_bytes))
+        .await?;
     // Values are stored, validated JSON: splice them in as they are instead of re-encoding.
     let mut hits = Vec::new();
     let mut misses = Vec::new();
-    for (k, e) in keys.iter().zip(entries) {
-        match e {
-            Some(e) => hits.push((k, e.value)),
-            None => misses.push(k.as_str()),
+    let mut unprocessed = Vec::new();
+    for (k, slot) in keys.iter().zip(slots) {
+        match slot {
+            MgetSlot::Hit(e) => hits.push((k, e.value)),
+            MgetSlot::Miss => misses.push(k.as_str()),
+            MgetSlot::Unprocessed => unprocessed.push(k.as_str()),
         }
     }
     let mut out = Vec::with_capacity(
@@ -183,15 +200,25 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
     }
     out.extend_from_slice(b"},\"misses\":");
     serde_json::to_writer(&mut out, &misses).map_err(|_| ApiError::Internal)?;
+    // Only when the answer was cut at cache.max_mget_bytes: ask for these keys again.
+    if !unprocessed.is_empty() {
+        out.extend_from_slice(b",\"unprocessed\":");
+        serde_json::to_writer(&mut out, &unprocessed).map_err(|_| ApiError::Internal)?;
+    }
     out.push(b'}');
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        out,
-    )
-        .into_response())
+    let len = out.len();
+    Ok(super::held_response(
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            out,
+        )
+            .into_response(),
+        permit,
+        len,
+    ))
 }
 
 #[derive(Deserialize)]

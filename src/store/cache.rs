@@ -71,6 +71,15 @@ pub struct CacheEntry {
     pub expires_at: DateTime<Utc>,
 }
 
+/// One key's answer in a bounded batch read ([`Store::cache_mget_bounded`]).
+#[derive(Clone, Debug)]
+pub enum MgetSlot {
+    Hit(CacheEntry),
+    Miss,
+    /// Present, but past the answer's byte budget: not read.
+    Unprocessed,
+}
+
 /// One write: the value must already be validated JSON.
 #[derive(Debug)]
 pub struct CachePut {
@@ -83,6 +92,7 @@ pub struct CachePut {
 /// The cache's statements, their tables in the configured schema (see [`Schema`]).
 pub(crate) struct CacheSql {
     read: SqlStr,
+    read_bounded: SqlStr,
     write: SqlStr,
     delete: SqlStr,
     delete_range: SqlStr,
@@ -96,6 +106,20 @@ impl CacheSql {
             read: schema.sql(
                 "SELECT key, value, expires_at FROM {schema}.cache \
                  WHERE key = ANY($1) AND expires_at > now()",
+            ),
+            // The keys in the order asked, with the running total of their sizes: values past
+            // the budget stay in Postgres (a NULL value), so an _mget never loads more than its
+            // budget. The first hit always comes back (the budget holds one largest value).
+            // octet_length does not detoast the value it measures.
+            read_bounded: schema.sql(
+                "SELECT key, CASE WHEN n = 1 OR total <= $2 THEN value END AS value, expires_at \
+                 FROM (SELECT c.key, c.value, c.expires_at, \
+                         row_number() OVER w AS n, \
+                         sum(octet_length(c.key) + octet_length(c.value) + 4) OVER w AS total \
+                       FROM unnest($1::text[]) WITH ORDINALITY AS k(key, ord) \
+                       JOIN {schema}.cache c ON c.key = k.key \
+                       WHERE c.expires_at > now() \
+                       WINDOW w AS (ORDER BY k.ord ROWS UNBOUNDED PRECEDING)) s",
             ),
             write: schema.sql(
                 "INSERT INTO {schema}.cache (key, value, tags, expires_at) \
@@ -328,6 +352,53 @@ impl Store {
         let hits = entries.iter().filter(|e| e.is_some()).count();
         count_hits("mget", hits, entries.len() - hits);
         Ok(entries)
+    }
+
+    /// Reads many distinct keys, their values together at most `max_bytes` (past it, keys in
+    /// the order asked are [`MgetSlot::Unprocessed`]); one slot per key, in order. Not batched
+    /// with other reads: its budget is its own.
+    pub async fn cache_mget_bounded(
+        &self,
+        keys: &[CacheKey],
+        max_bytes: usize,
+    ) -> Result<Vec<MgetSlot>, DbError> {
+        self.ensure_available()?;
+        let names: Vec<&str> = keys.iter().map(CacheKey::as_str).collect();
+        let rows: Vec<PgRow> = run!(self.conns, "cache_mget", |c| sqlx::query(
+            self.cache.sql.read_bounded.clone()
+        )
+        .bind(&names)
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+        .fetch_all(c))
+        .await?;
+        let mut found: HashMap<String, MgetSlot> = decode_all(&rows, |cols| {
+            let key: String = cols.next("key")?;
+            let value: Option<String> = cols.next("value")?;
+            let expires_at = cols.next("expires_at")?;
+            Ok((
+                key,
+                match value {
+                    Some(v) => MgetSlot::Hit(CacheEntry {
+                        value: Bytes::from(v),
+                        expires_at,
+                    }),
+                    None => MgetSlot::Unprocessed,
+                },
+            ))
+        })?
+        .into_iter()
+        .collect();
+        let slots: Vec<MgetSlot> = keys
+            .iter()
+            .map(|k| found.remove(k.as_str()).unwrap_or(MgetSlot::Miss))
+            .collect();
+        let hits = slots
+            .iter()
+            .filter(|s| matches!(s, MgetSlot::Hit(_)))
+            .count();
+        let misses = slots.iter().filter(|s| matches!(s, MgetSlot::Miss)).count();
+        count_hits("mget", hits, misses);
+        Ok(slots)
     }
 
     pub async fn cache_put(&self, put: CachePut) -> Result<(), DbError> {

@@ -29,7 +29,7 @@ use circuit::Admission;
 const BATCH_KINDS: usize = 4;
 
 pub use cache::{CacheEntry, CacheKey};
-pub use sessions::{NewSession, SessionRecord, TokenHash};
+pub use sessions::{ListPage, NewSession, SessionRecord, SessionsPage, TokenHash};
 
 /// Runs one statement on a held connection (see [`conns`]), timed under `operation` and bounded
 /// by the connection's deadline (see [`conns::Conns::deadline`]), without any retry:
@@ -128,6 +128,8 @@ pub struct StoreSettings {
     /// Connections this store opens at start and keeps (its share of `min_connections`).
     pub min_connections: u32,
     pub session_update_age_seconds: u32,
+    /// `sessions.max_per_user`; 0 = no cap.
+    pub session_max_per_user: u32,
     pub cleanup_batch_size: u32,
     pub cleanup_lease_seconds: u32,
     /// `cache.max_bytes` (0 = no cap).
@@ -195,6 +197,7 @@ impl Store {
                 connect_timeout: Duration::from_secs(d.connect_timeout_seconds),
                 min_connections: d.min_connections,
                 session_update_age_seconds: settings.sessions.update_age_seconds,
+                session_max_per_user: settings.sessions.max_per_user,
                 cleanup_batch_size: settings.cleanup.batch_size,
                 cleanup_lease_seconds: settings.cleanup.lease_seconds,
                 cache_max_bytes: settings.cache.max_bytes,

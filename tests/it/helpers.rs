@@ -86,6 +86,7 @@ pub struct Builder {
     env: Vec<(String, String)>,
     db: Option<String>,
     wait_ready: bool,
+    before_exec: Vec<fn()>,
 }
 
 impl Builder {
@@ -100,6 +101,12 @@ impl Builder {
     }
     pub fn no_wait(mut self) -> Self {
         self.wait_ready = false;
+        self
+    }
+    /// Runs `f` in the child before it execs the sidecar (to set a umask or a resource limit);
+    /// `f` must be async-signal-safe.
+    pub fn before_exec(mut self, f: fn()) -> Self {
+        self.before_exec.push(f);
         self
     }
 
@@ -125,9 +132,13 @@ impl Builder {
             .stderr(Stdio::piped());
         // If the test process dies without dropping us, the sidecar dies too.
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        let before_exec = self.before_exec.clone();
         unsafe {
             use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                for f in &before_exec {
+                    f();
+                }
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                     .map_err(std::io::Error::from)
             });
@@ -204,6 +215,7 @@ impl Sidecar {
             env: Vec::new(),
             db: None,
             wait_ready: true,
+            before_exec: Vec::new(),
         }
     }
 

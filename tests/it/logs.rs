@@ -27,6 +27,7 @@ async fn every_line_is_json_with_fixed_fields_and_no_secret() {
             "PGSIDECAR_HEALTH__UPSTREAMS",
             r#"[{name="app", url="http://127.0.0.1:9/health?token=upstream-token-should-not-leak&page=1", timeout_ms=300, critical=false}]"#,
         )
+        .env("PGSIDECAR_LOG__ACCESS", "all")
         .start()
         .await;
     let auth = format!("Bearer {secret}");
@@ -219,6 +220,7 @@ async fn rust_log_and_log_level_filter_lines() {
     // RUST_LOG takes precedence over log.level.
     let s = Sidecar::builder()
         .env("PGSIDECAR_LOG__LEVEL", "warn,pgsidecar::app=info")
+        .env("PGSIDECAR_LOG__ACCESS", "all")
         .env("RUST_LOG", "info")
         .start()
         .await;
@@ -241,6 +243,7 @@ async fn a_full_log_pipe_drops_lines_and_never_stalls_requests() {
         .env("PGSIDECAR_SERVER__DATA_LISTEN", "127.0.0.1:0")
         .env("PGSIDECAR_SERVER__OPS_LISTEN", "127.0.0.1:0")
         .env("PGSIDECAR_HEALTH__INTERVAL_MS", "200")
+        .env("PGSIDECAR_LOG__ACCESS", "all")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -11,6 +11,7 @@ mod failover;
 mod fleet;
 mod http;
 mod lifecycle;
+mod limits;
 mod logs;
 mod openapi;
 mod ops;
