@@ -326,6 +326,9 @@ impl Held<'_> {
                 if let Some(c) = self.conn.as_mut() {
                     c.close_on_drop();
                 }
+                // It answered, though: PostgreSQL is reachable (reads work there), which
+                // closes an open circuit (see `circuit`).
+                self.owner.status.record_success();
             }
             Ok(_) => {
                 self.owner.status.record_success();
