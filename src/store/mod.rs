@@ -10,7 +10,7 @@
 //! - [`conns`]: the free list of held connections in front of the pool.
 //! - [`migrate`]: the embedded migrations.
 //! - [`batch`]: coalescing concurrent calls into one statement.
-//! - [`cache`], [`sessions`]: the data, in SQL.
+//! - [`cache`] (with its writes in `cache_write`), [`sessions`]: the data, in SQL.
 //! - [`cleanup`]: the fleet-wide deletion of expired rows.
 
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use crate::metrics as m;
 /// Batchers that share the pool: cache reads and writes, session reads and refreshes.
 const BATCH_KINDS: usize = 4;
 
-pub use cache::{CacheEntry, CacheKey};
+pub use cache::{CacheEntry, CacheKey, CacheValue};
 pub use sessions::{NewSession, SessionRecord, TokenHash};
 
 /// Runs one statement on a held connection (see [`conns`]), timed under `operation`:
@@ -54,6 +54,7 @@ macro_rules! run {
 
 pub mod batch;
 pub mod cache;
+mod cache_write;
 pub mod cleanup;
 pub mod conns;
 pub mod error;
@@ -229,6 +230,7 @@ impl Store {
             sqlx::query_scalar(self.settings.schema.sql(
                 "SELECT to_regclass('{schema}.sessions') IS NOT NULL \
                  AND to_regclass('{schema}.cache') IS NOT NULL \
+                 AND to_regclass('{schema}.cache_tags') IS NOT NULL \
                  AND to_regclass('{schema}.leases') IS NOT NULL",
             ))
             .fetch_one(c)
