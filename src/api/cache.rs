@@ -1,7 +1,8 @@
 //! `/v1/cache`: get (plain, conditional, tag-checked), put of any value with TTL, tags and
 //! preconditions, delete, batch get, prefix deletion, tag invalidation and tag records.
 
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -11,8 +12,8 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::conditional::{self, etag_header};
-use super::media_type::{BodyKind, body_kind};
+use super::conditional::{IfNoneMatch, Preconditions, etag_header};
+use super::media_type::{BodyKind, ValueKind};
 use super::{AppState, Body, PARAM_KEY, PathParam, QueryParams, parse_json};
 use crate::config::MAX_TTL_SECONDS;
 use crate::error::ApiError;
@@ -68,21 +69,35 @@ pub struct GetParams {
     check_tags: Option<String>,
 }
 
+/// The tags of a tag-checked read (`None`: a plain read). A request without a query string,
+/// the common case, skips the query parser.
+pub struct CheckTags(Option<Vec<Tag>>);
+
+impl<S: Send + Sync> FromRequestParts<S> for CheckTags {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        if parts.uri.query().is_none() {
+            return Ok(Self(None));
+        }
+        let QueryParams(q) = QueryParams::<GetParams>::from_request_parts(parts, state).await?;
+        q.check_tags
+            .map(|list| tag_list(&list, MAX_INVALIDATE_TAGS, "invalid_tag", "in check_tags"))
+            .transpose()
+            .map(Self)
+    }
+}
+
 /// `GET /v1/cache/{key}[?check_tags=a,b]`: the stored bytes with their `Content-Type`, and
 /// `ETag`, `Expires`, `Pgsidecar-Written-At` (and `Pgsidecar-Stale` on a tag-checked read of
 /// a stale entry); 304 when `If-None-Match` matches.
 pub async fn get(
     State(s): State<AppState>,
     PathParam(raw): PathParam<PARAM_KEY>,
-    QueryParams(q): QueryParams<GetParams>,
-    headers: HeaderMap,
+    CheckTags(check_tags): CheckTags,
+    IfNoneMatch(if_none_match): IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let key = key(raw)?;
-    let check_tags = q
-        .check_tags
-        .map(|list| tag_list(&list, MAX_INVALIDATE_TAGS, "invalid_tag", "in check_tags"))
-        .transpose()?;
-    let if_none_match = conditional::parse(&headers, &header::IF_NONE_MATCH)?;
     let entry = s
         .store
         .cache_get(key, check_tags)
@@ -161,7 +176,8 @@ pub async fn put(
     State(s): State<AppState>,
     PathParam(raw): PathParam<PARAM_KEY>,
     QueryParams(q): QueryParams<PutParams>,
-    headers: HeaderMap,
+    ValueKind(kind): ValueKind,
+    Preconditions(precondition): Preconditions,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
     let key = key(raw)?;
@@ -172,8 +188,6 @@ pub async fn put(
         "invalid_tag",
         "per entry",
     )?;
-    let kind = body_kind(&headers)?;
-    let precondition = conditional::precondition(&headers)?;
     if body.len() > s.limits.cache_max_value_bytes {
         return Err(ApiError::PayloadTooLarge(format!(
             "the value is larger than cache.max_value_bytes ({})",
@@ -209,10 +223,9 @@ pub async fn put(
 pub async fn delete(
     State(s): State<AppState>,
     PathParam(raw): PathParam<PARAM_KEY>,
-    headers: HeaderMap,
+    Preconditions(precondition): Preconditions,
 ) -> Result<StatusCode, ApiError> {
     let key = key(raw)?;
-    let precondition = conditional::precondition(&headers)?;
     if !s.store.cache_delete(&key, &precondition).await? {
         return Err(ApiError::PreconditionFailed);
     }

@@ -1,7 +1,9 @@
 //! Conditional requests (RFC 9110, section 13): parsing `If-Match` and `If-None-Match` into
 //! the store's [`Precondition`], and the weak comparison a `GET` with `If-None-Match` makes.
 
+use axum::extract::FromRequestParts;
 use axum::http::header::{IF_MATCH, IF_NONE_MATCH};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::ApiError;
@@ -146,7 +148,34 @@ pub fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
 
 /// An `ETag` header value for the store's unquoted tag.
 pub fn etag_header(etag: &str) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!("\"{etag}\"")).ok()
+    let mut quoted = Vec::with_capacity(etag.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(etag.as_bytes());
+    quoted.push(b'"');
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(quoted)).ok()
+}
+
+/// A GET's `If-None-Match`, read where it lies (axum's `HeaderMap` extractor copies every
+/// header of the request).
+pub struct IfNoneMatch(pub Option<Tags>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IfNoneMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parse(&parts.headers, &IF_NONE_MATCH).map(Self)
+    }
+}
+
+/// The preconditions of a `PUT` or `DELETE`.
+pub struct Preconditions(pub Precondition);
+
+impl<S: Send + Sync> FromRequestParts<S> for Preconditions {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        precondition(&parts.headers).map(Self)
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //! Checked against RFC 9110's grammar here rather than with the `mime` crate, which accepts an
 //! empty subtype (`text/`) and refuses valid whitespace before a `;`.
 
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 
 use crate::error::ApiError;
@@ -56,6 +58,17 @@ pub fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
         Ok(BodyKind::Json)
     } else {
         Ok(BodyKind::Raw(text.to_string()))
+    }
+}
+
+/// How a `PUT` body is to be stored, from its `Content-Type`.
+pub struct ValueKind(pub BodyKind);
+
+impl<S: Send + Sync> FromRequestParts<S> for ValueKind {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        body_kind(&parts.headers).map(Self)
     }
 }
 

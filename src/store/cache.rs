@@ -96,7 +96,7 @@ pub struct CacheEntry {
     pub expires_at: DateTime<Utc>,
     /// When the entry was last written (the row's `updated_at`, database clock).
     pub written_at: DateTime<Utc>,
-    /// The entry tag of this version, unquoted (see [`etag!`]).
+    /// The entity tag of this version, unquoted (see [`Version`]).
     pub etag: String,
     /// A tag-checked read found a tag invalidated after the entry was written (serve, but
     /// revalidate). Always false for plain reads.
@@ -121,19 +121,75 @@ macro_rules! raw_marker {
 }
 pub(crate) const RAW_MARKER: &str = raw_marker!();
 
-/// The entity tag of the row `$t` as SQL: the row version's `xmin` and its `updated_at` in
-/// microseconds. Every writer changes both (an older sidecar's upsert and a bare `UPDATE` as
-/// well), so a tag never survives a write; `updated_at` tells apart versions whose 32-bit
-/// transaction ids are equal after wraparound. Both are in the row already: nothing to store,
-/// no hashing of values. Computed by SQL only, so reads and conditional writes agree by
-/// construction.
+/// The entity tag of a row version: its `xmin` and its `updated_at` in microseconds since the
+/// Unix epoch (hex), as `{xmin}-{micros}`. Every writer changes both (an older sidecar's upsert
+/// and a bare `UPDATE` as well: a new row version has a new `xmin`), so a tag never survives a
+/// write; `updated_at` tells apart versions whose 32-bit transaction ids are equal after
+/// wraparound. Both are in the row already: nothing to store, no hashing of values on reads.
+/// Reads format it here from the two columns; conditional writes compute the same text in SQL
+/// ([`etag!`]), and a test checks that both agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Version {
+    pub xmin: u32,
+    pub written_at: DateTime<Utc>,
+}
+
+impl Version {
+    /// Reads `xmin` (as text) and `updated_at`, the columns of `version_columns!()`.
+    pub fn read(cols: &mut Cols<'_>) -> Result<Self, sqlx::Error> {
+        let written_at = cols.next("updated_at")?;
+        let xmin: &str = cols.next("xmin")?;
+        let xmin = xmin.parse().map_err(|_| sqlx::Error::ColumnDecode {
+            index: "xmin".into(),
+            source: format!("xmin {xmin:?} is not a transaction id").into(),
+        })?;
+        Ok(Self { xmin, written_at })
+    }
+
+    /// The tag, unquoted. Written by hand: `format!` cost a GET about a thousand instructions.
+    pub fn etag(&self) -> String {
+        let mut out = String::with_capacity(28);
+        let mut digits = [0u8; 10];
+        let mut n = self.xmin;
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend(digits[i..].iter().map(|&d| d as char));
+        out.push('-');
+        let micros = self.written_at.timestamp_micros() as u64;
+        let shift = (64 - micros.max(1).leading_zeros()).div_ceil(4) * 4;
+        for s in (0..shift).step_by(4).rev() {
+            out.push(char::from_digit(((micros >> s) & 0xf) as u32, 16).unwrap_or('0'));
+        }
+        out
+    }
+}
+
+/// The columns [`Version::read`] reads, for table alias `$t`.
+macro_rules! version_columns {
+    ($t:literal) => {
+        concat!($t, ".updated_at, ", $t, ".xmin::text AS xmin")
+    };
+}
+
+/// [`Version::etag`] of the row `$t`, in SQL, for the conditions of conditional writes. The
+/// microseconds are computed exactly on every supported PostgreSQL (`date_part` is a double
+/// before version 14): whole seconds, then the microseconds within the second.
 macro_rules! etag {
     ($t:literal) => {
         concat!(
             $t,
-            ".xmin::text || '-' || to_hex((date_part('epoch', ",
+            ".xmin::text || '-' || to_hex(date_part('epoch', date_trunc('second', ",
             $t,
-            ".updated_at) * 1000000)::int8)"
+            ".updated_at))::int8 * 1000000 + date_part('microseconds', ",
+            $t,
+            ".updated_at)::int8 % 1000000)"
         )
     };
 }
@@ -146,9 +202,8 @@ macro_rules! entry_columns {
             raw_marker!(),
             "' THEN c.content_type END AS content_type, CASE WHEN c.value = '",
             raw_marker!(),
-            "' THEN c.bytes END AS bytes, c.expires_at, c.updated_at, ",
-            etag!("c"),
-            " AS etag"
+            "' THEN c.bytes END AS bytes, c.expires_at, ",
+            version_columns!("c")
         )
     };
 }
@@ -165,7 +220,7 @@ macro_rules! tag_array {
         )
     };
 }
-pub(crate) use {etag, tag_array};
+pub(crate) use {etag, tag_array, version_columns};
 
 /// Reads the columns of `entry_columns!()`.
 fn read_entry(cols: &mut Cols<'_>) -> Result<CacheEntry, sqlx::Error> {
@@ -179,11 +234,13 @@ fn read_entry(cols: &mut Cols<'_>) -> Result<CacheEntry, sqlx::Error> {
         },
         _ => CacheValue::Json(Bytes::from(value)),
     };
+    let expires_at = cols.next("expires_at")?;
+    let version = Version::read(cols)?;
     Ok(CacheEntry {
         value,
-        expires_at: cols.next("expires_at")?,
-        written_at: cols.next("updated_at")?,
-        etag: cols.next("etag")?,
+        expires_at,
+        written_at: version.written_at,
+        etag: version.etag(),
         stale: false,
     })
 }
@@ -256,8 +313,7 @@ impl CacheSql {
                  SET value = EXCLUDED.value, content_type = NULL, bytes = NULL, tags = EXCLUDED.tags, \
                      expires_at = EXCLUDED.expires_at, updated_at = now() \
                  RETURNING c.key, ",
-                etag!("c"),
-                " AS etag"
+                version_columns!("c")
             )),
             write_if: schema.sql(super::cache_write::WRITE_IF),
             update_if: schema.sql(super::cache_write::UPDATE_IF),
@@ -674,6 +730,25 @@ mod tests {
         assert!(Tag::parse("a,b".into()).is_err());
         assert!(Tag::parse(String::new()).is_err());
         assert!(Tag::parse("t".repeat(257)).is_err());
+    }
+
+    #[test]
+    fn version_tags() {
+        use chrono::TimeZone;
+        for (xmin, micros) in [
+            (0u32, 0i64),
+            (7, 1),
+            (4_294_967_295, 1_795_985_954_157_673),
+            (1234, 15),
+            (1234, 16),
+            (99, -1_000_001),
+        ] {
+            let v = Version {
+                xmin,
+                written_at: Utc.timestamp_micros(micros).unwrap(),
+            };
+            assert_eq!(v.etag(), format!("{xmin}-{:x}", micros as u64));
+        }
     }
 
     #[test]

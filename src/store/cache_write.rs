@@ -16,7 +16,9 @@ use std::sync::Arc;
 
 use super::DbError;
 use super::batch::BatchOp;
-use super::cache::{CacheKey, CacheSql, CacheValue, RAW_MARKER, Tag, etag, tag_array};
+use super::cache::{
+    CacheKey, CacheSql, CacheValue, RAW_MARKER, Tag, Version, etag, tag_array, version_columns,
+};
 use super::conns::Conns;
 use super::rows::decode_all;
 
@@ -96,8 +98,7 @@ pub(crate) const WRITE_IF: &str = concat!(
     " <> ALL(string_to_array(($8::text[])[array_position($1::text[], c.key)], ' ')) \
              ELSE false END \
      RETURNING c.key, ",
-    etag!("c"),
-    " AS etag"
+    version_columns!("c")
 );
 
 /// `If-Match` writes: an UPDATE of a live entry whose tag is listed in $7 (NULL: `*`), and
@@ -117,8 +118,7 @@ pub(crate) const UPDATE_IF: &str = concat!(
     etag!("c"),
     " <> ALL(string_to_array(u.nl, ' ')) ELSE false END \
      RETURNING c.key, ",
-    etag!("c"),
-    " AS etag"
+    version_columns!("c")
 );
 
 /// One write of a round, with the earlier unconditional writes of the same key in the batch
@@ -400,7 +400,7 @@ impl WriteBatch {
         .fetch_all(c))
         .await?;
         let written = decode_all(&result, |cols| {
-            Ok((cols.next::<String>("key")?, cols.next::<String>("etag")?))
+            Ok((cols.next::<String>("key")?, Version::read(cols)?.etag()))
         })?;
         Ok(written.into_iter().collect())
     }

@@ -96,6 +96,50 @@ async fn the_etag_changes_on_every_write_by_anyone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_read_and_tags_compared_in_sql_agree() {
+    // Reads format the tag from the row; conditional writes compute it in SQL. Write times with
+    // every kind of microsecond part, then write conditionally on the tag each read gave.
+    let s = Sidecar::start().await;
+    let mut sql = s.sql().await;
+    let times = [
+        "2001-02-03 04:05:06.999999+00",
+        "1999-12-31 23:59:59.000001+00",
+        "1970-01-01 00:00:00+00",
+        "1969-12-31 23:59:59.5+00",
+        "2038-01-19 03:14:07.123456+00",
+        "2026-11-29 12:00:00.000010+05:30",
+    ];
+    for (i, t) in times.iter().enumerate() {
+        let key = format!("t{i}");
+        s.put_cache(&key, "1", "").await;
+        sqlx::query("UPDATE cache SET updated_at = $1::timestamptz WHERE key = $2")
+            .bind(*t)
+            .bind(&key)
+            .execute(&mut sql)
+            .await
+            .unwrap();
+        let tag = current_etag(&s, &key).await;
+        assert_eq!(
+            get_if(&s, &key, &[("if-none-match", &tag)]).await.status(),
+            304,
+            "{t}"
+        );
+        let r = put_if(&s, &key, "2", &[("if-match", &tag)]).await;
+        assert_eq!(r.status(), 204, "{t}: {tag}");
+    }
+    for _ in 0..50 {
+        let r = s.put_cache("now", "1", "").await;
+        let tag = etag_of(&r);
+        assert_eq!(current_etag(&s, "now").await, tag);
+        assert_eq!(
+            delete_if(&s, "now", &[("if-match", &tag)]).await.status(),
+            204,
+            "{tag}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn if_none_match_on_get_answers_304() {
     let s = Sidecar::start().await;
     s.put_cache("k", "{\"a\":1}", "?ttl_seconds=600").await;
