@@ -103,9 +103,10 @@ pub async fn get(
         .cache_get(key, check_tags)
         .await?
         .ok_or(ApiError::NotFound("no such key, or it expired"))?;
-    if if_none_match.is_some_and(|t| t.matches_weakly(&entry.etag)) {
+    let etag = entry.version.etag();
+    if if_none_match.is_some_and(|t| t.matches_weakly(&etag)) {
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
-        entry_headers(resp.headers_mut(), &entry);
+        entry_headers(resp.headers_mut(), &entry, &etag);
         return Ok(resp);
     }
     let (content_type, body) = match entry.value {
@@ -123,20 +124,20 @@ pub async fn get(
     let mut resp = body.into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, content_type);
-    entry_headers(h, &entry);
+    entry_headers(h, &entry, &etag);
     Ok(resp)
 }
 
 /// The headers a 200 and a 304 share.
-fn entry_headers(h: &mut HeaderMap, entry: &CacheEntry) {
+fn entry_headers(h: &mut HeaderMap, entry: &CacheEntry, etag: &str) {
     let expires = httpdate::fmt_http_date(entry.expires_at.into());
     if let Ok(v) = HeaderValue::from_str(&expires) {
         h.insert(header::EXPIRES, v);
     }
-    if let Some(v) = etag_header(&entry.etag) {
+    if let Some(v) = etag_header(etag) {
         h.insert(header::ETAG, v);
     }
-    h.insert(WRITTEN_AT, millis(entry.written_at));
+    h.insert(WRITTEN_AT, millis(entry.version.written_at));
     if entry.stale {
         h.insert(STALE, HeaderValue::from_static("1"));
     }

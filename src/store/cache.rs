@@ -94,10 +94,8 @@ impl CacheValue {
 pub struct CacheEntry {
     pub value: CacheValue,
     pub expires_at: DateTime<Utc>,
-    /// When the entry was last written (the row's `updated_at`, database clock).
-    pub written_at: DateTime<Utc>,
-    /// The entity tag of this version, unquoted (see [`Version`]).
-    pub etag: String,
+    /// Which version this is, and when it was written.
+    pub version: Version,
     /// A tag-checked read found a tag invalidated after the entry was written (serve, but
     /// revalidate). Always false for plain reads.
     pub stale: bool,
@@ -129,14 +127,16 @@ pub(crate) const RAW_MARKER: &str = raw_marker!();
 /// Reads format it here from the two columns; conditional writes compute the same text in SQL
 /// ([`etag!`]), and a test checks that both agree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Version {
+pub struct Version {
+    /// The row version's transaction id.
     pub xmin: u32,
+    /// When the entry was last written (the row's `updated_at`, database clock).
     pub written_at: DateTime<Utc>,
 }
 
 impl Version {
     /// Reads `xmin` (as text) and `updated_at`, the columns of `version_columns!()`.
-    pub fn read(cols: &mut Cols<'_>) -> Result<Self, sqlx::Error> {
+    pub(crate) fn read(cols: &mut Cols<'_>) -> Result<Self, sqlx::Error> {
         let written_at = cols.next("updated_at")?;
         let xmin: &str = cols.next("xmin")?;
         let xmin = xmin.parse().map_err(|_| sqlx::Error::ColumnDecode {
@@ -234,13 +234,10 @@ fn read_entry(cols: &mut Cols<'_>) -> Result<CacheEntry, sqlx::Error> {
         },
         _ => CacheValue::Json(Bytes::from(value)),
     };
-    let expires_at = cols.next("expires_at")?;
-    let version = Version::read(cols)?;
     Ok(CacheEntry {
         value,
-        expires_at,
-        written_at: version.written_at,
-        etag: version.etag(),
+        expires_at: cols.next("expires_at")?,
+        version: Version::read(cols)?,
         stale: false,
     })
 }
