@@ -20,3 +20,5 @@ CREATE TABLE cache_tags (
     invalidated_at timestamptz NOT NULL,
     expires_at     timestamptz NOT NULL
 );
+-- The cleanup drops a record a year after it expired (no entry written before can live longer).
+CREATE INDEX cache_tags_expires_at_idx ON cache_tags (expires_at);

@@ -1,4 +1,4 @@
-//! Fleet-wide cleanup of expired sessions and cache entries.
+//! Fleet-wide cleanup of expired sessions, cache entries and tag invalidation records.
 //!
 //! Every sidecar runs the loop, but a pass first takes the `cleanup` lease row with a conditional
 //! UPDATE that only one sidecar can win while the lease is held. That works through transaction
@@ -10,6 +10,7 @@ use std::time::Duration;
 use rand::RngExt;
 
 use super::{DbError, Store};
+use crate::config::MAX_TTL_SECONDS;
 use crate::metrics as m;
 use crate::shutdown::Lifecycle;
 
@@ -18,20 +19,29 @@ use crate::shutdown::Lifecycle;
 pub struct PassReport {
     pub sessions_deleted: u64,
     pub cache_deleted: u64,
+    pub tags_deleted: u64,
 }
 
-/// Tables cleaned, with their key column.
-const TABLES: [(&str, &str); 2] = [("sessions", "id"), ("cache", "key")];
+/// Tables cleaned, with their key column and how long a row is kept after its `expires_at`.
+const TABLES: [(&str, &str, u32); 3] = [
+    ("sessions", "id", 0),
+    ("cache", "key", 0),
+    // A tag record matters while an entry written before its expiry may still live: at most the
+    // longest TTL after it (and a day, for good measure). Then `_tags` answers null for the tag,
+    // which no live entry can tell apart.
+    ("cache_tags", "tag", MAX_TTL_SECONDS + 86_400),
+];
 
 /// The statement that deletes one batch of expired rows of `table`. `SKIP LOCKED` keeps the
 /// pass from waiting on rows a client is writing right now. The batch size is written into the
 /// statement, not bound: under the generic plans the pool's connections use (see
 /// `start_up_options`), `LIMIT $1` is planned as a tenth of the expired rows, and with many of
 /// them that can turn the index scan into a full one.
-fn batch_statement(table: &str, key: &str, batch: u64) -> String {
+fn batch_statement(table: &str, key: &str, kept_seconds: u32, batch: u64) -> String {
     format!(
         "DELETE FROM {{schema}}.{table} WHERE {key} IN \
-         (SELECT {key} FROM {{schema}}.{table} WHERE expires_at <= now() LIMIT {batch} \
+         (SELECT {key} FROM {{schema}}.{table} \
+          WHERE expires_at <= now() - interval '{kept_seconds} seconds' LIMIT {batch} \
           FOR UPDATE SKIP LOCKED)"
     )
 }
@@ -95,11 +105,11 @@ impl Store {
     ) -> Result<PassReport, DbError> {
         let batch = self.settings.cleanup_batch_size as u64;
         let mut report = PassReport::default();
-        for (table, key) in TABLES {
+        for (table, key, kept_seconds) in TABLES {
             let sql = self
                 .settings
                 .schema
-                .sql(&batch_statement(table, key, batch));
+                .sql(&batch_statement(table, key, kept_seconds, batch));
             loop {
                 if lifecycle.is_stopped() || !self.renew_lease(holder).await? {
                     return Ok(report);
@@ -112,7 +122,8 @@ impl Store {
                 metrics::counter!(m::EXPIRED_ROWS_DELETED, "table" => table).increment(n);
                 match table {
                     "sessions" => report.sessions_deleted += n,
-                    _ => report.cache_deleted += n,
+                    "cache" => report.cache_deleted += n,
+                    _ => report.tags_deleted += n,
                 }
                 if n < batch {
                     break;
@@ -137,11 +148,14 @@ pub async fn run(store: Store, holder: String, interval: Duration, lifecycle: Li
             continue;
         }
         match store.cleanup_pass(&holder, &lifecycle).await {
-            Ok(Some(r)) if r.sessions_deleted + r.cache_deleted > 0 => tracing::info!(
-                sessions_deleted = r.sessions_deleted,
-                cache_deleted = r.cache_deleted,
-                "cleanup pass deleted expired rows"
-            ),
+            Ok(Some(r)) if r.sessions_deleted + r.cache_deleted + r.tags_deleted > 0 => {
+                tracing::info!(
+                    sessions_deleted = r.sessions_deleted,
+                    cache_deleted = r.cache_deleted,
+                    tags_deleted = r.tags_deleted,
+                    "cleanup pass deleted expired rows"
+                )
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cleanup pass failed; will retry next interval"),
         }

@@ -336,3 +336,36 @@ async fn plain_and_tag_checked_reads_batched_together_keep_their_answers() {
         t.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_go_a_year_after_they_expired() {
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_CLEANUP__INTERVAL_SECONDS", "1")
+        .start()
+        .await;
+    let mut sql = s.sql().await;
+    sqlx::query(
+        "INSERT INTO cache_tags (tag, invalidated_at, expires_at) VALUES \
+         ('ancient', now() - interval '400 days', now() - interval '367 days'), \
+         ('old', now() - interval '300 days', now() - interval '300 days')",
+    )
+    .execute(&mut sql)
+    .await
+    .unwrap();
+    invalidate(&s, json!({"tags": ["new"]})).await;
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = sqlx::query_scalar::<_, String>("SELECT tag FROM cache_tags ORDER BY tag")
+            .fetch_all(&mut sql)
+            .await
+            .unwrap();
+        if left.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(left, ["new", "old"]);
+    let r = tag_records(&s, "ancient,old").await;
+    assert!(r["tags"]["ancient"].is_null());
+    assert!(r["tags"]["old"].is_i64());
+}
