@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::conditional::{IfNoneMatch, Preconditions, etag_header};
+use super::conditional::{IfNoneMatch, Preconditions, etag_header, version_etag};
 use super::media_type::{BodyKind, ValueKind};
 use super::{AppState, Body, PARAM_KEY, PathParam, QueryParams, parse_json};
 use crate::config::MAX_TTL_SECONDS;
@@ -103,10 +103,10 @@ pub async fn get(
         .cache_get(key, check_tags)
         .await?
         .ok_or(ApiError::NotFound("no such key, or it expired"))?;
-    let etag = entry.version.etag();
-    if if_none_match.is_some_and(|t| t.matches_weakly(&etag)) {
+    let (etag, not_modified) = version_etag(&entry.version, if_none_match.as_ref());
+    if not_modified {
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
-        entry_headers(resp.headers_mut(), &entry, &etag);
+        entry_headers(resp.headers_mut(), &entry, etag);
         return Ok(resp);
     }
     let (content_type, body) = match entry.value {
@@ -124,17 +124,17 @@ pub async fn get(
     let mut resp = body.into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, content_type);
-    entry_headers(h, &entry, &etag);
+    entry_headers(h, &entry, etag);
     Ok(resp)
 }
 
 /// The headers a 200 and a 304 share.
-fn entry_headers(h: &mut HeaderMap, entry: &CacheEntry, etag: &str) {
+fn entry_headers(h: &mut HeaderMap, entry: &CacheEntry, etag: Option<HeaderValue>) {
     let expires = httpdate::fmt_http_date(entry.expires_at.into());
     if let Ok(v) = HeaderValue::from_str(&expires) {
         h.insert(header::EXPIRES, v);
     }
-    if let Some(v) = etag_header(etag) {
+    if let Some(v) = etag {
         h.insert(header::ETAG, v);
     }
     h.insert(WRITTEN_AT, millis(entry.version.written_at));

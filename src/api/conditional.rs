@@ -7,7 +7,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::ApiError;
-use crate::store::cache::{EtagSet, Precondition};
+use crate::store::cache::{EtagSet, Precondition, Version};
 
 /// An entity tag as sent: weak or not, and its opaque part without the quotes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,10 +26,10 @@ pub enum Tags {
 
 impl Tags {
     /// Weak comparison (RFC 9110, 8.8.3.2), what `If-None-Match` uses: the opaque parts equal.
-    pub fn matches_weakly(&self, etag: &str) -> bool {
+    pub fn matches_weakly(&self, etag: &[u8]) -> bool {
         match self {
             Self::Any => true,
-            Self::List(tags) => tags.iter().any(|t| t.opaque == etag.as_bytes()),
+            Self::List(tags) => tags.iter().any(|t| t.opaque == etag),
         }
     }
 
@@ -155,6 +155,23 @@ pub fn etag_header(etag: &str) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(quoted)).ok()
 }
 
+/// The `ETag` header value of a version, and whether `if_none_match` matches it, with one
+/// buffer.
+pub fn version_etag(
+    version: &Version,
+    if_none_match: Option<&Tags>,
+) -> (Option<HeaderValue>, bool) {
+    let mut quoted = Vec::with_capacity(30);
+    quoted.push(b'"');
+    version.write_etag(&mut quoted);
+    quoted.push(b'"');
+    let matched = if_none_match.is_some_and(|t| t.matches_weakly(&quoted[1..quoted.len() - 1]));
+    (
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(quoted)).ok(),
+        matched,
+    )
+}
+
 /// A GET's `If-None-Match`, read where it lies (axum's `HeaderMap` extractor copies every
 /// header of the request).
 pub struct IfNoneMatch(pub Option<Tags>);
@@ -249,9 +266,9 @@ mod tests {
     #[test]
     fn weak_comparison_and_store_sets() {
         let t = tags(&["W/\"x-1\", \"y\""]).unwrap().unwrap();
-        assert!(t.matches_weakly("x-1"));
-        assert!(t.matches_weakly("y"));
-        assert!(!t.matches_weakly("x"));
+        assert!(t.matches_weakly(b"x-1"));
+        assert!(t.matches_weakly(b"y"));
+        assert!(!t.matches_weakly(b"x"));
         assert_eq!(t.clone().into_set(true), EtagSet::Tags(vec!["y".into()]));
         assert_eq!(
             t.into_set(false),
