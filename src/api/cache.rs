@@ -7,17 +7,16 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::conditional::{IfNoneMatch, Preconditions, etag_header, version_etag};
+use super::conditional::{IfNoneMatch, Preconditions, etag_header};
 use super::media_type::{BodyKind, ValueKind};
 use super::{AppState, Body, PARAM_KEY, PathParam, QueryParams, parse_json};
 use crate::config::MAX_TTL_SECONDS;
 use crate::error::ApiError;
-use crate::store::cache::{CachePut, Tag};
+use crate::store::cache::{CachePut, PutValue, Tag};
 use crate::store::{CacheEntry, CacheKey, CacheValue};
 
 /// Most keys one `_mget` may ask for.
@@ -103,7 +102,8 @@ pub async fn get(
         .cache_get(key, check_tags)
         .await?
         .ok_or(ApiError::NotFound("no such key, or it expired"))?;
-    let (etag, not_modified) = version_etag(&entry.version, if_none_match.as_ref());
+    let (etag, not_modified) =
+        etag_header(|out| entry.version.write_etag(out), if_none_match.as_ref());
     if not_modified {
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
         entry_headers(resp.headers_mut(), &entry, etag);
@@ -196,13 +196,13 @@ pub async fn put(
         )));
     }
     let value = match kind {
-        BodyKind::Json => CacheValue::Json(Bytes::from(json_text(&body)?)),
-        BodyKind::Raw(content_type) => CacheValue::Raw {
+        BodyKind::Json => PutValue::Json(json_text(&body)?),
+        BodyKind::Raw(content_type) => PutValue::Raw {
             content_type,
             bytes: body,
         },
     };
-    let etag = s
+    let written = s
         .store
         .cache_put(CachePut {
             key,
@@ -214,7 +214,7 @@ pub async fn put(
         .await?
         .ok_or(ApiError::PreconditionFailed)?;
     let mut resp = StatusCode::NO_CONTENT.into_response();
-    if let Some(v) = etag_header(&etag) {
+    if let (Some(v), _) = etag_header(|out| written.write_etag(out), None) {
         resp.headers_mut().insert(header::ETAG, v);
     }
     Ok(resp)

@@ -7,7 +7,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::ApiError;
-use crate::store::cache::{EtagSet, Precondition, Version};
+use crate::store::cache::{EtagSet, Precondition};
 
 /// An entity tag as sent: weak or not, and its opaque part without the quotes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,24 +146,15 @@ pub fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     })
 }
 
-/// An `ETag` header value for the store's unquoted tag.
-pub fn etag_header(etag: &str) -> Option<HeaderValue> {
-    let mut quoted = Vec::with_capacity(etag.len() + 2);
-    quoted.push(b'"');
-    quoted.extend_from_slice(etag.as_bytes());
-    quoted.push(b'"');
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(quoted)).ok()
-}
-
-/// The `ETag` header value of a version, and whether `if_none_match` matches it, with one
-/// buffer.
-pub fn version_etag(
-    version: &Version,
+/// The `ETag` header value of what `write` appends (an unquoted tag), and whether
+/// `if_none_match` matches that tag, with one buffer.
+pub fn etag_header(
+    write: impl FnOnce(&mut Vec<u8>),
     if_none_match: Option<&Tags>,
 ) -> (Option<HeaderValue>, bool) {
-    let mut quoted = Vec::with_capacity(30);
+    let mut quoted = Vec::with_capacity(32);
     quoted.push(b'"');
-    version.write_etag(&mut quoted);
+    write(&mut quoted);
     quoted.push(b'"');
     let matched = if_none_match.is_some_and(|t| t.matches_weakly(&quoted[1..quoted.len() - 1]));
     (

@@ -43,6 +43,10 @@ pub fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
     if values.next().is_some() {
         return Err(invalid("is given more than once"));
     }
+    // What JSON clients send, without the grammar.
+    if value.as_bytes().eq_ignore_ascii_case(b"application/json") {
+        return Ok(BodyKind::Json);
+    }
     let text = value
         .to_str()
         .map_err(|_| invalid("has characters other than visible ASCII"))?

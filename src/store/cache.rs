@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::batch::{BatchLimits, BatchOp, Batcher};
 use super::cache_write::WriteBatch;
-pub use super::cache_write::{CachePut, EtagSet, Precondition};
+pub use super::cache_write::{CachePut, EtagSet, Precondition, PutValue, Written};
 use super::conns::Conns;
 use super::rows::{Cols, decode_all};
 use super::sql::Schema;
@@ -597,9 +597,9 @@ impl Store {
         Ok(entries)
     }
 
-    /// Writes one entry when its preconditions hold: `Some(etag)` of the version written, or
-    /// `None` when a precondition failed (nothing written).
-    pub async fn cache_put(&self, put: CachePut) -> Result<Option<String>, DbError> {
+    /// Writes one entry when its preconditions hold: what it wrote, or `None` when a
+    /// precondition failed (nothing written).
+    pub async fn cache_put(&self, put: CachePut) -> Result<Option<Written>, DbError> {
         self.ensure_available()?;
         self.cache.writes.call(put).await?
     }

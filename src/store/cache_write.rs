@@ -9,6 +9,7 @@
 //! `UPDATE` (an absent key must not be inserted) while the rest is an upsert. Every statement
 //! writes its rows in key order, so concurrent batches cannot deadlock.
 
+use bytes::Bytes;
 use foldhash::{HashMap, HashMapExt};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{Arguments, SqlStr};
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use super::DbError;
 use super::batch::BatchOp;
 use super::cache::{
-    CacheKey, CacheSql, CacheValue, RAW_MARKER, Tag, Version, etag, tag_array, version_columns,
+    CacheKey, CacheSql, RAW_MARKER, Tag, Version, etag, tag_array, version_columns,
 };
 use super::conns::Conns;
 use super::rows::decode_all;
@@ -61,11 +62,29 @@ impl Precondition {
     }
 }
 
-/// One write: the key, the value (JSON already validated), its lifetime, tags and preconditions.
+/// A value to store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PutValue {
+    /// JSON text, already validated (and trimmed) by the caller.
+    Json(String),
+    /// Any bytes, with the `Content-Type` they were sent with.
+    Raw { content_type: String, bytes: Bytes },
+}
+
+impl PutValue {
+    fn len(&self) -> usize {
+        match self {
+            Self::Json(text) => text.len(),
+            Self::Raw { bytes, .. } => bytes.len(),
+        }
+    }
+}
+
+/// One write: the key, the value, its lifetime, tags and preconditions.
 #[derive(Debug)]
 pub struct CachePut {
     pub key: CacheKey,
-    pub value: CacheValue,
+    pub value: PutValue,
     pub ttl_seconds: u32,
     pub tags: Vec<Tag>,
     pub precondition: Precondition,
@@ -73,7 +92,7 @@ pub struct CachePut {
 
 impl CachePut {
     fn is_plain_json(&self) -> bool {
-        self.precondition.is_none() && matches!(self.value, CacheValue::Json(_))
+        self.precondition.is_none() && matches!(self.value, PutValue::Json(_))
     }
 }
 
@@ -132,6 +151,24 @@ struct Step {
 /// Cuts a batch into rounds in which every key appears once, each round in key order (byte
 /// order, as the column's "C" collation sorts).
 fn rounds(items: &[CachePut]) -> Vec<Vec<Step>> {
+    let key = |s: &Step| items[s.item].key.as_str().as_bytes();
+    if items.iter().all(|i| i.precondition.is_none()) {
+        // The common case, one round: the last write of each key, the others collapsed into it.
+        let mut last: HashMap<&str, Step> = HashMap::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let step = last.entry(item.key.as_str()).or_insert(Step {
+                item: i,
+                superseded: Vec::new(),
+            });
+            if step.item != i {
+                step.superseded.push(step.item);
+                step.item = i;
+            }
+        }
+        let mut round: Vec<Step> = last.into_values().collect();
+        round.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+        return vec![round];
+    }
     let mut per_key: HashMap<&str, Vec<Step>> = HashMap::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let steps = per_key.entry(item.key.as_str()).or_default();
@@ -156,10 +193,7 @@ fn rounds(items: &[CachePut]) -> Vec<Vec<Step>> {
         }
     }
     for round in &mut rounds {
-        round.sort_unstable_by(|a, b| {
-            let key = |s: &Step| items[s.item].key.as_str().as_bytes();
-            key(a).cmp(key(b))
-        });
+        round.sort_unstable_by(|a, b| key(a).cmp(key(b)));
     }
     rounds
 }
@@ -177,20 +211,15 @@ struct Row<'a> {
 }
 
 impl<'a> Row<'a> {
-    fn of(item: &'a CachePut) -> Result<Self, DbError> {
+    fn of(item: &'a CachePut) -> Self {
         let (value, content_type, bytes) = match &item.value {
-            CacheValue::Json(text) => (
-                std::str::from_utf8(text)
-                    .map_err(|_| DbError::Other("a JSON value to store is not UTF-8".into()))?,
-                None,
-                None,
-            ),
-            CacheValue::Raw {
+            PutValue::Json(text) => (text.as_str(), None, None),
+            PutValue::Raw {
                 content_type,
                 bytes,
             } => (RAW_MARKER, Some(content_type.as_str()), Some(&bytes[..])),
         };
-        Ok(Self {
+        Self {
             key: item.key.as_str(),
             value,
             content_type,
@@ -202,7 +231,7 @@ impl<'a> Row<'a> {
                 .collect::<Vec<_>>()
                 .join(","),
             ttl: item.ttl_seconds as i32,
-        })
+        }
     }
 
     /// Bytes this row adds to the bound arguments, beyond per-element headers.
@@ -262,8 +291,30 @@ pub(crate) struct WriteBatch {
     pub sql: Arc<CacheSql>,
 }
 
-/// A write's answer: `Some(etag)` of the version written, `None` when a precondition failed.
-pub(crate) type WriteOutcome = Result<Option<String>, DbError>;
+/// The version a write made. A write that another write of the same key in the same batch
+/// replaced at once (collapsed into it) shares its version, marked by its place among them:
+/// its tag then matches no stored version, so a conditional write based on it fails, as it
+/// must (it was overwritten before anyone could read it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub version: Version,
+    /// 0 for the write that was stored; n for the n-th one it replaced in its batch.
+    pub superseded: usize,
+}
+
+impl Written {
+    /// Appends the entity tag, unquoted, to `out`.
+    pub fn write_etag(&self, out: &mut Vec<u8>) {
+        self.version.write_etag(out);
+        if self.superseded > 0 {
+            out.push(b'.');
+            out.extend_from_slice(self.superseded.to_string().as_bytes());
+        }
+    }
+}
+
+/// A write's answer: what it wrote, or `None` when a precondition failed.
+pub(crate) type WriteOutcome = Result<Option<Written>, DbError>;
 
 impl BatchOp for WriteBatch {
     type Item = CachePut;
@@ -300,25 +351,27 @@ impl BatchOp for WriteBatch {
                             .collect());
                     }
                 };
-                for step in steps {
+                for (step, version) in steps.into_iter().zip(written) {
                     let item = &items[step.item];
-                    let etag = written.get(item.key.as_str()).cloned();
-                    if etag.is_none() && item.precondition.is_none() {
+                    if version.is_none() && item.precondition.is_none() {
                         out[step.item] = Some(Err(DbError::Other(format!(
                             "an unconditional cache write of {:?} wrote no row",
                             item.key.as_str()
                         ))));
                         continue;
                     }
-                    // Writes collapsed into this one were overwritten before anyone could
-                    // read them: their tags match no stored version, so a conditional write
-                    // based on one fails, as it must.
-                    if let Some(etag) = &etag {
+                    if let Some(version) = version {
                         for (n, &i) in step.superseded.iter().enumerate() {
-                            out[i] = Some(Ok(Some(format!("{etag}.{}", n + 1))));
+                            out[i] = Some(Ok(Some(Written {
+                                version,
+                                superseded: n + 1,
+                            })));
                         }
                     }
-                    out[step.item] = Some(Ok(etag));
+                    out[step.item] = Some(Ok(version.map(|version| Written {
+                        version,
+                        superseded: 0,
+                    })));
                 }
             }
         }
@@ -330,18 +383,15 @@ impl BatchOp for WriteBatch {
 }
 
 impl WriteBatch {
-    /// Runs one statement for `steps` (distinct keys, in key order); returns key -> tag of each
-    /// row written.
+    /// Runs one statement for `steps` (distinct keys, in key order); returns, for each step, the
+    /// version it wrote, or `None` when its row was not written (a precondition failed).
     async fn write(
         &self,
         items: &[CachePut],
         steps: &[&Step],
         update: bool,
-    ) -> Result<HashMap<String, String>, DbError> {
-        let rows = steps
-            .iter()
-            .map(|s| Row::of(&items[s.item]))
-            .collect::<Result<Vec<_>, _>>()?;
+    ) -> Result<Vec<Option<Version>>, DbError> {
+        let rows: Vec<Row<'_>> = steps.iter().map(|s| Row::of(&items[s.item])).collect();
         let keys: Vec<&str> = rows.iter().map(|r| r.key).collect();
         let values: Vec<&str> = rows.iter().map(|r| r.value).collect();
         let tags: Vec<&str> = rows.iter().map(|r| r.tags.as_str()).collect();
@@ -399,22 +449,23 @@ impl WriteBatch {
         )
         .fetch_all(c))
         .await?;
-        let written = decode_all(&result, |cols| {
-            Ok((cols.next::<String>("key")?, Version::read(cols)?.etag()))
-        })?;
-        Ok(written.into_iter().collect())
+        let written: HashMap<&str, Version> = decode_all(&result, |cols| {
+            Ok((cols.next::<&str>("key")?, Version::read(cols)?))
+        })?
+        .into_iter()
+        .collect();
+        Ok(keys.iter().map(|k| written.get(k).copied()).collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn put(key: &str, precondition: Precondition) -> CachePut {
         CachePut {
             key: CacheKey::parse(key.to_string()).unwrap(),
-            value: CacheValue::Json(Bytes::from_static(b"1")),
+            value: PutValue::Json("1".into()),
             ttl_seconds: 60,
             tags: Vec::new(),
             precondition,
