@@ -3,7 +3,7 @@
 //!
 //! It serves through the sidecar's own accept loop and serving loops (`pgsidecar::http`: the
 //! main thread accepts and hands each connection to the least busy of one current-thread
-//! runtime per CPU; hyper's HTTP/1 server with the header-read timer and TCP_NODELAY), with
+//! runtime per CPU; hyper's HTTP/1 server with the connection timers and TCP_NODELAY), with
 //! mimalloc, but behind them only a plain axum router: no database, access log, metrics, request
 //! ids or guard. Each route answers a fixed body of the sidecar's size and headers (a cache hit:
 //! a 1,020-byte value with `Expires`; a session: its JSON record) and a PUT reads its body and
@@ -20,7 +20,7 @@ use axum::http::{StatusCode, header};
 use axum::routing::get;
 use pgsidecar::app::current_thread_runtime;
 use pgsidecar::config::{ListenAddr, Settings};
-use pgsidecar::http::{Listener, accept, lane, serve_lane};
+use pgsidecar::http::{ConnTimeouts, Listener, accept, lane, serve_lane};
 use pgsidecar::shutdown::Lifecycle;
 
 #[global_allocator]
@@ -36,9 +36,9 @@ fn main() {
         .parse()
         .expect("usage: http_floor HOST:PORT");
     let listener = Listener::bind(&ListenAddr::Tcp(addr)).expect("bind");
-    // The sidecar's default header-read timeout and grace, from its own default config.
+    // The sidecar's default connection timers and grace, from its own default config.
     let defaults = Settings::load_from(None, &[]).expect("the default config");
-    let header_timeout = Duration::from_millis(defaults.server.header_read_timeout_ms);
+    let timeouts = ConnTimeouts::from_settings(&defaults.server);
     let grace = Duration::from_secs(defaults.shutdown.grace_seconds);
     // The benchmark's cache values: {"id":n,"payload":"x...x"} with 998 x's.
     let value: &'static str = format!("{{\"id\":42,\"payload\":\"{}\"}}", "x".repeat(998)).leak();
@@ -78,7 +78,7 @@ fn main() {
             .spawn(move || {
                 current_thread_runtime()
                     .expect("a tokio runtime")
-                    .block_on(serve_lane(rx, app, header_timeout, grace))
+                    .block_on(serve_lane(rx, app, timeouts, grace))
             })
             .expect("a thread");
     }
@@ -87,7 +87,7 @@ fn main() {
         .block_on(async move {
             tokio::join!(
                 accept(listener, lanes, Lifecycle::new()),
-                serve_lane(first_rx, app, header_timeout, grace)
+                serve_lane(first_rx, app, timeouts, grace)
             );
         });
 }

@@ -5,6 +5,12 @@
 #                                                            (PG_PORT_HINT: what to say when PORT is taken)
 #   scripts/pg.sh stop DIR                                   fast shutdown, wait
 #   scripts/pg.sh bin                                        print the server's bin directory
+#   scripts/pg.sh user                                       print the user the server runs as
+#                                                            (empty: ourselves, when not root)
+#   scripts/pg.sh basebackup PORT DIR                        a streaming standby of the server on
+#                                                            PORT in DIR (pg_basebackup -R); start
+#                                                            it with "start DIR PORT2"
+#   scripts/pg.sh promote DIR                                promote the standby in DIR, wait
 #
 # Installs Debian's postgresql package when its binaries are missing and we are root.
 # PostgreSQL refuses to run as root, so as root the server runs as the "postgres" user
@@ -72,6 +78,10 @@ case "$cmd" in
   bin)
     pg_bindir
     ;;
+  user)
+    # For files the server must own, e.g. a TLS key (PostgreSQL refuses one others can read).
+    run_user
+    ;;
   start)
     dir=${2:?usage: pg.sh start DIR PORT [options]}
     port=${3:?usage: pg.sh start DIR PORT [options]}
@@ -107,8 +117,26 @@ case "$cmd" in
     [ -f "$dir/PG_VERSION" ] || exit 0
     as_db_user "$bin/pg_ctl" -D "$dir" -m fast -w -t 60 stop >/dev/null 2>&1 || true
     ;;
+  basebackup)
+    from=${2:?usage: pg.sh basebackup PORT DIR}
+    dir=${3:?usage: pg.sh basebackup PORT DIR}
+    bin=$(pg_bindir)
+    dir=$(data_dir "$dir")
+    mkdir -p "$dir"
+    u=$(run_user)
+    [ -n "$u" ] && chown "$u" "$dir"
+    chmod 700 "$dir"
+    as_db_user "$bin/pg_basebackup" -h 127.0.0.1 -p "$from" -U postgres -D "$dir" -R -X stream -c fast \
+      || exit 1
+    ;;
+  promote)
+    dir=${2:?usage: pg.sh promote DIR}
+    bin=$(pg_bindir)
+    dir=$(data_dir "$dir")
+    as_db_user "$bin/pg_ctl" -D "$dir" -w -t 60 promote >/dev/null
+    ;;
   *)
-    echo "usage: pg.sh start DIR PORT [options] | stop DIR | bin" >&2
+    echo "usage: pg.sh start DIR PORT [options] | stop DIR | bin | user | basebackup PORT DIR | promote DIR" >&2
     exit 2
     ;;
 esac

@@ -13,6 +13,22 @@ if [ "$(id -u)" -eq 0 ] && ! command -v promtool >/dev/null 2>&1; then
     || echo "test.sh: could not install prometheus; the promtool check will be skipped" >&2
 fi
 
+# The TLS tests make their CA and certificates, and an HTTPS server, with the openssl CLI.
+if [ "$(id -u)" -eq 0 ] && ! command -v openssl >/dev/null 2>&1; then
+  echo "test.sh: installing the openssl CLI (Debian package openssl) for the TLS tests" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends openssl; } >&2
+fi
+
+# PgBouncer (Debian's package) for the pooler, fleet and failover tests; they run as the
+# postgres user when we are root, since PgBouncer refuses root.
+if [ "$(id -u)" -eq 0 ] && [ ! -x /usr/sbin/pgbouncer ]; then
+  echo "test.sh: installing PgBouncer (Debian package pgbouncer) for the pooler tests" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends pgbouncer; } >&2 \
+    || echo "test.sh: could not install pgbouncer; the pooler tests will be skipped" >&2
+fi
+
 started=""
 if [ -z "${DATABASE_URL:-}" ]; then
   # Tests start many sidecars at once (20 connections each at most).
@@ -26,8 +42,9 @@ fi
 cleanup() { [ -n "$started" ] && scripts/pg.sh stop .pgdata/test; }
 trap cleanup EXIT
 
-# When promtool is here, the metrics test must run it rather than skip it.
+# When promtool is here, the metrics test must run it rather than skip it; likewise PgBouncer.
 if command -v promtool >/dev/null 2>&1; then export PGSIDECAR_REQUIRE_PROMTOOL=1; fi
+if [ -x /usr/sbin/pgbouncer ]; then export PGSIDECAR_REQUIRE_PGBOUNCER=1; fi
 # The outage test starts and stops its own PostgreSQL through scripts/pg.sh.
 export PGSIDECAR_TEST_PG_SCRIPT="$PWD/scripts/pg.sh"
 cargo build --quiet

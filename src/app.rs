@@ -15,7 +15,7 @@ use crate::http::{Guard, LaneRx, Listener, serve};
 use crate::ops::health::{Health, Prober};
 use crate::ops::{self, OpsState};
 use crate::shutdown::{self, Lifecycle};
-use crate::store::{DbStatus, Store, cleanup};
+use crate::store::{DbError, DbStatus, Store, cleanup};
 
 /// A sidecar with its listeners bound but nothing running yet.
 pub struct Application {
@@ -33,25 +33,33 @@ pub struct Telemetry {
 
 impl Application {
     /// Binds both listeners first, so port 0 works and a busy port fails before anything starts.
+    /// Raises the open-file limit first, and caps each listener's connections (see
+    /// [`connection_caps`]).
     pub fn bind(settings: Settings) -> std::io::Result<Self> {
-        let data = Listener::bind(&settings.server.data_listen).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot bind server.data_listen {}: {e}",
-                    settings.server.data_listen
-                ),
-            )
-        })?;
-        let ops = Listener::bind(&settings.server.ops_listen).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot bind server.ops_listen {}: {e}",
-                    settings.server.ops_listen
-                ),
-            )
-        })?;
+        let (data_cap, ops_cap) =
+            connection_caps(&settings, crate::http::listener::raise_open_file_limit());
+        let data = Listener::bind(&settings.server.data_listen)
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot bind server.data_listen {}: {e}",
+                        settings.server.data_listen
+                    ),
+                )
+            })?
+            .limit("data", data_cap);
+        let ops = Listener::bind(&settings.server.ops_listen)
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot bind server.ops_listen {}: {e}",
+                        settings.server.ops_listen
+                    ),
+                )
+            })?
+            .limit("ops", ops_cap);
         Ok(Self {
             settings,
             data,
@@ -80,9 +88,12 @@ impl Application {
         } = self;
         let data_addr = data.local_addr();
         let ops_addr = ops.local_addr();
-        let header_timeout = Duration::from_millis(settings.server.header_read_timeout_ms);
+        let timeouts = crate::http::ConnTimeouts::from_settings(&settings.server);
         let grace = Duration::from_secs(settings.shutdown.grace_seconds);
-        let status = Arc::new(DbStatus::default());
+        let status = Arc::new(DbStatus::new(
+            settings.database.circuit_failure_threshold,
+            Duration::from_millis(settings.health.postgres_interval_ms),
+        ));
         let health = Arc::new(Health::default());
         let service_id = crate::telemetry::hostname();
 
@@ -104,6 +115,7 @@ impl Application {
             );
         }
         let guard = Guard::new(&settings.server);
+        let answers = crate::api::AnswerBudget::new(&settings.server);
         let store = Store::with_status(&settings.for_data_thread(0, threads), status.clone())
             .map_err(|e| e.to_string())?;
         let (first_lane, first_rx) = crate::http::lane();
@@ -118,6 +130,7 @@ impl Application {
                 settings: settings.for_data_thread(i, threads),
                 status: status.clone(),
                 guard: guard.clone(),
+                answers: answers.clone(),
                 lifecycle: lifecycle.clone(),
                 lane: rx,
             };
@@ -142,21 +155,27 @@ impl Application {
             data_listen = %data_addr,
             ops_listen = %ops_addr,
             data_threads = threads,
+            database_tls = %settings.database.tls().map(|t| t.describe()).unwrap_or_default(),
             config = %settings.redacted_json(),
             "pgsidecar started"
         );
 
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(bootstrap(
+        let mut tasks = vec![tokio::spawn(bootstrap(
             store.clone(),
             settings.clone(),
             lifecycle.clone(),
             health.clone(),
-        )));
+        ))];
         tasks.push(tokio::spawn(keep_warm(store.clone(), lifecycle.clone())));
+        tasks.push(tokio::spawn(ops::health::watch_postgres(
+            store.clone(),
+            health.clone(),
+            settings.health.clone(),
+            lifecycle.clone(),
+        )));
         tasks.push(tokio::spawn(ops::health::run(
             health.clone(),
-            Prober::new(store.clone(), settings.health.clone()),
+            Prober::new(settings.health.clone()),
             Duration::from_millis(settings.health.interval_ms),
             lifecycle.clone(),
             telemetry.prometheus.clone(),
@@ -192,9 +211,9 @@ impl Application {
                         .map(|u| u.timeout_ms)
                         .fold(settings.health.check_timeout_ms, u64::max),
             ),
+            ready_requires_database: settings.health.ready_requires_database,
             service_id,
             prometheus: telemetry.prometheus.clone(),
-            process: Arc::new(process_collector()),
             log_dropped: telemetry.log_dropped.clone(),
         };
         let ops_router = crate::http::edge(
@@ -203,16 +222,15 @@ impl Application {
             ops::PATHS,
             None,
             settings.server.max_body_bytes,
-        );
+        )
+        .access_log(crate::http::AccessPolicy::from_settings(&settings.log));
         let (ops_done_tx, ops_done) = oneshot::channel::<()>();
         let ops_lifecycle = lifecycle.clone();
         std::thread::Builder::new()
             .name("pgsidecar-ops".into())
             .spawn(move || {
                 match current_thread_runtime() {
-                    Ok(rt) => {
-                        rt.block_on(serve(ops, ops_router, header_timeout, ops_lifecycle, grace))
-                    }
+                    Ok(rt) => rt.block_on(serve(ops, ops_router, timeouts, ops_lifecycle, grace)),
                     Err(e) => tracing::error!(error = %e, "cannot start the ops runtime"),
                 }
                 let _ = ops_done_tx.send(());
@@ -220,8 +238,13 @@ impl Application {
             .map_err(|e| format!("cannot start the ops thread: {e}"))?;
 
         let accept = tokio::spawn(crate::http::accept(data, lanes, lifecycle.clone()));
-        let data_server =
-            tokio::spawn(serve_data(first_rx, store.clone(), settings.clone(), guard));
+        let data_server = tokio::spawn(serve_data(
+            first_rx,
+            store.clone(),
+            settings.clone(),
+            guard,
+            answers,
+        ));
 
         // Wait for a signal (or a stop from the embedding code, e.g. a test).
         tokio::select! {
@@ -270,6 +293,37 @@ impl Application {
     }
 }
 
+/// Descriptors kept beside the listeners' connections: the database pool's, the log and
+/// standard streams, the runtimes' event descriptors, connections being refused.
+const RESERVED_DESCRIPTORS: u64 = 128;
+
+/// The connection caps of the data and ops listeners: as configured, except that the data
+/// listener's is lowered (with a warning) when the open-file limit could not hold it beside
+/// the ops listener's connections, the pool and [`RESERVED_DESCRIPTORS`]: the data listener
+/// then refuses connections before accept runs out of descriptors, and the ops listener keeps
+/// answering probes.
+fn connection_caps(settings: &Settings, open_files: Option<u64>) -> (usize, usize) {
+    let s = &settings.server;
+    let Some(limit) = open_files else {
+        return (s.max_connections, s.ops_max_connections);
+    };
+    let others = s.ops_max_connections as u64
+        + settings.database.max_connections as u64
+        + RESERVED_DESCRIPTORS;
+    let room = limit.saturating_sub(others).max(1) as usize;
+    if room < s.max_connections {
+        tracing::warn!(
+            open_file_limit = limit,
+            max_connections = s.max_connections,
+            lowered_to = room,
+            "the open-file limit cannot hold server.max_connections beside the ops listener, the \
+             pool and a reserve; the data listener's cap is lowered (raise the limit: ulimit -n, \
+             or the container's nofile setting)"
+        );
+    }
+    (s.max_connections.min(room), s.ops_max_connections)
+}
+
 /// A current-thread runtime: the main thread's, each data thread's and the ops thread's.
 pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -279,18 +333,25 @@ pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Serves the data API on one data thread: the connections arriving on `lane`, with the
 /// thread's own store, until the acceptor stops and in-flight requests have finished.
-async fn serve_data(lane: LaneRx, store: Store, settings: Settings, guard: Guard) {
+async fn serve_data(
+    lane: LaneRx,
+    store: Store,
+    settings: Settings,
+    guard: Guard,
+    answers: crate::api::AnswerBudget,
+) {
     let app = crate::http::edge(
-        crate::api::router(store, &settings),
+        crate::api::router(store, &settings, answers),
         "data",
         crate::api::route_table().into_iter().map(|(_, path)| path),
         Some(guard),
         settings.server.max_body_bytes,
-    );
+    )
+    .access_log(crate::http::AccessPolicy::from_settings(&settings.log));
     crate::http::serve_lane(
         lane,
         app,
-        Duration::from_millis(settings.server.header_read_timeout_ms),
+        crate::http::ConnTimeouts::from_settings(&settings.server),
         Duration::from_secs(settings.shutdown.grace_seconds),
     )
     .await;
@@ -307,6 +368,7 @@ struct DataThread {
     settings: Settings,
     status: Arc<DbStatus>,
     guard: Guard,
+    answers: crate::api::AnswerBudget,
     lifecycle: Lifecycle,
     lane: LaneRx,
 }
@@ -326,6 +388,7 @@ impl DataThread {
             settings,
             status,
             guard,
+            answers,
             lifecycle,
             lane,
         } = self;
@@ -340,7 +403,7 @@ impl DataThread {
             };
             let _ = started.send(Ok(store.clone()));
             let warm = tokio::spawn(keep_warm(store.clone(), lifecycle));
-            serve_data(lane, store.clone(), settings, guard).await;
+            serve_data(lane, store.clone(), settings, guard, answers).await;
             warm.abort();
             close(store).await;
         });
@@ -369,22 +432,28 @@ async fn close(store: Store) {
     }
 }
 
-fn process_collector() -> metrics_process::Collector {
-    let c = metrics_process::Collector::default();
-    c.describe();
-    c
-}
-
 /// Applies migrations (or waits for them) with capped, jittered backoff until Postgres answers,
 /// then signals readiness (every data thread then warms its own connections). Postgres being
 /// down at start-up is normal: no crash loop.
 async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, health: Arc<Health>) {
     let mut delay = Duration::from_millis(250);
     let mut attempt: u32 = 0;
+    // The causes logged so far: the retries meet the same one again and again.
+    let mut reported: Vec<String> = Vec::new();
+    let d = &settings.database;
+    let apply = d.migrate_on_start && d.can_migrate();
+    if d.migrate_on_start && !apply {
+        tracing::warn!(
+            "database.pooler = \"transaction\" without database.migrate_url: not applying \
+             migrations (sqlx's migration lock is a session advisory lock, which a \
+             transaction-mode pooler does not keep); waiting until `pgsidecar migrate` (with \
+             a direct database.migrate_url) or another sidecar has applied them"
+        );
+    }
     loop {
         attempt += 1;
-        let result = if settings.database.migrate_on_start {
-            store.migrate(&settings.database.schema).await
+        let result = if apply {
+            store.migrate(&d.schema).await
         } else {
             store.check_migrated().await
         };
@@ -392,7 +461,7 @@ async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, healt
             Ok(()) => {
                 tracing::info!(
                     attempt,
-                    migrate_on_start = settings.database.migrate_on_start,
+                    migrate_on_start = apply,
                     "database ready: migrations applied"
                 );
                 // Readiness follows at once rather than at the next probe round. Every data
@@ -400,12 +469,25 @@ async fn bootstrap(store: Store, settings: Settings, lifecycle: Lifecycle, healt
                 health.probe_now();
                 return;
             }
-            Err(e) => tracing::warn!(
-                attempt,
-                error = %crate::config::redact_url(&e.to_string()),
-                retry_in_ms = delay.as_millis() as u64,
-                "database not ready; retrying"
-            ),
+            Err(e) => {
+                // One line per distinct cause, not one per attempt: a TLS failure as an error
+                // (someone must fix a certificate or a setting), any other as a warning.
+                let cause = crate::config::redact_url(&e.to_string());
+                let retry_in_ms = delay.as_millis() as u64;
+                if reported.contains(&cause) {
+                    tracing::debug!(attempt, error = %cause, retry_in_ms, "database not ready; retrying");
+                } else {
+                    match e {
+                        DbError::Tls(_) => {
+                            tracing::error!(attempt, error = %cause, retry_in_ms, "database not ready; retrying")
+                        }
+                        _ => {
+                            tracing::warn!(attempt, error = %cause, retry_in_ms, "database not ready; retrying")
+                        }
+                    }
+                    reported.push(cause);
+                }
+            }
         }
         let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));
         tokio::select! {

@@ -116,13 +116,14 @@ impl Serialize for DatabaseUrl {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host/...` and any `password=` query value.
+/// Replaces the password of `scheme://user:password@host/...`, the value of every query
+/// parameter whose name looks secret (see `secret_param`) and any fragment with `[redacted]`.
 pub fn redact_url(url: &str) -> String {
     let mut out = url.to_string();
     if let Some(scheme_end) = out.find("://") {
         let rest_start = scheme_end + 3;
         let authority_end = out[rest_start..]
-            .find(['/', '?'])
+            .find(['/', '?', '#'])
             .map_or(out.len(), |i| rest_start + i);
         if let Some(at) = out[rest_start..authority_end].rfind('@') {
             let userinfo = &out[rest_start..rest_start + at];
@@ -132,18 +133,63 @@ pub fn redact_url(url: &str) -> String {
             }
         }
     }
+    // A fragment never reaches the server but may carry a token (`#access_token=...`).
+    if let Some(hash) = out.find('#') {
+        out.replace_range(hash + 1.., "[redacted]");
+    }
     if let Some(q) = out.find('?') {
-        let (base, query) = out.split_at(q + 1);
-        let redacted: Vec<String> = query
+        let end = out.find('#').unwrap_or(out.len());
+        let redacted: Vec<String> = out[q + 1..end]
             .split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=[redacted]"),
+                Some((k, _)) if secret_param(k) => format!("{k}=[redacted]"),
                 _ => pair.to_string(),
             })
             .collect();
-        out = format!("{base}{}", redacted.join("&"));
+        out.replace_range(q + 1..end, &redacted.join("&"));
     }
     out
+}
+
+/// Whether a query parameter's name looks like it carries a secret: `password`, `token`,
+/// `api_key`, `apikey`, `secret`, `sig`, `auth`, `credential` and the like (also inside longer
+/// names, in any case, percent-encoded or not). Too wide rather than too narrow: hiding a
+/// harmless value costs nothing, printing a key costs a rotation.
+fn secret_param(name: &str) -> bool {
+    let mut decoded = Vec::with_capacity(name.len());
+    let bytes = name.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).and_then(|&b| hex(b)),
+            bytes.get(i + 2).and_then(|&b| hex(b)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                decoded.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    let name = String::from_utf8_lossy(&decoded).to_ascii_lowercase();
+    [
+        "pass",
+        "pwd",
+        "token",
+        "secret",
+        "key",
+        "auth",
+        "sig",
+        "credential",
+        "session",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
 }
 
 /// Where a listener binds.
@@ -223,6 +269,12 @@ pub struct ServerSettings {
     pub header_read_timeout_ms: u64,
     pub max_concurrent_requests: usize,
     pub worker_threads: usize,
+    pub body_read_timeout_ms: u64,
+    pub max_body_bytes_in_flight: usize,
+    pub max_response_bytes_in_flight: usize,
+    pub keep_alive_idle_seconds: u64,
+    pub max_connections: usize,
+    pub ops_max_connections: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -237,6 +289,38 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
     pub schema: String,
     pub migrate_on_start: bool,
+    pub circuit_failure_threshold: u32,
+    /// Applies migrations over this URL instead of `url` (a direct one, when `url` is a pooler).
+    pub migrate_url: DatabaseUrl,
+    /// What sits between the sidecar and PostgreSQL.
+    pub pooler: Pooler,
+    /// Under `pooler = "transaction"`: keep named prepared statements (PgBouncer 1.21 or newer
+    /// with `max_prepared_statements`).
+    pub pooler_prepared_statements: bool,
+    /// A pooled connection is closed after this long (0 = never).
+    pub max_lifetime_seconds: u64,
+}
+
+impl DatabaseSettings {
+    /// Whether migrations may be applied by this process: not over a transaction-mode pooler,
+    /// where the migrator's session advisory lock (and its prepared statements) would not hold.
+    pub fn can_migrate(&self) -> bool {
+        self.pooler != Pooler::Transaction || !self.migrate_url.expose().is_empty()
+    }
+}
+
+/// What sits between the sidecar and PostgreSQL (`database.pooler`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooler {
+    /// Direct connections: start-up options, prepared statements, advisory-lock migrations.
+    None,
+    /// A pooler that gives each client connection one server connection for its whole life
+    /// (PgBouncer `pool_mode = session`).
+    Session,
+    /// A pooler that may run each transaction on another server connection (PgBouncer
+    /// `pool_mode = transaction`).
+    Transaction,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -252,6 +336,8 @@ pub struct SessionSettings {
     pub default_ttl_seconds: u32,
     pub update_age_seconds: u32,
     pub max_data_bytes: usize,
+    pub max_per_user: u32,
+    pub max_list_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -259,6 +345,8 @@ pub struct SessionSettings {
 pub struct CacheSettings {
     pub default_ttl_seconds: u32,
     pub max_value_bytes: usize,
+    pub max_bytes: u64,
+    pub max_mget_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -274,12 +362,15 @@ pub struct CleanupSettings {
 #[serde(deny_unknown_fields)]
 pub struct HealthSettings {
     pub interval_ms: u64,
+    pub postgres_interval_ms: u64,
     pub check_timeout_ms: u64,
     pub memory_warn_percent: f64,
     pub cpu_warn_percent: f64,
     pub disk_warn_percent: f64,
     pub disk_paths: Vec<PathBuf>,
     pub upstreams: Vec<UpstreamSettings>,
+    /// `/ready` also needs PostgreSQL reachable (false: only the sidecar itself).
+    pub ready_requires_database: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -292,6 +383,9 @@ pub struct UpstreamSettings {
     pub timeout_ms: u64,
     #[serde(default = "default_true")]
     pub critical: bool,
+    /// PEM CA certificates trusted for this https:// upstream, besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn serialize_redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -316,16 +410,42 @@ pub struct ShutdownSettings {
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub level: String,
+    pub access: AccessLog,
+    pub access_slow_ms: u64,
+    pub access_sample_rate: f64,
+}
+
+/// Which requests get an access line (`log.access`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    /// Every request.
+    All,
+    /// Server errors, client errors other than 404, requests slower than `log.access_slow_ms`,
+    /// and a sample (`log.access_sample_rate`) of the rest.
+    Errors,
+    /// None.
+    Off,
+}
+
+impl DatabaseSettings {
+    /// The URL's TLS parameters (with libpq's `PGSSL*` environment variables as fallback).
+    pub fn tls(&self) -> Result<crate::tls::PgTls, ConfigError> {
+        crate::tls::PgTls::from_url(self.url.expose())
+            .map_err(|e| ConfigError::new("database.url", e))
+    }
 }
 
 /// Keys whose environment values are taken verbatim, never parsed as numbers or lists.
-const TEXT_KEYS: [&str; 6] = [
+const TEXT_KEYS: [&str; 8] = [
     "server.auth_token",
     "server.data_listen",
     "server.ops_listen",
     "database.url",
+    "database.migrate_url",
     "database.schema",
     "log.level",
+    "log.access",
 ];
 
 /// The longest TTL anyone may ask for: one year.
@@ -372,6 +492,10 @@ impl Settings {
         }
         if let Some((_, url)) = env.iter().find(|(k, _)| k == "DATABASE_URL") {
             figment = figment.merge(("database.url", url.as_str()));
+        }
+        // RUST_LOG overrides log.level (see `telemetry::init`), so it is held to the same rules.
+        if let Some((_, filter)) = env.iter().find(|(k, v)| k == "RUST_LOG" && !v.is_empty()) {
+            check_log_filter(filter).map_err(|m| ConfigError::new("RUST_LOG", m))?;
         }
         let settings: Settings = figment.extract().map_err(|e| {
             let key = e.path.join(".");
@@ -433,6 +557,16 @@ impl Settings {
                 "must be at least 1024",
             ));
         }
+        positive("server.body_read_timeout_ms", s.body_read_timeout_ms)?;
+        if s.max_body_bytes_in_flight < s.max_body_bytes {
+            return Err(ConfigError::new(
+                "server.max_body_bytes_in_flight",
+                "must be at least server.max_body_bytes (one largest body must fit)",
+            ));
+        }
+        positive("server.keep_alive_idle_seconds", s.keep_alive_idle_seconds)?;
+        positive("server.max_connections", s.max_connections as u64)?;
+        positive("server.ops_max_connections", s.ops_max_connections as u64)?;
 
         let d = &self.database;
         let url = d.url.expose();
@@ -442,10 +576,34 @@ impl Settings {
                 "must start with postgres:// or postgresql://",
             ));
         }
+        // sslmode, sslrootcert, sslcert, sslkey: supported as libpq means them, and their
+        // files readable, so a TLS mistake stops the start (and check-config) with its name.
+        d.tls()?
+            .check()
+            .map_err(|e| ConfigError::new("database.url", e))?;
         if url.parse::<sqlx::postgres::PgConnectOptions>().is_err() {
             return Err(ConfigError::new(
                 "database.url",
                 "is not a valid PostgreSQL URL",
+            ));
+        }
+        let migrate_url = d.migrate_url.expose();
+        if !migrate_url.is_empty()
+            && (!(migrate_url.starts_with("postgres://")
+                || migrate_url.starts_with("postgresql://"))
+                || migrate_url
+                    .parse::<sqlx::postgres::PgConnectOptions>()
+                    .is_err())
+        {
+            return Err(ConfigError::new(
+                "database.migrate_url",
+                "must be empty or a PostgreSQL URL (postgres:// or postgresql://)",
+            ));
+        }
+        if d.pooler_prepared_statements && d.pooler != Pooler::Transaction {
+            return Err(ConfigError::new(
+                "database.pooler_prepared_statements",
+                "applies only with database.pooler = \"transaction\" (the other modes keep prepared statements anyway)",
             ));
         }
         if d.max_connections == 0 || d.max_connections > 1000 {
@@ -466,6 +624,12 @@ impl Settings {
         )?;
         positive("database.acquire_timeout_ms", d.acquire_timeout_ms)?;
         positive("database.statement_timeout_ms", d.statement_timeout_ms)?;
+        if !(1..=100).contains(&d.circuit_failure_threshold) {
+            return Err(ConfigError::new(
+                "database.circuit_failure_threshold",
+                "must be between 1 and 100",
+            ));
+        }
         if !is_identifier(&d.schema) {
             return Err(ConfigError::new(
                 "database.schema",
@@ -492,16 +656,50 @@ impl Settings {
             "sessions.default_ttl_seconds",
             self.sessions.default_ttl_seconds,
         )?;
+        // 0 would make every validation a write; above the longest TTL it means nothing.
+        ttl(
+            "sessions.update_age_seconds",
+            self.sessions.update_age_seconds,
+        )?;
         positive(
             "sessions.max_data_bytes",
             self.sessions.max_data_bytes as u64,
         )?;
+        if self.sessions.max_list_bytes < 2 * self.sessions.max_data_bytes {
+            return Err(ConfigError::new(
+                "sessions.max_list_bytes",
+                "must be at least twice sessions.max_data_bytes (a page holds at least one session)",
+            ));
+        }
         ttl("cache.default_ttl_seconds", self.cache.default_ttl_seconds)?;
         positive("cache.max_value_bytes", self.cache.max_value_bytes as u64)?;
         if self.cache.max_value_bytes > s.max_body_bytes {
             return Err(ConfigError::new(
                 "cache.max_value_bytes",
                 "must not exceed server.max_body_bytes",
+            ));
+        }
+
+        // A cap below one value would evict an entry as soon as it was written.
+        let c = &self.cache;
+        if c.max_bytes != 0 && c.max_bytes < c.max_value_bytes as u64 {
+            return Err(ConfigError::new(
+                "cache.max_bytes",
+                "must be 0 (no cap) or at least cache.max_value_bytes",
+            ));
+        }
+        if self.cache.max_mget_bytes < self.cache.max_value_bytes {
+            return Err(ConfigError::new(
+                "cache.max_mget_bytes",
+                "must be at least cache.max_value_bytes (one largest value must fit)",
+            ));
+        }
+        if s.max_response_bytes_in_flight
+            < self.cache.max_mget_bytes.max(self.sessions.max_list_bytes)
+        {
+            return Err(ConfigError::new(
+                "server.max_response_bytes_in_flight",
+                "must be at least cache.max_mget_bytes and sessions.max_list_bytes (one largest answer must fit)",
             ));
         }
 
@@ -519,6 +717,12 @@ impl Settings {
             return Err(ConfigError::new(
                 "health.interval_ms",
                 "must be at least 100",
+            ));
+        }
+        if h.postgres_interval_ms < 50 {
+            return Err(ConfigError::new(
+                "health.postgres_interval_ms",
+                "must be at least 50",
             ));
         }
         positive("health.check_timeout_ms", h.check_timeout_ms)?;
@@ -551,18 +755,30 @@ impl Settings {
                     format!("{:?} is used twice", u.name),
                 ));
             }
-            if !u.url.starts_with("http://") || u.url.parse::<hyper::Uri>().is_err() {
+            let https = u.url.starts_with("https://");
+            if !(https || u.url.starts_with("http://")) || u.url.parse::<hyper::Uri>().is_err() {
                 return Err(ConfigError::new(
                     &format!("{key}.url"),
-                    "must be a plain http:// URL",
+                    "must be an http:// or https:// URL",
                 ));
+            }
+            if let Some(ca) = &u.ca_file {
+                if !https {
+                    return Err(ConfigError::new(
+                        &format!("{key}.ca_file"),
+                        "applies to https:// URLs only",
+                    ));
+                }
+                crate::tls::read_certs("ca_file", ca)
+                    .map_err(|e| ConfigError::new(&format!("{key}.ca_file"), e))?;
             }
             positive(&format!("{key}.timeout_ms"), u.timeout_ms)?;
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        check_log_filter(&self.log.level).map_err(|m| ConfigError::new("log.level", m))?;
+        if !(0.0..=1.0).contains(&self.log.access_sample_rate) {
             return Err(ConfigError::new(
-                "log.level",
-                format!("{:?} is not a level or tracing filter", self.log.level),
+                "log.access_sample_rate",
+                "must be between 0 and 1",
             ));
         }
         Ok(())
@@ -595,6 +811,12 @@ impl Settings {
         s.database.max_connections = share(self.database.max_connections);
         s.database.min_connections = share(self.database.min_connections);
         s
+    }
+
+    /// `database.max_lifetime_seconds`, or `None` when 0 (no limit).
+    pub fn max_lifetime(&self) -> Option<Duration> {
+        let s = self.database.max_lifetime_seconds;
+        (s > 0).then(|| Duration::from_secs(s))
     }
 
     /// `database.idle_timeout_seconds`, at least a second.
@@ -632,6 +854,35 @@ fn ttl(key: &str, v: u32) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// A log filter: a level, or comma-separated `target=level` directives. tracing's `EnvFilter`
+/// alone is too lenient: it takes a bare word such as "verbose" for a target name, which turns
+/// on that (non-existent) target only and so silences every line, the start line included.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err("is empty; use a level: off, error, warn, info, debug or trace".into());
+    }
+    for d in directives {
+        let level = match d.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            _ => d,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{d:?} is not a level (off, error, warn, info, debug, trace) or a target=level directive"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| format!("{filter:?} is not a tracing filter: {e}"))
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -759,6 +1010,21 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "database.schema");
+        let e =
+            Settings::load_from(None, &env(&[("PGSIDECAR_CACHE__MAX_BYTES", "1000")])).unwrap_err();
+        assert_eq!(e.key, "cache.max_bytes");
+        assert!(
+            Settings::load_from(None, &env(&[("PGSIDECAR_CACHE__MAX_BYTES", "0")])).is_ok(),
+            "0 = no cap"
+        );
+        for bad in ["0", "31536001"] {
+            let e = Settings::load_from(
+                None,
+                &env(&[("PGSIDECAR_SESSIONS__UPDATE_AGE_SECONDS", bad)]),
+            )
+            .unwrap_err();
+            assert_eq!(e.key, "sessions.update_age_seconds", "{bad}");
+        }
         let e = Settings::load_from(None, &env(&[("PGSIDECAR_SERVER__NOPE", "1")])).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
     }
@@ -774,6 +1040,156 @@ mod tests {
                 .unwrap_err();
             assert_eq!(e.key, "batch.max_in_flight", "{bad}");
         }
+    }
+
+    #[test]
+    fn log_levels_are_checked_strictly() {
+        let level = |v: &str| Settings::load_from(None, &env(&[("PGSIDECAR_LOG__LEVEL", v)]));
+        for good in [
+            "info",
+            "DEBUG",
+            "warn,sqlx=error",
+            "pgsidecar=debug,sqlx=warn",
+            "off",
+        ] {
+            assert!(level(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "verbose",
+            "",
+            " , ",
+            "pgsidecar",
+            "info,sqlx",
+            "sqlx=loud",
+            "=info",
+        ] {
+            let e = level(bad).unwrap_err();
+            assert_eq!(e.key, "log.level", "{bad}");
+        }
+        let e = Settings::load_from(None, &env(&[("RUST_LOG", "verbose")])).unwrap_err();
+        assert_eq!(e.key, "RUST_LOG");
+        assert!(Settings::load_from(None, &env(&[("RUST_LOG", "debug")])).is_ok());
+    }
+
+    #[test]
+    fn redacts_secret_query_parameters_and_fragments() {
+        assert_eq!(
+            redact_url("http://app:3000/health?token=t0k&x=1&api_key=k3y"),
+            "http://app:3000/health?token=[redacted]&x=1&api_key=[redacted]"
+        );
+        assert_eq!(
+            redact_url("http://h/p?ApiKey=1&access_token=2&X-Amz-Signature=3&client_secret=4"),
+            "http://h/p?ApiKey=[redacted]&access_token=[redacted]&X-Amz-Signature=[redacted]&client_secret=[redacted]"
+        );
+        assert_eq!(
+            redact_url("http://h/p?api%5Fkey=1&page=2&sslpassword=3"),
+            "http://h/p?api%5Fkey=[redacted]&page=2&sslpassword=[redacted]"
+        );
+        assert_eq!(
+            redact_url("http://h/p?q=1#access_token=abc"),
+            "http://h/p?q=1#[redacted]"
+        );
+        assert_eq!(redact_url("http://h/p#x"), "http://h/p#[redacted]");
+        // Nothing secret: unchanged.
+        for plain in [
+            "http://127.0.0.1:3000/api/health",
+            "postgres://u@h:5432/d?sslmode=require&application_name=web",
+            "http://h/p?flag&x=",
+        ] {
+            assert_eq!(redact_url(plain), plain);
+        }
+    }
+
+    #[test]
+    fn pooler_settings() {
+        let load = |pairs: &[(&str, &str)]| Settings::load_from(None, &env(pairs));
+        let d = load(&[]).unwrap().database;
+        assert_eq!(d.pooler, Pooler::None);
+        assert!(d.can_migrate());
+        let d = load(&[("PGSIDECAR_DATABASE__POOLER", "transaction")])
+            .unwrap()
+            .database;
+        assert_eq!(d.pooler, Pooler::Transaction);
+        assert!(
+            !d.can_migrate(),
+            "no advisory lock through a transaction pooler"
+        );
+        let d = load(&[
+            ("PGSIDECAR_DATABASE__POOLER", "transaction"),
+            (
+                "PGSIDECAR_DATABASE__MIGRATE_URL",
+                "postgres://u:secret-pw@db/app",
+            ),
+        ])
+        .unwrap();
+        assert!(d.database.can_migrate());
+        assert!(!d.redacted_json().to_string().contains("secret-pw"));
+        for (pairs, key) in [
+            (
+                vec![("PGSIDECAR_DATABASE__POOLER", "statement")],
+                "database.pooler",
+            ),
+            (
+                vec![("PGSIDECAR_DATABASE__POOLER_PREPARED_STATEMENTS", "true")],
+                "database.pooler_prepared_statements",
+            ),
+            (
+                vec![("PGSIDECAR_DATABASE__MIGRATE_URL", "mysql://db/app")],
+                "database.migrate_url",
+            ),
+        ] {
+            assert_eq!(load(&pairs).unwrap_err().key, key);
+        }
+        let s = load(&[("PGSIDECAR_DATABASE__MAX_LIFETIME_SECONDS", "0")]).unwrap();
+        assert_eq!(s.max_lifetime(), None);
+        assert_eq!(
+            load(&[]).unwrap().max_lifetime(),
+            Some(Duration::from_secs(1800))
+        );
+    }
+
+    #[test]
+    fn budgets_must_hold_one_largest_item() {
+        let key = |pairs: &[(&str, &str)]| Settings::load_from(None, &env(pairs)).unwrap_err().key;
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__MAX_BODY_BYTES_IN_FLIGHT", "1024")]),
+            "server.max_body_bytes_in_flight"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_CACHE__MAX_MGET_BYTES", "1024")]),
+            "cache.max_mget_bytes"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SESSIONS__MAX_LIST_BYTES", "65536")]),
+            "sessions.max_list_bytes"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__MAX_RESPONSE_BYTES_IN_FLIGHT", "1048576")]),
+            "server.max_response_bytes_in_flight"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__MAX_CONNECTIONS", "0")]),
+            "server.max_connections"
+        );
+        assert_eq!(
+            key(&[("PGSIDECAR_SERVER__KEEP_ALIVE_IDLE_SECONDS", "0")]),
+            "server.keep_alive_idle_seconds"
+        );
+    }
+
+    #[test]
+    fn access_log_modes() {
+        let load = |v: &str| Settings::load_from(None, &env(&[("PGSIDECAR_LOG__ACCESS", v)]));
+        assert_eq!(load("all").unwrap().log.access, AccessLog::All);
+        assert_eq!(load("off").unwrap().log.access, AccessLog::Off);
+        assert_eq!(
+            Settings::load_from(None, &[]).unwrap().log.access,
+            AccessLog::Errors
+        );
+        assert_eq!(load("verbose").unwrap_err().key, "log.access");
+        let e = Settings::load_from(None, &env(&[("PGSIDECAR_LOG__ACCESS_SAMPLE_RATE", "1.5")]))
+            .unwrap_err();
+        assert_eq!(e.key, "log.access_sample_rate");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum ApiError {
     Overloaded,
     #[error("the request took longer than the configured timeout")]
     Timeout,
+    #[error("the request body did not arrive within server.body_read_timeout_ms")]
+    BodyTimeout,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("internal error")]
@@ -54,9 +56,14 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Db(DbError::Unavailable(_))
+            | Self::Db(DbError::CircuitOpen)
+            | Self::Db(DbError::RolledBack(_))
             | Self::Db(DbError::ConnectionLost(_))
+            | Self::Db(DbError::Tls(_))
             | Self::Db(DbError::PoolExhausted)
+            | Self::Db(DbError::ReadOnly(_))
             | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -72,9 +79,16 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",
+            Self::BodyTimeout => "body_timeout",
             Self::Db(
-                DbError::Unavailable(_) | DbError::ConnectionLost(_) | DbError::PoolExhausted,
+                DbError::Unavailable(_)
+                | DbError::CircuitOpen
+                | DbError::RolledBack(_)
+                | DbError::ConnectionLost(_)
+                | DbError::Tls(_)
+                | DbError::PoolExhausted,
             ) => "database_unavailable",
+            Self::Db(DbError::ReadOnly(_)) => "database_read_only",
             Self::Db(DbError::Timeout) => "database_timeout",
             Self::Db(DbError::Other(_)) | Self::Internal => "internal",
         }
@@ -84,8 +98,16 @@ impl ApiError {
     fn public_message(&self) -> String {
         match self {
             Self::Db(
-                DbError::Unavailable(_) | DbError::ConnectionLost(_) | DbError::PoolExhausted,
+                DbError::Unavailable(_)
+                | DbError::CircuitOpen
+                | DbError::RolledBack(_)
+                | DbError::ConnectionLost(_)
+                | DbError::Tls(_)
+                | DbError::PoolExhausted,
             ) => "the database is unavailable; retry shortly".into(),
+            Self::Db(DbError::ReadOnly(_)) => {
+                "the database accepts no writes right now (failover?); retry shortly".into()
+            }
             Self::Db(DbError::Timeout) => {
                 "the database did not answer in time; retry shortly".into()
             }
@@ -102,10 +124,17 @@ impl IntoResponse for ApiError {
             // The one place a database failure behind a client error is logged.
             match e {
                 DbError::Other(cause) => tracing::error!(error = %cause, "database error"),
-                DbError::Unavailable(cause) | DbError::ConnectionLost(cause) => {
+                DbError::Unavailable(cause)
+                | DbError::RolledBack(cause)
+                | DbError::ConnectionLost(cause)
+                | DbError::ReadOnly(cause) => {
                     tracing::warn!(error = %cause, "database unavailable")
                 }
+                DbError::Tls(cause) => tracing::warn!(error = %cause, "database unavailable"),
                 DbError::Timeout => tracing::warn!("database statement timed out"),
+                // The circuit's opening was logged once; a line per refused request would
+                // flood the log during an outage.
+                DbError::CircuitOpen => tracing::debug!("database unreachable (circuit open)"),
                 DbError::PoolExhausted => {
                     tracing::warn!("no database connection free within the acquire timeout")
                 }

@@ -13,6 +13,7 @@
 //! - [`store`]: everything that speaks SQL: pool, migrations, batching, cleanup.
 //! - [`ops`]: health probes, readiness, metrics endpoint, system checks.
 //! - [`metrics`]: metric names and help text, defined once.
+//! - [`tls`]: libpq's TLS settings for Postgres, the upstream checks' TLS, naming TLS failures.
 //!
 //! Data flows one way: handler (parse, validate) -> store (SQL, batching) -> Postgres.
 
@@ -26,3 +27,4 @@ pub mod ops;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -65,12 +65,28 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    match cli.command.unwrap_or(Command::Serve) {
+    // Validated with the settings, so this is Ok.
+    let tls = settings.database.tls().ok();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let (Some(tls), Command::Serve | Command::Migrate) = (&tls, &command) {
+        let https_upstreams = settings
+            .health
+            .upstreams
+            .iter()
+            .any(|u| u.url.starts_with("https://"));
+        // SAFETY: no other thread has started yet: logging, runtimes and data threads come later.
+        unsafe { tls.confine_trust(https_upstreams) };
+    }
+    match command {
         Command::CheckConfig => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&settings.redacted_json()).unwrap_or_default()
             );
+            // What the database connections will verify, where a person reads it (stdout is JSON).
+            if let Some(tls) = &tls {
+                eprintln!("pgsidecar: database connections: {}", tls.describe());
+            }
             ExitCode::SUCCESS
         }
         Command::Probe { what } => probe(&settings, what),
@@ -133,6 +149,14 @@ fn serve(settings: Settings) -> ExitCode {
 }
 
 fn migrate(settings: Settings) -> ExitCode {
+    if !settings.database.can_migrate() {
+        eprintln!(
+            "pgsidecar: database.migrate_url: must be set to a direct PostgreSQL URL to migrate \
+             with database.pooler = \"transaction\" (the migration lock is a session advisory \
+             lock, which a transaction-mode pooler does not keep)"
+        );
+        return ExitCode::from(EX_CONFIG);
+    }
     let log = pgsidecar::telemetry::init(&settings.log.level, std::io::stdout());
     let Ok(rt) = current_thread_runtime() else {
         return ExitCode::FAILURE;
@@ -147,7 +171,9 @@ fn migrate(settings: Settings) -> ExitCode {
         };
         match store.migrate(&settings.database.schema).await {
             Ok(()) => {
-                tracing::info!(schema = %settings.database.schema, database = %settings.database.url.redacted(), "migrations applied");
+                let d = &settings.database;
+                let url = if d.migrate_url.expose().is_empty() { &d.url } else { &d.migrate_url };
+                tracing::info!(schema = %d.schema, database = %url.redacted(), "migrations applied");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -162,20 +188,23 @@ fn migrate(settings: Settings) -> ExitCode {
 }
 
 /// A minimal HTTP/1.0 GET on the local ops port: no client library, no shell, no curl needed.
+/// Prints one line either way (on stdout when the answer is 200, else on stderr), so a Docker
+/// health log says why.
 fn probe(settings: &Settings, what: ProbeKind) -> ExitCode {
     use std::io::{Read, Write};
+    let path = match what {
+        ProbeKind::Live => "/live",
+        ProbeKind::Ready => "/ready",
+    };
     let ListenAddr::Tcp(mut addr) = settings.server.ops_listen.clone() else {
+        eprintln!("pgsidecar probe {path}: server.ops_listen is not a TCP address");
         return ExitCode::FAILURE;
     };
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let path = match what {
-        ProbeKind::Live => "/live",
-        ProbeKind::Ready => "/ready",
-    };
     let timeout = Duration::from_secs(2);
-    let ok = (|| -> std::io::Result<bool> {
+    let answer = (|| -> std::io::Result<Vec<u8>> {
         let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
@@ -183,14 +212,36 @@ fn probe(settings: &Settings, what: ProbeKind) -> ExitCode {
             s,
             "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         )?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head)?;
-        Ok(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
-    })()
-    .unwrap_or(false);
+        // The ops answers are small JSON objects; a bound in case something else answers.
+        let mut answer = Vec::new();
+        s.take(64 * 1024).read_to_end(&mut answer)?;
+        Ok(answer)
+    })();
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("pgsidecar probe {path}: cannot ask the ops listener at {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("").trim();
+    let ok = status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200");
+    let line = format!(
+        "pgsidecar probe {path}: {} {}",
+        if status.is_empty() {
+            "no HTTP answer"
+        } else {
+            status
+        },
+        body.trim().replace(['\r', '\n'], " ")
+    );
     if ok {
+        println!("{}", line.trim_end());
         ExitCode::SUCCESS
     } else {
+        eprintln!("{}", line.trim_end());
         ExitCode::FAILURE
     }
 }

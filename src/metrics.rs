@@ -11,6 +11,13 @@ pub const HTTP_REQUESTS: &str = "pgsidecar_http_requests_total";
 pub const HTTP_DURATION: &str = "pgsidecar_http_request_duration_seconds";
 pub const HTTP_IN_FLIGHT: &str = "pgsidecar_http_requests_in_flight";
 pub const HTTP_SHED: &str = "pgsidecar_http_requests_shed_total";
+pub const HTTP_BODY_BUDGET_SHED: &str = "pgsidecar_http_body_budget_exhausted_total";
+pub const HTTP_ANSWER_BUDGET_SHED: &str = "pgsidecar_http_answer_budget_exhausted_total";
+pub const HTTP_CONNECTIONS: &str = "pgsidecar_http_connections";
+pub const HTTP_CONNECTIONS_REJECTED: &str = "pgsidecar_http_connections_rejected_total";
+pub const HTTP_ACCEPT_ERRORS: &str = "pgsidecar_http_accept_errors_total";
+pub const ACCESS_LOG_SKIPPED: &str = "pgsidecar_access_log_lines_skipped_total";
+pub const SESSIONS_EVICTED: &str = "pgsidecar_sessions_evicted_total";
 pub const DB_QUERY_DURATION: &str = "pgsidecar_db_query_duration_seconds";
 pub const DB_ERRORS: &str = "pgsidecar_db_errors_total";
 pub const DB_POOL_CONNECTIONS: &str = "pgsidecar_db_pool_connections";
@@ -24,6 +31,16 @@ pub const SESSION_VALIDATIONS: &str = "pgsidecar_session_validations_total";
 pub const SESSIONS_CREATED: &str = "pgsidecar_sessions_created_total";
 pub const SESSIONS_REVOKED: &str = "pgsidecar_sessions_revoked_total";
 pub const EXPIRED_ROWS_DELETED: &str = "pgsidecar_expired_rows_deleted_total";
+pub const CACHE_EVICTED: &str = "pgsidecar_cache_evicted_total";
+// The standard process metrics (see `ops::process`).
+pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+pub const PROCESS_VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
+pub const PROCESS_VIRTUAL_MEMORY_MAX: &str = "process_virtual_memory_max_bytes";
+pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
+pub const PROCESS_THREADS: &str = "process_threads";
 
 /// From 100 µs (a batched read on loopback) to 10 s (past every timeout).
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -41,6 +58,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|e| e.to_string())?;
     describe();
+    crate::ops::process::describe();
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }
@@ -59,6 +77,31 @@ fn describe() {
     describe_counter!(
         HTTP_SHED,
         "Data API requests refused with 503 because max_concurrent_requests were in flight."
+    );
+    describe_counter!(
+        HTTP_BODY_BUDGET_SHED,
+        "Data API requests refused with 503 because server.max_body_bytes_in_flight of request bodies were held."
+    );
+    describe_counter!(
+        HTTP_ANSWER_BUDGET_SHED,
+        "_mget and session list requests refused with 503 because server.max_response_bytes_in_flight of answers were held."
+    );
+    describe_gauge!(HTTP_CONNECTIONS, "Open connections, by listener.");
+    describe_counter!(
+        HTTP_CONNECTIONS_REJECTED,
+        "Connections answered 503 and closed at once because the listener's connection cap was reached, by listener."
+    );
+    describe_counter!(
+        HTTP_ACCEPT_ERRORS,
+        "Failed accepts (e.g. out of file descriptors), by listener."
+    );
+    describe_counter!(
+        ACCESS_LOG_SKIPPED,
+        "Requests answered without an access line because of log.access."
+    );
+    describe_counter!(
+        SESSIONS_EVICTED,
+        "Live sessions revoked because their user reached sessions.max_per_user."
     );
     describe_histogram!(
         DB_QUERY_DURATION,
@@ -103,6 +146,10 @@ fn describe() {
     describe_counter!(
         EXPIRED_ROWS_DELETED,
         "Expired rows deleted by the background cleanup, by table."
+    );
+    describe_counter!(
+        CACHE_EVICTED,
+        "Live cache entries evicted, oldest first, to keep the cache within cache.max_bytes."
     );
 }
 

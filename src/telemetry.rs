@@ -290,6 +290,9 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
+/// Fields whose value is written as JSON already (with `%`), copied into the line as it is.
+const JSON_FIELDS: [&str; 2] = ["config", "failing"];
+
 /// Writes each field as `,"name":value`. Names that the fixed fields use get a `field_` prefix.
 struct FieldWriter<'a> {
     out: &'a mut Vec<u8>,
@@ -317,8 +320,10 @@ impl Visit for FieldWriter<'_> {
         }
         let text = format!("{value:?}");
         self.key(field);
-        // Structured fields (`config = %settings_json`) stay objects instead of quoted strings.
-        if field.name() == "config" && serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok()
+        // Structured fields (`config = %settings_json`, `failing = %json_array`) stay JSON
+        // values instead of quoted strings.
+        if JSON_FIELDS.contains(&field.name())
+            && serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok()
         {
             self.out.extend_from_slice(text.as_bytes());
         } else {

@@ -16,7 +16,7 @@ use super::media_type::{BodyKind, ValueKind};
 use super::{AppState, Body, PARAM_KEY, PathParam, QueryParams, parse_json};
 use crate::config::MAX_TTL_SECONDS;
 use crate::error::ApiError;
-use crate::store::cache::{CachePut, PutValue, Tag};
+use crate::store::cache::{CachePut, MgetSlot, PutValue, Tag};
 use crate::store::{CacheEntry, CacheKey, CacheValue};
 
 /// Most keys one `_mget` may ask for.
@@ -239,7 +239,9 @@ struct MgetBody {
     keys: Vec<String>,
 }
 
-/// `POST /v1/cache/_mget`: `{"hits": {key: value}, "misses": [key]}`.
+/// `POST /v1/cache/_mget`: `{"hits": {key: value}, "misses": [key]}`, plus `"unprocessed":
+/// [key]` when the values would exceed `cache.max_mget_bytes` (as DynamoDB's BatchGetItem
+/// returns `UnprocessedKeys`): the keys, in the order asked, from the first that did not fit.
 pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
     let req: MgetBody = parse_json(&body)?;
     if req.keys.is_empty() || req.keys.len() > MAX_MGET_KEYS {
@@ -256,19 +258,39 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
             keys.push(k);
         }
     }
-    let entries = s.store.cache_mget(keys.clone()).await?;
+    // Every key appears once in the answer (a hit, a miss or unprocessed): room for them, and
+    // for the values up to cache.max_mget_bytes, or the share of the answer budget it gets.
+    let key_bytes: usize = keys.iter().map(|k| k.as_str().len() + 8).sum::<usize>() + 64;
+    // One largest item: a value that is not JSON travels in base64 (a third more), with its
+    // media type (at most 255 bytes, each escaped at worst) and its field names.
+    let largest = s.limits.cache_max_value_bytes.div_ceil(3) * 4 + 600;
+    let permit = s
+        .answers
+        .reserve(
+            s.limits.cache_max_mget_bytes.max(largest) + key_bytes,
+            largest + key_bytes,
+        )
+        .await?;
+    let slots = s
+        .store
+        .cache_mget_bounded(&keys, permit.num_permits().saturating_sub(key_bytes))
+        .await?;
     // JSON values are stored, validated JSON: spliced in as they are instead of re-encoded.
     let mut hits = Vec::new();
     let mut raw = Vec::new();
     let mut misses = Vec::new();
-    for (k, e) in keys.iter().zip(entries) {
-        match e.map(|e| e.value) {
-            Some(CacheValue::Json(v)) => hits.push((k, v)),
-            Some(CacheValue::Raw {
-                content_type,
-                bytes,
-            }) => raw.push((k, content_type, bytes)),
-            None => misses.push(k.as_str()),
+    let mut unprocessed = Vec::new();
+    for (k, slot) in keys.iter().zip(slots) {
+        match slot {
+            MgetSlot::Hit(e) => match e.value {
+                CacheValue::Json(v) => hits.push((k, v)),
+                CacheValue::Raw {
+                    content_type,
+                    bytes,
+                } => raw.push((k, content_type, bytes)),
+            },
+            MgetSlot::Miss => misses.push(k.as_str()),
+            MgetSlot::Unprocessed => unprocessed.push(k.as_str()),
         }
     }
     let mut out = Vec::with_capacity(
@@ -313,15 +335,25 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
     }
     out.extend_from_slice(b"},\"misses\":");
     serde_json::to_writer(&mut out, &misses).map_err(|_| ApiError::Internal)?;
+    // Only when the answer was cut at cache.max_mget_bytes: ask for these keys again.
+    if !unprocessed.is_empty() {
+        out.extend_from_slice(b",\"unprocessed\":");
+        serde_json::to_writer(&mut out, &unprocessed).map_err(|_| ApiError::Internal)?;
+    }
     out.push(b'}');
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        out,
-    )
-        .into_response())
+    let len = out.len();
+    Ok(super::held_response(
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            out,
+        )
+            .into_response(),
+        permit,
+        len,
+    ))
 }
 
 #[derive(Deserialize)]

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use serde::de::DeserializeOwned;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Settings;
 use crate::error::ApiError;
@@ -26,6 +27,105 @@ use crate::store::Store;
 pub struct AppState {
     pub store: Store,
     pub limits: Arc<Limits>,
+    pub answers: AnswerBudget,
+}
+
+/// Bytes of answers whose size the request does not bound (`_mget` answers, session list
+/// pages) held at once, all data threads together (`server.max_response_bytes_in_flight`).
+/// Clones share the budget.
+#[derive(Clone)]
+pub struct AnswerBudget(Arc<Semaphore>);
+
+impl AnswerBudget {
+    pub fn new(settings: &crate::config::ServerSettings) -> Self {
+        Self(Arc::new(Semaphore::new(
+            settings
+                .max_response_bytes_in_flight
+                .min(Semaphore::MAX_PERMITS),
+        )))
+    }
+
+    /// Bytes of the budget for one answer: an eighth of what is free, but at least `at_least`
+    /// (one largest item) and at most `want` (the answer's own bound), so that one answer cannot
+    /// take it all from the next ones; answers are cut to what they get (an `_mget` sooner, a
+    /// page shorter). When not even `at_least` is free, waits for it (in turn) up to
+    /// [`ANSWER_BUDGET_WAIT`], then 503 `overloaded`.
+    pub async fn reserve(
+        &self,
+        want: usize,
+        at_least: usize,
+    ) -> Result<OwnedSemaphorePermit, ApiError> {
+        let at_least = at_least.min(want);
+        let permits = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        // Racing other reservations: what was free a moment ago may be gone; try again.
+        for _ in 0..4 {
+            let free = self.0.available_permits();
+            if free < at_least {
+                break;
+            }
+            let n = (free / 8).clamp(at_least, want);
+            if let Ok(p) = self.0.clone().try_acquire_many_owned(permits(n)) {
+                return Ok(p);
+            }
+        }
+        let wait = self.0.clone().acquire_many_owned(permits(at_least));
+        match tokio::time::timeout(ANSWER_BUDGET_WAIT, wait).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => {
+                metrics::counter!(crate::metrics::HTTP_ANSWER_BUDGET_SHED).increment(1);
+                Err(ApiError::Overloaded)
+            }
+        }
+    }
+}
+
+/// Longest an answer waits for room in the [`AnswerBudget`]: answers are written in
+/// milliseconds, so a longer wait means clients that do not read theirs.
+pub const ANSWER_BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `resp` holding `permit` (its share of the [`AnswerBudget`], trimmed to `bytes`) until the
+/// answer has been sent.
+pub fn held_response(
+    resp: axum::response::Response,
+    mut permit: OwnedSemaphorePermit,
+    bytes: usize,
+) -> axum::response::Response {
+    drop(permit.split(permit.num_permits().saturating_sub(bytes)));
+    resp.map(|inner| {
+        axum::body::Body::new(Held {
+            inner,
+            _permit: permit,
+        })
+    })
+}
+
+/// A response body and the budget it holds until hyper has written it to the socket.
+struct Held {
+    inner: axum::body::Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl axum::body::HttpBody for Held {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    /// Never true: hyper drops a body that says it has ended as soon as it has taken its last
+    /// bytes, before writing them; asked for a frame after that, this body ends (and gives its
+    /// share back) once hyper has written the bytes out.
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Input limits, from the settings.
@@ -35,18 +135,26 @@ pub struct Limits {
     pub session_max_data_bytes: usize,
     pub cache_default_ttl: u32,
     pub cache_max_value_bytes: usize,
+    pub cache_max_mget_bytes: usize,
+    pub session_max_list_bytes: usize,
+    pub session_max_data_bytes_page: usize,
 }
 
 /// Builds the data router. Its guard (auth, load shedding, request timeout) and body limit are
-/// put around it by [`crate::http::edge`].
-pub fn router(store: Store, settings: &Settings) -> Router {
+/// put around it by [`crate::http::edge`]. `answers` is shared by every data thread's router.
+pub fn router(store: Store, settings: &Settings, answers: AnswerBudget) -> Router {
     let state = AppState {
+        answers,
         store,
         limits: Arc::new(Limits {
             session_default_ttl: settings.sessions.default_ttl_seconds,
             session_max_data_bytes: settings.sessions.max_data_bytes,
             cache_default_ttl: settings.cache.default_ttl_seconds,
             cache_max_value_bytes: settings.cache.max_value_bytes,
+            cache_max_mget_bytes: settings.cache.max_mget_bytes,
+            session_max_list_bytes: settings.sessions.max_list_bytes,
+            // One session's share of a page at most: its data, a user agent, the rest.
+            session_max_data_bytes_page: settings.sessions.max_data_bytes + 2048,
         }),
     };
     let mut router = Router::new();
@@ -147,7 +255,8 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Ap
     })
 }
 
-/// A single path parameter, percent-decoded; undecodable input is `code`.
+/// A single path parameter, decoded by the strict decoder ([`crate::http::decode`]: `+` is a
+/// plus sign, malformed escapes and non-UTF-8 are refused); undecodable input is `CODE`.
 pub struct PathParam<const CODE: u8>(pub String);
 
 /// Codes for [`PathParam`] rejections.
@@ -158,34 +267,50 @@ pub const PARAM_USER: u8 = 2;
 impl<S: Send + Sync, const CODE: u8> FromRequestParts<S> for PathParam<CODE> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(s)) => Ok(Self(s)),
-            Err(_) => Err(match CODE {
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        use crate::http::decode::{Plus, path_param, percent_decode};
+        // The raw segment, not axum's decoded one: axum passes malformed escapes through as text.
+        let raw = parts
+            .extensions
+            .get::<MatchedPath>()
+            .and_then(|m| path_param(m.as_str(), parts.uri.path()));
+        let Some(raw) = raw else {
+            return Err(ApiError::Internal);
+        };
+        percent_decode(raw, Plus::Literal)
+            .map(Self)
+            .map_err(|e| match CODE {
                 PARAM_KEY => ApiError::bad_request(
                     "invalid_key",
-                    "the key in the path is not valid percent-encoded UTF-8",
+                    format!("the key in the path is not valid percent-encoded UTF-8: {e}"),
                 ),
                 PARAM_USER => ApiError::bad_request(
                     "invalid_user_id",
-                    "the user id in the path is not valid percent-encoded UTF-8",
+                    format!("the user id in the path is not valid percent-encoded UTF-8: {e}"),
                 ),
                 // A token that cannot even be decoded is simply unknown.
                 _ => ApiError::NotFound("session not found"),
-            }),
-        }
+            })
     }
 }
 
-/// Query parameters; a malformed query string is 400 `invalid_query`.
+/// Query parameters, decoded by the strict decoder ([`crate::http::decode::parse_query`]: `+`
+/// is a space, malformed escapes, non-UTF-8 and repeated names are refused) into `T`, whose
+/// fields are strings; anything else is 400 `invalid_query`.
 pub struct QueryParams<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        axum::extract::Query::<T>::try_from_uri(&parts.uri)
-            .map(|axum::extract::Query(t)| QueryParams(t))
-            .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+        let pairs = crate::http::decode::parse_query(parts.uri.query().unwrap_or(""))
+            .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+        let map: serde_json::Map<String, serde_json::Value> = pairs
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        serde_json::from_value(serde_json::Value::Object(map))
+            .map(QueryParams)
+            .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))
     }
 }

@@ -1,10 +1,8 @@
 //! `/v1/sessions` and `/v1/users/{user_id}/sessions`: create, validate (and slide, by path or
 //! by body), update, list and revoke login sessions (by token, by id, or all of a user's).
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::http::Uri;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -14,7 +12,7 @@ use uuid::Uuid;
 use super::{AppState, Body, PARAM_TOKEN, PARAM_USER, PathParam, QueryParams, parse_json};
 use crate::config::MAX_TTL_SECONDS;
 use crate::error::ApiError;
-use crate::store::{NewSession, SessionRecord, TokenHash};
+use crate::store::{ListPage, NewSession, SessionRecord, TokenHash};
 
 const MAX_USER_ID_BYTES: usize = 256;
 const MAX_IP_BYTES: usize = 64;
@@ -91,6 +89,42 @@ struct Created<'a> {
 #[derive(Serialize)]
 struct SessionList<'a> {
     sessions: &'a [SessionRecord],
+    /// Where the next page starts (pass it as `cursor`); absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// Sessions per page of a user's list unless `limit` says otherwise, and the most it may ask.
+pub const LIST_DEFAULT_LIMIT: u32 = 100;
+pub const LIST_MAX_LIMIT: u32 = 1000;
+
+/// A list cursor: the last session's (created_at, id), opaque to clients (base64url of
+/// `<microseconds>.<uuid>`).
+fn encode_cursor((at, id): (chrono::DateTime<chrono::Utc>, Uuid)) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+        "{}.{}",
+        at.timestamp_micros(),
+        id.simple()
+    ))
+}
+
+fn decode_cursor(raw: &str) -> Option<(chrono::DateTime<chrono::Utc>, Uuid)> {
+    use base64::Engine;
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .ok()?;
+    let (micros, id) = std::str::from_utf8(&text).ok()?.split_once('.')?;
+    Some((
+        chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        Uuid::parse_str(id).ok()?,
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    limit: Option<String>,
+    cursor: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -246,16 +280,63 @@ pub async fn revoke(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v1/users/{user_id}/sessions`: live sessions, newest first.
+/// `GET /v1/users/{user_id}/sessions?limit=N&cursor=C`: live sessions, newest first, a page
+/// at a time: at most `limit` (default 100, at most 1000) and about `sessions.max_list_bytes`.
 pub async fn list(
     State(s): State<AppState>,
     PathParam(raw): PathParam<PARAM_USER>,
+    QueryParams(q): QueryParams<ListParams>,
 ) -> Result<Response, ApiError> {
     let user = user_id(raw)?;
-    let sessions = s.store.sessions_of_user(&user).await?;
-    Ok(super::json_response(&SessionList {
-        sessions: &sessions,
-    }))
+    let limit = match q.limit.as_deref() {
+        None => LIST_DEFAULT_LIMIT,
+        Some(n) => n
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=LIST_MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_limit",
+                    format!("limit must be an integer from 1 to {LIST_MAX_LIMIT}"),
+                )
+            })?,
+    };
+    let after = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_cursor",
+                "cursor must be a next_cursor returned by this route",
+            )
+        })?),
+    };
+    // A page of up to sessions.max_list_bytes, or the share of the answer budget it gets.
+    let permit = s
+        .answers
+        .reserve(
+            s.limits.session_max_list_bytes,
+            s.limits.session_max_data_bytes_page,
+        )
+        .await?;
+    let page = s
+        .store
+        .sessions_of_user(
+            &user,
+            ListPage {
+                after,
+                limit,
+                max_bytes: permit.num_permits(),
+            },
+        )
+        .await?;
+    let resp = super::json_response(&SessionList {
+        sessions: &page.sessions,
+        next_cursor: page.next.map(encode_cursor),
+    });
+    let len = axum::body::HttpBody::size_hint(resp.body())
+        .exact()
+        .map_or(usize::MAX, |n| n as usize);
+    Ok(super::held_response(resp, permit, len))
 }
 
 fn session_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -265,30 +346,24 @@ fn session_id(raw: &str) -> Result<Uuid, ApiError> {
 
 /// `DELETE /v1/users/{user_id}/sessions/{session_id}`: revokes that session when it is the
 /// user's; 204 also when it is already gone (or is another user's, which stays untouched).
-pub async fn revoke_one(
-    State(s): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    uri: Uri,
-) -> Result<StatusCode, ApiError> {
-    let Ok(Path((user, id))) = path else {
-        // Which of the two did not decode: the session id is the last segment, plain ASCII
-        // when it is a UUID.
-        let id_ok = uri
-            .path()
-            .rsplit('/')
-            .next()
-            .is_some_and(|id| Uuid::parse_str(id).is_ok());
-        return Err(if id_ok {
-            ApiError::bad_request(
-                "invalid_user_id",
-                "the user id in the path is not valid percent-encoded UTF-8",
-            )
-        } else {
-            ApiError::bad_request("invalid_session_id", "the session id must be a UUID")
-        });
+pub async fn revoke_one(State(s): State<AppState>, uri: Uri) -> Result<StatusCode, ApiError> {
+    use crate::http::decode::{Plus, percent_decode};
+    // The raw segments of /v1/users/{user_id}/sessions/{session_id} (the router matched it),
+    // the user id decoded strictly like every path parameter; a UUID needs no decoding.
+    let mut segments = uri.path().split('/').skip(3);
+    let (Some(raw_user), Some(_), Some(raw_id)) =
+        (segments.next(), segments.next(), segments.next())
+    else {
+        return Err(ApiError::Internal);
     };
+    let user = percent_decode(raw_user, Plus::Literal).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_user_id",
+            format!("the user id in the path is not valid percent-encoded UTF-8: {e}"),
+        )
+    })?;
     let user = user_id(user)?;
-    let id = session_id(&id)?;
+    let id = session_id(raw_id)?;
     s.store.session_revoke_id(&user, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -17,6 +17,7 @@ use tower::{Service, ServiceExt};
 
 use super::REQUEST_ID;
 use super::guard::Guard;
+use crate::config::{AccessLog, LogSettings};
 use crate::error::{ApiError, error_response};
 use crate::metrics as m;
 use crate::metrics::cached::ByAddr;
@@ -61,6 +62,7 @@ pub struct Edge<S> {
 
 struct EdgeContext {
     listener: &'static str,
+    access: AccessPolicy,
     /// Route templates, for the `route` label and log field (never the raw path).
     routes: matchit::Router<&'static str>,
     guard: Option<Guard>,
@@ -105,9 +107,60 @@ pub fn edge(
         inner,
         ctx: Arc::new(EdgeContext {
             listener,
+            access: AccessPolicy::ALL,
             routes,
             guard,
         }),
+    }
+}
+
+impl<S> Edge<S> {
+    /// Which requests get an access line (every request unless set).
+    pub fn access_log(mut self, policy: AccessPolicy) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.access = policy;
+        }
+        self
+    }
+}
+
+/// Which requests get an access line: `log.access` and its threshold and sample rate.
+#[derive(Clone, Copy, Debug)]
+pub struct AccessPolicy {
+    pub mode: AccessLog,
+    /// With `Errors`: requests at least this slow are logged (`None`: no threshold).
+    pub slow: Option<Duration>,
+    /// With `Errors`: the fraction of the other requests logged.
+    pub sample_rate: f64,
+}
+
+impl AccessPolicy {
+    pub const ALL: Self = Self {
+        mode: AccessLog::All,
+        slow: None,
+        sample_rate: 0.0,
+    };
+
+    pub fn from_settings(log: &LogSettings) -> Self {
+        Self {
+            mode: log.access,
+            slow: (log.access_slow_ms > 0).then(|| Duration::from_millis(log.access_slow_ms)),
+            sample_rate: log.access_sample_rate,
+        }
+    }
+
+    /// Whether a request answered `status` after `elapsed` gets a line. A 404 is not an error
+    /// here: it is a cache miss or an unknown session, ordinary traffic.
+    pub fn logs(&self, status: u16, elapsed: Duration) -> bool {
+        match self.mode {
+            AccessLog::All => true,
+            AccessLog::Off => false,
+            AccessLog::Errors => {
+                (status >= 400 && status != 404)
+                    || self.slow.is_some_and(|slow| elapsed >= slow)
+                    || (self.sample_rate > 0.0 && rand::random::<f64>() < self.sample_rate)
+            }
+        }
     }
 }
 
@@ -148,6 +201,10 @@ where
             let elapsed = start.elapsed();
             let status = resp.status().as_u16();
             RequestMetrics::observe(ctx.listener, method, route, status, elapsed);
+            if !ctx.access.logs(status, elapsed) {
+                m::cached::increment(m::ACCESS_LOG_SKIPPED, &[], 1);
+                return Ok(resp);
+            }
             tracing::info!(
                 target: "pgsidecar::access",
                 listener = ctx.listener,
@@ -206,4 +263,35 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         "internal",
         "internal error",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_policy() {
+        let errors = AccessPolicy {
+            mode: AccessLog::Errors,
+            slow: Some(Duration::from_millis(500)),
+            sample_rate: 0.0,
+        };
+        let fast = Duration::from_millis(1);
+        assert!(!errors.logs(200, fast));
+        assert!(!errors.logs(404, fast), "a miss is ordinary traffic");
+        assert!(errors.logs(400, fast));
+        assert!(errors.logs(503, fast));
+        assert!(errors.logs(200, Duration::from_millis(500)));
+        let all_sampled = AccessPolicy {
+            sample_rate: 1.0,
+            ..errors
+        };
+        assert!(all_sampled.logs(200, fast));
+        assert!(AccessPolicy::ALL.logs(200, fast));
+        let off = AccessPolicy {
+            mode: AccessLog::Off,
+            ..errors
+        };
+        assert!(!off.logs(500, Duration::from_secs(9)));
+    }
 }

@@ -10,6 +10,7 @@
 //! | `/api/ready`  | `{"ready":bool}` |
 
 pub mod health;
+pub mod process;
 pub mod system;
 
 use std::sync::Arc;
@@ -39,9 +40,10 @@ pub struct OpsState {
     pub max_connections: u32,
     /// A health snapshot older than this means the probe loop is stuck: not ready.
     pub stale_after: std::time::Duration,
+    /// `health.ready_requires_database`: false leaves PostgreSQL's reachability out of `/ready`.
+    pub ready_requires_database: bool,
     pub service_id: String,
     pub prometheus: Option<PrometheusHandle>,
-    pub process: Arc<metrics_process::Collector>,
     pub log_dropped: Option<DroppedLines>,
 }
 
@@ -86,11 +88,16 @@ pub fn not_ready_reason(state: &OpsState) -> Option<String> {
     if snap.taken.elapsed() > state.stale_after {
         return Some("health probes stalled".into());
     }
-    if !snap.postgres_ok {
-        return Some("postgres unreachable".into());
-    }
-    if !snap.tables_ok {
-        return Some("sidecar tables missing".into());
+    // With `health.ready_requires_database = false`, a database outage leaves every container
+    // in the load balancer (data requests answer 503 fast; pages that need no state work).
+    if state.ready_requires_database {
+        // The circuit itself, not the last snapshot: readiness turns the moment it opens.
+        if state.stores[0].status().circuit.is_open() || !snap.postgres_ok {
+            return Some("postgres unreachable".into());
+        }
+        if !snap.tables_ok {
+            return Some("sidecar tables missing".into());
+        }
     }
     if !snap.failed_critical.is_empty() {
         return Some(format!(
@@ -113,7 +120,7 @@ async fn health_json(State(state): State<OpsState>) -> Response {
     }
     let mut body = json!({
         "status": status,
-        "version": env!("CARGO_PKG_VERSION").split('.').next().unwrap_or("0"),
+        "version": env!("CARGO_PKG_VERSION"),
         "releaseId": env!("CARGO_PKG_VERSION"),
         "serviceId": state.service_id,
         "description": "pgsidecar",
@@ -153,7 +160,8 @@ async fn live() -> Response {
 
 async fn api_health(State(state): State<OpsState>) -> Response {
     let snap = state.health.snapshot();
-    let healthy = snap.postgres_ok && snap.tables_ok && !state.lifecycle.is_draining();
+    let reachable = snap.postgres_ok && !state.stores[0].status().circuit.is_open();
+    let healthy = reachable && snap.tables_ok && !state.lifecycle.is_draining();
     json_status(
         if healthy {
             StatusCode::OK
@@ -161,7 +169,7 @@ async fn api_health(State(state): State<OpsState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE
         },
         json!({
-            "database": snap.postgres_ok,
+            "database": reachable,
             "cache": snap.tables_ok,
             "timestamp": Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
         }),
@@ -200,8 +208,10 @@ async fn metrics_text(State(state): State<OpsState>) -> Response {
     if let Some(c) = &state.log_dropped {
         metrics::counter!(m::LOG_DROPPED).absolute(c.get());
     }
-    state.process.collect();
-    let mut resp = handle.render().into_response();
+    let cpu = process::collect();
+    let mut text = handle.render();
+    text.push_str(&cpu);
+    let mut resp = text.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -10,7 +10,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -24,7 +23,9 @@ pub trait BatchOp: Send + Sync + 'static {
     /// Label for metrics.
     const NAME: &'static str;
     /// Whether a batch that failed because its connection broke may run again. True only for
-    /// work whose repetition cannot undo a newer write (reads, conditional refreshes).
+    /// work whose repetition cannot undo a newer write (reads, conditional refreshes): a
+    /// statement may have committed before its connection broke. (A batch Postgres rolled back,
+    /// [`DbError::RolledBack`], always runs once more: nothing of it was committed.)
     const RETRY_ON_BROKEN_CONNECTION: bool;
     /// A batch is cut once its items weigh this much (see [`BatchOp::weight`]).
     const MAX_BATCH_WEIGHT: usize = usize::MAX;
@@ -54,10 +55,8 @@ pub struct BatchLimits {
     /// Connections this kind has to itself (see [`Share`]).
     pub reserved: usize,
     /// Connections every kind may take beyond its reserved ones, shared by all batchers.
+    /// (Each batch's statement is bounded by its connection's deadline, see `run_once!`.)
     pub shared: Arc<Semaphore>,
-    /// Bounds one batch statement on the client side: the server's statement_timeout cannot
-    /// fire when the connection itself hangs (a dead host, a partition).
-    pub deadline: Duration,
 }
 
 /// The handle callers use; cloning shares the dispatcher.
@@ -117,7 +116,6 @@ impl<O: BatchOp> Batcher<O> {
             max_in_flight,
             reserved,
             shared,
-            deadline,
         } = limits;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         tokio::spawn(dispatch(
@@ -127,7 +125,6 @@ impl<O: BatchOp> Batcher<O> {
             Arc::new(Semaphore::new(max_in_flight.max(1))),
             Arc::new(Semaphore::new(reserved)),
             shared,
-            deadline,
         ));
         Self { tx }
     }
@@ -139,8 +136,10 @@ impl<O: BatchOp> Batcher<O> {
             .send(Job { item, reply })
             .await
             .map_err(|_| DbError::Unavailable("the store is shutting down".into()))?;
+        // The worker drops the reply unanswered only when its task ends early (a panic, the
+        // runtime shutting down): nothing says the work failed for good, so 503, not 500.
         rx.await.unwrap_or_else(|_| {
-            Err(DbError::Other(format!(
+            Err(DbError::Unavailable(format!(
                 "{} batch worker ended without answering",
                 O::NAME
             )))
@@ -155,7 +154,6 @@ async fn dispatch<O: BatchOp>(
     permits: Arc<Semaphore>,
     reserved: Arc<Semaphore>,
     shared: Arc<Semaphore>,
-    deadline: Duration,
 ) {
     while let Some(first) = rx.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -199,22 +197,17 @@ async fn dispatch<O: BatchOp>(
             let (items, replies): (Vec<_>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
             let expected = items.len();
-            let run = || async {
-                tokio::time::timeout(deadline, op.run(&items))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(DbError::Unavailable(format!(
-                            "{} batch got no answer within {} ms",
-                            O::NAME,
-                            deadline.as_millis()
-                        )))
-                    })
-            };
-            let mut result = run().await;
-            if O::RETRY_ON_BROKEN_CONNECTION && matches!(result, Err(DbError::ConnectionLost(_))) {
+            let mut result = op.run(&items).await;
+            let retry = match &result {
                 // Usually a connection that died with a Postgres restart: the held connections
                 // were handed back, so the retry gets a fresh one (or fails the same way).
-                result = run().await;
+                Err(DbError::ConnectionLost(_)) => O::RETRY_ON_BROKEN_CONNECTION,
+                // A deadlock victim: rolled back whole, so the retry is the batch's only effect.
+                Err(DbError::RolledBack(_)) => true,
+                _ => false,
+            };
+            if retry {
+                result = op.run(&items).await;
             }
             match result {
                 Ok(outputs) if outputs.len() == expected => {
@@ -244,6 +237,7 @@ async fn dispatch<O: BatchOp>(
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     #[test]
     fn share_of_the_pool() {
@@ -281,6 +275,36 @@ mod tests {
         }
     }
 
+    /// Panics in its batch: a bug, as far as the callers can tell.
+    struct Panics;
+
+    impl BatchOp for Panics {
+        type Item = ();
+        type Output = ();
+        const NAME: &'static str = "test";
+        const RETRY_ON_BROKEN_CONNECTION: bool = false;
+        async fn run(&self, _: &[()]) -> Result<Vec<()>, DbError> {
+            panic!("a bug in a batch");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_ends_without_answering_is_unavailable_not_internal() {
+        let limits = BatchLimits {
+            max_size: 8,
+            max_in_flight: 1,
+            reserved: 1,
+            shared: Arc::new(Semaphore::new(1)),
+        };
+        let b = Batcher::spawn(Panics, limits);
+        let err = b.call(()).await.unwrap_err();
+        assert!(matches!(err, DbError::Unavailable(_)), "{err:?}");
+        let status = crate::error::ApiError::Db(err).status();
+        assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        // The dispatcher survives and serves the next call the same way.
+        assert!(matches!(b.call(()).await, Err(DbError::Unavailable(_))));
+    }
+
     async fn settle() {
         for _ in 0..50 {
             tokio::task::yield_now().await;
@@ -308,7 +332,6 @@ mod tests {
                 max_in_flight: share.per_kind,
                 reserved: share.reserved,
                 shared: shared.clone(),
-                deadline: Duration::from_secs(30),
             };
             kinds.push(Batcher::spawn(op, limits));
         }

@@ -270,10 +270,20 @@ pub struct Invalidated {
     pub at: DateTime<Utc>,
 }
 
+/// One key's answer in a bounded batch read ([`Store::cache_mget_bounded`]).
+#[derive(Clone, Debug)]
+pub enum MgetSlot {
+    Hit(CacheEntry),
+    Miss,
+    /// Present, but past the answer's byte budget: not read.
+    Unprocessed,
+}
+
 /// The cache's statements, their tables in the configured schema (see [`Schema`]).
 pub(crate) struct CacheSql {
     read: SqlStr,
     read_checked: SqlStr,
+    read_bounded: SqlStr,
     pub(super) write: SqlStr,
     pub(super) write_if: SqlStr,
     pub(super) update_if: SqlStr,
@@ -310,6 +320,34 @@ impl CacheSql {
                  FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u(k, t, i) \
                  JOIN {schema}.cache AS c ON c.key = u.k WHERE c.expires_at > now()"
             )),
+            // The keys in the order asked, with the running total of their sizes in the answer
+            // (a value that is not JSON travels in base64, with its media type): values past
+            // the budget stay in Postgres (NULL columns), so an _mget never loads more than its
+            // budget. The first hit always comes back (the budget holds one largest value).
+            // octet_length does not detoast the value it measures.
+            read_bounded: schema.sql(concat!(
+                "SELECT key, CASE WHEN n = 1 OR total <= $2 THEN value END AS value, \
+                        CASE WHEN n = 1 OR total <= $2 THEN content_type END AS content_type, \
+                        CASE WHEN n = 1 OR total <= $2 THEN bytes END AS bytes, \
+                        expires_at, updated_at, xmin \
+                 FROM (SELECT c.key, c.value, c.expires_at, \
+                         CASE WHEN c.value = '",
+                raw_marker!(),
+                "' THEN c.content_type END AS content_type, \
+                         CASE WHEN c.value = '",
+                raw_marker!(),
+                "' THEN c.bytes END AS bytes, ",
+                version_columns!("c"),
+                ", row_number() OVER w AS n, \
+                         sum(octet_length(c.key) + 4 + CASE WHEN c.value = '",
+                raw_marker!(),
+                "' THEN (octet_length(c.bytes) + 2) / 3 * 4 + octet_length(c.content_type) + 40 \
+                             ELSE octet_length(c.value) END) OVER w AS total \
+                       FROM unnest($1::text[]) WITH ORDINALITY AS k(key, ord) \
+                       JOIN {schema}.cache c ON c.key = k.key \
+                       WHERE c.expires_at > now() \
+                       WINDOW w AS (ORDER BY k.ord ROWS UNBOUNDED PRECEDING)) s"
+            )),
             // Unconditional JSON writes, the common case; `write_if` and `update_if` (in
             // cache_write) serve the rest.
             write: schema.sql(concat!(
@@ -319,8 +357,8 @@ impl CacheSql {
                 ", now() + make_interval(secs => s) \
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[]) AS u(k, v, t, s) \
                  ON CONFLICT (key) DO UPDATE \
-                 SET value = EXCLUDED.value, content_type = NULL, bytes = NULL, tags = EXCLUDED.tags, \
-                     expires_at = EXCLUDED.expires_at, updated_at = now() \
+                 SET value = EXCLUDED.value, content_type = NULL, bytes = NULL, raw_size = NULL, \
+                     tags = EXCLUDED.tags, expires_at = EXCLUDED.expires_at, updated_at = now() \
                  RETURNING c.key, ",
                 version_columns!("c")
             )),
@@ -446,7 +484,7 @@ impl BatchOp for ReadBatch {
                 unique.push(key.as_str());
             }
         }
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+        let rows: Vec<PgRow> = run_once!(self.conns, Self::NAME, |c| sqlx::query(
             self.sql.read.clone()
         )
         .bind(&unique)
@@ -497,7 +535,7 @@ impl ReadBatch {
             }
             asked.push(mine);
         }
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+        let rows: Vec<PgRow> = run_once!(self.conns, Self::NAME, |c| sqlx::query(
             self.sql.read_checked.clone()
         )
         .bind(&keys)
@@ -595,6 +633,63 @@ impl Store {
         let hits = entries.iter().filter(|e| e.is_some()).count();
         count_hits("mget", hits, entries.len() - hits);
         Ok(entries)
+    }
+
+    /// Reads many distinct keys, their values together at most `max_bytes` (past it, keys in
+    /// the order asked are [`MgetSlot::Unprocessed`]); one slot per key, in order. Not batched
+    /// with other reads: its budget is its own.
+    pub async fn cache_mget_bounded(
+        &self,
+        keys: &[CacheKey],
+        max_bytes: usize,
+    ) -> Result<Vec<MgetSlot>, DbError> {
+        self.ensure_available()?;
+        let names: Vec<&str> = keys.iter().map(CacheKey::as_str).collect();
+        let rows: Vec<PgRow> = run!(self.conns, "cache_mget", |c| sqlx::query(
+            self.cache.sql.read_bounded.clone()
+        )
+        .bind(&names)
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+        .fetch_all(c))
+        .await?;
+        let mut found: HashMap<String, MgetSlot> = decode_all(&rows, |cols| {
+            let key: String = cols.next("key")?;
+            let value: Option<String> = cols.next("value")?;
+            let content_type: Option<String> = cols.next("content_type")?;
+            let bytes: Option<&[u8]> = cols.next("bytes")?;
+            let expires_at = cols.next("expires_at")?;
+            let version = Version::read(cols)?;
+            let value = match (value, content_type, bytes) {
+                (None, _, _) => return Ok((key, MgetSlot::Unprocessed)),
+                (Some(_), Some(content_type), Some(bytes)) => CacheValue::Raw {
+                    content_type,
+                    bytes: Bytes::copy_from_slice(bytes),
+                },
+                (Some(text), _, _) => CacheValue::Json(Bytes::from(text)),
+            };
+            Ok((
+                key,
+                MgetSlot::Hit(CacheEntry {
+                    value,
+                    expires_at,
+                    version,
+                    stale: false,
+                }),
+            ))
+        })?
+        .into_iter()
+        .collect();
+        let slots: Vec<MgetSlot> = keys
+            .iter()
+            .map(|k| found.remove(k.as_str()).unwrap_or(MgetSlot::Miss))
+            .collect();
+        let hits = slots
+            .iter()
+            .filter(|s| matches!(s, MgetSlot::Hit(_)))
+            .count();
+        let misses = slots.iter().filter(|s| matches!(s, MgetSlot::Miss)).count();
+        count_hits("mget", hits, misses);
+        Ok(slots)
     }
 
     /// Writes one entry when its preconditions hold: what it wrote, or `None` when a

@@ -11,8 +11,8 @@
 
 use bytes::Bytes;
 use foldhash::{HashMap, HashMapExt};
+use sqlx::Arguments;
 use sqlx::postgres::{PgArguments, PgRow};
-use sqlx::{Arguments, SqlStr};
 use std::sync::Arc;
 
 use super::DbError;
@@ -100,15 +100,16 @@ impl CachePut {
 /// [`EtagSet::bind`]), looked up by the row's key. A live entry is replaced only without
 /// If-None-Match, or when its tag is none of the listed ones; an expired one always.
 pub(crate) const WRITE_IF: &str = concat!(
-    "INSERT INTO {schema}.cache AS c (key, value, content_type, bytes, tags, expires_at) \
-     SELECT k, v, ct, b, ",
+    "INSERT INTO {schema}.cache AS c (key, value, content_type, bytes, raw_size, tags, expires_at) \
+     SELECT k, v, ct, b, octet_length(b) + octet_length(ct), ",
     tag_array!("t"),
     ", now() + make_interval(secs => s) \
      FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::int4[]) \
        AS u(k, v, ct, b, t, s) \
      ON CONFLICT (key) DO UPDATE \
      SET value = EXCLUDED.value, content_type = EXCLUDED.content_type, bytes = EXCLUDED.bytes, \
-         tags = EXCLUDED.tags, expires_at = EXCLUDED.expires_at, updated_at = now() \
+         raw_size = EXCLUDED.raw_size, tags = EXCLUDED.tags, expires_at = EXCLUDED.expires_at, \
+         updated_at = now() \
      WHERE c.expires_at <= now() \
         OR CASE ($7::int4[])[array_position($1::text[], c.key)] \
              WHEN 0 THEN true \
@@ -124,7 +125,8 @@ pub(crate) const WRITE_IF: &str = concat!(
 /// that passes If-None-Match ($8, $9) as well. An absent or expired key is not written.
 pub(crate) const UPDATE_IF: &str = concat!(
     "UPDATE {schema}.cache AS c \
-     SET value = u.v, content_type = u.ct, bytes = u.b, tags = ",
+     SET value = u.v, content_type = u.ct, bytes = u.b, \
+         raw_size = octet_length(u.b) + octet_length(u.ct), tags = ",
     tag_array!("u.t"),
     ", expires_at = now() + make_interval(secs => u.s), updated_at = now() \
      FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::int4[], \
@@ -397,58 +399,72 @@ impl WriteBatch {
         let tags: Vec<&str> = rows.iter().map(|r| r.tags.as_str()).collect();
         let ttls: Vec<i32> = rows.iter().map(|r| r.ttl).collect();
         let plain = !update && steps.iter().all(|s| items[s.item].is_plain_json());
-        let (sql, args): (&SqlStr, PgArguments) = if plain {
-            let mut a = Args::new(4, &rows, 0);
-            a.add(&keys).add(&values).add(&tags).add(&ttls);
-            (&self.sql.write, a.finish()?)
-        } else {
-            let types: Vec<Option<&str>> = rows.iter().map(|r| r.content_type).collect();
-            let bytes: Vec<Option<&[u8]>> = rows.iter().map(|r| r.bytes).collect();
-            let pre = |s: &&Step| &items[s.item].precondition;
-            let none_match: Vec<(i32, String)> = steps
-                .iter()
-                .map(|s| EtagSet::bind(&pre(s).if_none_match))
-                .collect();
-            let nk: Vec<i32> = none_match.iter().map(|(k, _)| *k).collect();
-            let nl: Vec<&str> = none_match.iter().map(|(_, l)| l.as_str()).collect();
-            let extra = nl.iter().map(|l| l.len()).sum::<usize>();
-            if update {
-                // NULL: If-Match: *.
-                let ml: Vec<Option<String>> = steps
-                    .iter()
-                    .map(|s| match &pre(s).if_match {
-                        Some(EtagSet::Tags(t)) => Some(t.join(" ")),
-                        _ => None,
-                    })
-                    .collect();
-                let extra = extra + ml.iter().flatten().map(String::len).sum::<usize>();
-                let mut a = Args::new(9, &rows, extra);
-                a.add(&keys)
-                    .add(&values)
-                    .add(&types)
-                    .add(&bytes)
-                    .add(&tags)
-                    .add(&ttls);
-                a.add(&ml).add(&nk).add(&nl);
-                (&self.sql.update_if, a.finish()?)
-            } else {
-                let mut a = Args::new(8, &rows, extra);
-                a.add(&keys)
-                    .add(&values)
-                    .add(&types)
-                    .add(&bytes)
-                    .add(&tags)
-                    .add(&ttls);
-                a.add(&nk).add(&nl);
-                (&self.sql.write_if, a.finish()?)
-            }
+        let sql = match (plain, update) {
+            (true, _) => &self.sql.write,
+            (false, false) => &self.sql.write_if,
+            (false, true) => &self.sql.update_if,
         };
-        let result: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query_with(
-            sql.clone(),
-            args
-        )
-        .fetch_all(c))
-        .await?;
+        // The other columns, for the statements that take them.
+        let pre = |s: &&Step| &items[s.item].precondition;
+        let (mut types, mut bytes, mut nk, mut nl, mut ml) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        if !plain {
+            types = rows
+                .iter()
+                .map(|r| r.content_type)
+                .collect::<Vec<Option<&str>>>();
+            bytes = rows.iter().map(|r| r.bytes).collect::<Vec<Option<&[u8]>>>();
+            for s in steps {
+                let (k, l) = EtagSet::bind(&pre(s).if_none_match);
+                nk.push(k);
+                nl.push(l);
+            }
+        }
+        if update {
+            // NULL: If-Match: *.
+            ml = steps
+                .iter()
+                .map(|s| match &pre(s).if_match {
+                    Some(EtagSet::Tags(t)) => Some(t.join(" ")),
+                    _ => None,
+                })
+                .collect::<Vec<Option<String>>>();
+        }
+        let extra = nl.iter().map(String::len).sum::<usize>()
+            + ml.iter().flatten().map(String::len).sum::<usize>();
+        // Built again for a second run: binding moves the arguments into the statement.
+        let args = || {
+            let mut a = Args::new(if plain { 4 } else { 9 }, &rows, extra);
+            a.add(&keys);
+            a.add(&values);
+            if !plain {
+                a.add(&types);
+                a.add(&bytes);
+            }
+            a.add(&tags);
+            a.add(&ttls);
+            if update {
+                a.add(&ml);
+            }
+            if !plain {
+                a.add(&nk);
+                a.add(&nl);
+            }
+            a.finish()
+        };
+        let execute = |args: PgArguments| {
+            run_once!(self.conns, Self::NAME, |c| sqlx::query_with(
+                sql.clone(),
+                args
+            )
+            .fetch_all(c))
+        };
+        // A statement Postgres rolled back (a deadlock victim) committed nothing: once more.
+        let mut result = execute(args()?).await;
+        if let Err(DbError::RolledBack(_)) = result {
+            result = execute(args()?).await;
+        }
+        let result: Vec<PgRow> = result?;
         let written: HashMap<&str, Version> = decode_all(&result, |cols| {
             Ok((cols.next::<&str>("key")?, Version::read(cols)?))
         })?

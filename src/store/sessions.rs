@@ -116,6 +116,22 @@ impl SessionRow {
     }
 }
 
+/// Which page of a user's sessions to read.
+#[derive(Clone, Copy, Debug)]
+pub struct ListPage {
+    /// The (created_at, id) of the last session of the previous page.
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: u32,
+    pub max_bytes: usize,
+}
+
+/// A page of a user's sessions, and the position after its last one when there are more.
+#[derive(Debug)]
+pub struct SessionsPage {
+    pub sessions: Vec<SessionRecord>,
+    pub next: Option<(DateTime<Utc>, Uuid)>,
+}
+
 /// What creating a session needs; every field already validated by the caller.
 #[derive(Debug)]
 pub struct NewSession {
@@ -158,24 +174,32 @@ impl SessionSql {
             read: schema.sql(concat!(
                 "SELECT ",
                 columns!(),
-                ", expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) \
-                   <= now() AS needs_refresh \
+                ", expires_at - make_interval(secs => ttl_seconds) \
+                   + make_interval(secs => least($2, ttl_seconds * 0.5::float8)) <= now() AS needs_refresh \
                  FROM {schema}.sessions WHERE token_hash = ANY($1) AND expires_at > now()"
             )),
             refresh: schema.sql(concat!(
                 "UPDATE {schema}.sessions \
                  SET expires_at = now() + make_interval(secs => ttl_seconds), updated_at = now() \
                  WHERE token_hash = ANY($1) AND expires_at > now() \
-                   AND expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) \
-                       <= now() \
+                   AND expires_at - make_interval(secs => ttl_seconds) \
+                       + make_interval(secs => least($2, ttl_seconds * 0.5::float8)) <= now() \
                  RETURNING ",
                 columns!()
             )),
+            // One statement: the new session, and the user's least recently active live sessions
+            // beyond the newest $8 (sessions.max_per_user - 1) revoked (the snapshot the DELETE
+            // sees does not hold the new row). Concurrent sign-ins of one user may each keep $8
+            // others, so the cap can be exceeded by those for a moment; the next sign-in trims.
             create: schema.sql(concat!(
-                "INSERT INTO {schema}.sessions \
+                "WITH evicted AS (DELETE FROM {schema}.sessions WHERE id IN \
+                   (SELECT id FROM {schema}.sessions WHERE user_id = $3 AND expires_at > now() \
+                    ORDER BY updated_at DESC, created_at DESC, id OFFSET $8) RETURNING 1) \
+                 INSERT INTO {schema}.sessions \
                    (id, token_hash, user_id, expires_at, ttl_seconds, ip_address, user_agent, data) \
                  VALUES ($1, $2, $3, now() + make_interval(secs => $4), $4, $5, $6, $7) RETURNING ",
-                columns!()
+                columns!(),
+                ", (SELECT count(*) FROM evicted) AS evicted"
             )),
             update: schema.sql(concat!(
                 "UPDATE {schema}.sessions SET data = $2, updated_at = now() \
@@ -184,11 +208,24 @@ impl SessionSql {
             )),
             revoke: schema.sql("DELETE FROM {schema}.sessions WHERE token_hash = $1"),
             revoke_id: schema.sql("DELETE FROM {schema}.sessions WHERE id = $1 AND user_id = $2"),
+            // One page, newest first, after the cursor ($2, $3) when given: at most $4 rows, and
+            // of those only the ones that start within $5 bytes (so the first row past the
+            // byte budget comes back too, telling the caller the page was cut there). `size`
+            // is about the row's share of the JSON answer.
             list: schema.sql(concat!(
                 "SELECT ",
                 columns!(),
-                " FROM {schema}.sessions WHERE user_id = $1 AND expires_at > now() \
-                 ORDER BY created_at DESC, id"
+                ", size FROM (SELECT p.*, \
+                   sum(size) OVER (ORDER BY created_at DESC, id ROWS UNBOUNDED PRECEDING) - size \
+                     AS before \
+                   FROM (SELECT ",
+                columns!(),
+                ", octet_length(data) + octet_length(user_id) + coalesce(octet_length(user_agent), 0) \
+                       + coalesce(octet_length(ip_address), 0) + 256 AS size \
+                     FROM {schema}.sessions WHERE user_id = $1 AND expires_at > now() \
+                       AND ($2::timestamptz IS NULL OR created_at < $2 OR (created_at = $2 AND id > $3)) \
+                     ORDER BY created_at DESC, id LIMIT $4) p) q \
+                 WHERE before <= $5 ORDER BY created_at DESC, id"
             )),
             // Expired rows of the user go too, but only live ones count as revoked.
             revoke_user: schema.sql(
@@ -243,7 +280,11 @@ struct ReadRow {
 }
 
 /// Validation reads: one `token_hash = ANY($1)` query per batch. Each row also says whether it
-/// was last refreshed more than update_age ago, judged by the database clock.
+/// is due for sliding, judged by the database clock: last refreshed (`expires_at - ttl`) at
+/// least `sessions.update_age_seconds` ago, as BetterAuth's `updateAge`, or half its own TTL
+/// ago when that is sooner (as ASP.NET Core's sliding expiration renews past the halfway mark).
+/// Without that cap a session whose TTL is at most update_age would expire before it was ever
+/// due, however active its user.
 struct ReadBatch {
     conns: Arc<Conns>,
     sql: Arc<SessionSql>,
@@ -261,7 +302,7 @@ impl BatchOp for ReadBatch {
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<ReadOutcome>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+        let rows: Vec<PgRow> = run_once!(self.conns, Self::NAME, |c| sqlx::query(
             self.sql.read.clone()
         )
         .bind(&hashes)
@@ -320,7 +361,7 @@ impl BatchOp for RefreshBatch {
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<Option<SessionRow>>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+        let rows: Vec<PgRow> = run_once!(self.conns, Self::NAME, |c| sqlx::query(
             self.sql.refresh.clone()
         )
         .bind(&hashes)
@@ -354,7 +395,12 @@ impl Store {
         let hash = TokenHash::of(&token)
             .ok_or_else(|| DbError::Other("generated token is malformed".into()))?;
         let id = Uuid::new_v4();
-        let row: SessionRow = run!(self.conns, "session_create", |c| sqlx::query_as(
+        // Other live sessions the user keeps; 0 (no cap) keeps them all.
+        let keep = match self.settings.session_max_per_user {
+            0 => i64::MAX,
+            cap => i64::from(cap) - 1,
+        };
+        let row: PgRow = run!(self.conns, "session_create", |c| sqlx::query(
             self.sessions.sql.create.clone()
         )
         .bind(id)
@@ -364,9 +410,18 @@ impl Store {
         .bind(&new.ip_address)
         .bind(&new.user_agent)
         .bind(&new.data)
+        .bind(keep)
         .fetch_one(c))
         .await?;
+        let (row, evicted) = decode_all(std::slice::from_ref(&row), |cols| {
+            Ok((SessionRow::read(cols)?, cols.next::<i64>("evicted")?))
+        })?
+        .pop()
+        .ok_or_else(|| DbError::Other("session insert returned no row".into()))?;
         metrics::counter!(m::SESSIONS_CREATED).increment(1);
+        if evicted > 0 {
+            metrics::counter!(m::SESSIONS_EVICTED).increment(evicted as u64);
+        }
         Ok((token, row.into_record()?))
     }
 
@@ -437,16 +492,45 @@ impl Store {
         Ok(())
     }
 
-    /// A user's live sessions, newest first.
-    pub async fn sessions_of_user(&self, user_id: &str) -> Result<Vec<SessionRecord>, DbError> {
+    /// One page of a user's live sessions, newest first: at most `page.limit` sessions of
+    /// about `page.max_bytes` in all (at least one), and where the next page starts.
+    pub async fn sessions_of_user(
+        &self,
+        user_id: &str,
+        page: ListPage,
+    ) -> Result<SessionsPage, DbError> {
         self.ensure_available()?;
-        let rows: Vec<SessionRow> = run!(self.conns, "session_list", |c| {
-            sqlx::query_as(self.sessions.sql.list.clone())
+        let (after_time, after_id) = page.after.unzip();
+        let rows: Vec<PgRow> = run!(self.conns, "session_list", |c| {
+            sqlx::query(self.sessions.sql.list.clone())
                 .bind(user_id)
+                .bind(after_time)
+                .bind(after_id)
+                // One more than the page: whether there is a next one.
+                .bind(i64::from(page.limit) + 1)
+                .bind(i64::try_from(page.max_bytes).unwrap_or(i64::MAX))
                 .fetch_all(c)
         })
         .await?;
-        rows.into_iter().map(SessionRow::into_record).collect()
+        let rows = decode_all(&rows, |cols| {
+            Ok((SessionRow::read(cols)?, cols.next::<i32>("size")? as usize))
+        })?;
+        let more = rows.len();
+        let mut sessions = Vec::new();
+        let mut bytes = 0;
+        for (row, size) in rows {
+            if sessions.len() == page.limit as usize
+                || (!sessions.is_empty() && bytes + size > page.max_bytes)
+            {
+                break;
+            }
+            bytes += size;
+            sessions.push(row.into_record()?);
+        }
+        let next = (sessions.len() < more)
+            .then(|| sessions.last().map(|s| (s.created_at, s.id)))
+            .flatten();
+        Ok(SessionsPage { sessions, next })
     }
 
     /// Revokes every live session of a user except `keep`; returns how many were revoked.

@@ -537,7 +537,12 @@ async fn tag_invalidation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tag_invalidation_uses_the_index() {
-    let s = Sidecar::start().await;
+    // The health monitor checks rarely here, so the connection that ran the invalidation
+    // keeps it as its last statement in pg_stat_activity.
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_HEALTH__POSTGRES_INTERVAL_MS", "600000")
+        .start()
+        .await;
     let mut sql = s.sql().await;
     sqlx::query(
         "INSERT INTO cache (key, value, tags, expires_at) \
@@ -550,17 +555,6 @@ async fn tag_invalidation_uses_the_index() {
         .execute(&mut sql)
         .await
         .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar(
-        "EXPLAIN DELETE FROM cache WHERE tags && ARRAY['t7']::text[] AND cardinality(tags) > 0",
-    )
-    .fetch_all(&mut sql)
-    .await
-    .unwrap();
-    let plan = plan.join("\n");
-    assert!(
-        plan.contains("cache_tags_idx"),
-        "tag invalidation must use the GIN index:\n{plan}"
-    );
     assert_eq!(
         s.post_json("/v1/cache/_invalidate", &json!({"tags": ["t7"]}))
             .await
@@ -568,6 +562,40 @@ async fn tag_invalidation_uses_the_index() {
             .await
             .unwrap()["deleted"],
         json!(50)
+    );
+    // The sidecar's own statement, as its connection sent it.
+    let statement: String = sqlx::query_scalar(
+        "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'pgsidecar' AND query LIKE '%DELETE FROM%tags &&%'",
+    )
+    .fetch_one(&mut sql)
+    .await
+    .unwrap();
+    // Planned as the sidecar plans it: every sidecar connection starts with
+    // plan_cache_mode = force_generic_plan (store/pool.rs), so a prepared statement's plan
+    // is made once, without its parameters' values.
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "PREPARE invalidate AS {statement}"
+    )))
+    .execute(&mut sql)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE invalidate(ARRAY['t8']::text[])")
+        .fetch_all(&mut sql)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("$1"),
+        "the generic plan, parameters not folded in:\n{plan}"
+    );
+    assert!(
+        plan.contains("cache_tags_idx"),
+        "tag invalidation must use the GIN index under a generic plan:\n{plan}"
     );
 }
 
@@ -731,17 +759,14 @@ async fn background_cleanup_runs_in_the_sidecar() {
     }
     assert_eq!(remaining, 0, "expired row deleted by the background task");
     assert_eq!(s.get_cache("kept").await.status(), 200);
-    let metrics = s
-        .http
-        .get(s.ops_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(r#"pgsidecar_expired_rows_deleted_total{table="cache"} 1"#),
+    let metrics = scrape(&s).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "pgsidecar_expired_rows_deleted_total",
+            &[("table", "cache")]
+        ),
+        Some(1.0),
         "{metrics}"
     );
 }
@@ -812,4 +837,73 @@ async fn a_configured_schema_holds_every_table() {
     .await
     .unwrap();
     assert!(!elsewhere, "a table outside the configured schema");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_is_capped_by_evicting_the_oldest_writes() {
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_CACHE__MAX_VALUE_BYTES", "1024")
+        .env("PGSIDECAR_CACHE__MAX_BYTES", "20000")
+        .env("PGSIDECAR_CLEANUP__INTERVAL_SECONDS", "1")
+        .env("PGSIDECAR_CLEANUP__BATCH_SIZE", "7")
+        .start()
+        .await;
+    // 50 entries of 650 bytes each (the key twice, the value, 140 bytes of overhead): 32,500.
+    let value = format!("\"{}\"", "v".repeat(498));
+    for i in 0..50 {
+        let r = s.put_cache(&format!("k{i:02}"), &value, "").await;
+        assert_eq!(r.status(), 204);
+    }
+    // Rewriting the oldest makes it the newest: it stays.
+    assert_eq!(s.put_cache("k00", &value, "?tags=a,bc").await.status(), 204);
+    let mut sql = s.sql().await;
+    let weight: i32 = sqlx::query_scalar("SELECT byte_size FROM cache WHERE key = 'k00'")
+        .fetch_one(&mut sql)
+        .await
+        .unwrap();
+    assert_eq!(
+        weight,
+        2 * 3 + 500 + 4 + 140,
+        "key twice, value, tags as text, overhead"
+    );
+
+    // Until a pass (every second) has brought it within the cap.
+    let mut total = i64::MAX;
+    for _ in 0..200 {
+        total = sqlx::query_scalar("SELECT sum(byte_size)::int8 FROM cache")
+            .fetch_one(&mut sql)
+            .await
+            .unwrap();
+        if total <= 20000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(total <= 20000, "within the cap: {total}");
+    assert!(total > 20000 - 650, "no more evicted than needed: {total}");
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM cache ORDER BY key")
+        .fetch_all(&mut sql)
+        .await
+        .unwrap();
+    // The oldest writes went: k01 upwards, in order, until it fit; k00 was rewritten last.
+    let gone = 50 - left.len();
+    let mut expected: Vec<String> = (gone + 1..50).map(|i| format!("k{i:02}")).collect();
+    expected.insert(0, "k00".into());
+    assert_eq!(left, expected);
+    // The metric counts them (it moves just after each batch commits).
+    let mut evicted = 0.0;
+    for _ in 0..100 {
+        evicted = metric(&scrape(&s).await, "pgsidecar_cache_evicted_total", &[]).unwrap_or(0.0);
+        if evicted == gone as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(evicted, gone as f64);
+    assert_eq!(s.get_cache("k00").await.status(), 200);
+    assert_eq!(s.get_cache("k01").await.status(), 404);
+    assert!(
+        s.logs
+            .wait_for("\"cache_evicted\":", Duration::from_secs(5))
+    );
 }

@@ -32,6 +32,13 @@ fn bad_config_exits_64_with_one_line_naming_the_key() {
             "cache.default_ttl_seconds",
         ),
         (&[("PGSIDECAR_LOG__LEVEL", "loud=[")], "log.level"),
+        // EnvFilter takes a bare word for a target name: every line would be silenced.
+        (&[("PGSIDECAR_LOG__LEVEL", "verbose")], "log.level"),
+        (&[("RUST_LOG", "verbose")], "RUST_LOG"),
+        (
+            &[("PGSIDECAR_SESSIONS__UPDATE_AGE_SECONDS", "0")],
+            "sessions.update_age_seconds",
+        ),
         (&[("PGSIDECAR_SERVER__UNKNOWN_KEY", "1")], "unknown_key"),
     ];
     for (env, key) in cases {
@@ -144,7 +151,7 @@ async fn without_migrations_and_no_migrate_on_start_it_is_not_ready() {
 }
 
 #[test]
-fn migrate_against_unreachable_database_fails_cleanly() {
+fn migrate_against_unreachable_database_names_the_cause() {
     let (code, out, _) = run_cli(
         &["migrate"],
         &[
@@ -154,21 +161,77 @@ fn migrate_against_unreachable_database_fails_cleanly() {
     );
     assert_eq!(code, 1);
     assert!(!out.contains("pw-secret"), "{out}");
+    // The real cause, not sqlx's pool timeout that used to hide it.
+    assert!(out.contains("Connection refused"), "{out}");
+    assert!(out.contains("127.0.0.1:1"), "{out}");
+    assert!(!out.contains("acquire timeout"), "{out}");
+}
+
+#[test]
+fn migrate_against_a_missing_database_says_so_cleanly() {
+    let missing = with_database(&admin_url(), "pgsidecar_no_such_database");
+    let (code, out, _) = run_cli(&["migrate"], &[("DATABASE_URL", &missing)]);
+    assert_eq!(code, 1, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("migration failed"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains(r#"database \"pgsidecar_no_such_database\" does not exist (SQLSTATE 3D000)"#),
+        "{line}"
+    );
+    // Not the line of PostgreSQL's C source that raised it.
+    assert!(!line.contains("at line"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probe_asks_the_local_ops_listener() {
-    let s = Sidecar::start().await;
+async fn probe_asks_the_local_ops_listener_and_says_what_it_heard() {
+    // A drain long enough to ask while not ready.
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_SHUTDOWN__DRAIN_SECONDS", "5")
+        .start()
+        .await;
     let port = s.ops.rsplit(':').next().unwrap().to_string();
     let ops = format!("0.0.0.0:{port}");
-    for what in ["live", "ready"] {
-        let (code, _, err) = run_cli(&["probe", what], &[("PGSIDECAR_SERVER__OPS_LISTEN", &ops)]);
-        assert_eq!(code, 0, "probe {what}: {err}");
-    }
-    drop(s);
-    let (code, _, _) = run_cli(
-        &["probe", "live"],
-        &[("PGSIDECAR_SERVER__OPS_LISTEN", &ops)],
+    let env = [("PGSIDECAR_SERVER__OPS_LISTEN", ops.as_str())];
+    let (code, out, err) = run_cli(&["probe", "live"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        r#"pgsidecar probe /live: HTTP/1.0 200 OK {"live":true}"#
     );
+    let (code, out, err) = run_cli(&["probe", "ready"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        r#"pgsidecar probe /ready: HTTP/1.0 200 OK {"ready":true}"#
+    );
+    // Not ready: 1, and the reason on stderr.
+    s.sigterm();
+    let mut said = String::new();
+    for _ in 0..100 {
+        let (code, _, err) = run_cli(&["probe", "ready"], &env);
+        if code == 1 {
+            said = err;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        said.trim()
+            .starts_with("pgsidecar probe /ready: HTTP/1.0 503")
+            && said.contains("shutting down"),
+        "{said}"
+    );
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
+    drop(s);
+    let (code, out, err) = run_cli(&["probe", "live"], &env);
     assert_eq!(code, 1, "nothing listens any more");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.trim()
+            .starts_with("pgsidecar probe /live: cannot ask the ops listener at 127.0.0.1:")
+            && err.contains("refused"),
+        "{err}"
+    );
 }

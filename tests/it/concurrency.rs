@@ -58,6 +58,13 @@ async fn mixed_operations_match_a_sequential_model(data_threads: u32) {
             .await,
     );
     assert!(s.logs.contains(&format!("\"data_threads\":{data_threads}")));
+    let (single, all) = mixed_operations_on(s).await;
+    eprintln!("cache_get batches: {single} of size 1 out of {all}");
+}
+
+/// Runs the mixed workload against `s` and checks it against a sequential model; returns the
+/// `cache_get` batches of size 1 and all of them (from /metrics).
+pub(crate) async fn mixed_operations_on(s: Arc<Sidecar>) -> (f64, f64) {
     let base = Instant::now();
     let log = Arc::new(std::sync::Mutex::new(Vec::<Done>::new()));
     let mut tasks = Vec::new();
@@ -112,29 +119,28 @@ async fn mixed_operations_match_a_sequential_model(data_threads: u32) {
     check(&log);
     assert!(log.iter().any(|d| matches!(d.op, Op::Get { .. })));
 
-    // Batches did form under this load.
-    let metrics = s
-        .http
-        .get(s.ops_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let batched = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("pgsidecar_db_batch_size_bucket{operation=\"cache_get\",le=\"1\"}")
-                || l.starts_with("pgsidecar_db_batch_size_count{operation=\"cache_get\"}")
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .collect::<Vec<_>>();
-    assert_eq!(batched.len(), 2, "{metrics}");
-    eprintln!(
-        "cache_get batches: {} of size 1 out of {}",
-        batched[0], batched[1]
+    // Batches did form under this load: some cache read statement served more than one
+    // request (the batch-size histogram has more batches than those of size 1).
+    let metrics = scrape(&s).await;
+    let op = [("operation", "cache_get")];
+    let batches = metric(&metrics, "pgsidecar_db_batch_size_count", &op).unwrap();
+    let single = metric(
+        &metrics,
+        "pgsidecar_db_batch_size_bucket",
+        &[("operation", "cache_get"), ("le", "1")],
+    )
+    .unwrap();
+    let requests = metric(&metrics, "pgsidecar_db_batch_size_sum", &op).unwrap();
+    eprintln!("cache_get: {batches} batches, {single} of one request, {requests} requests");
+    assert!(
+        batches > single,
+        "no batch served more than one request: {batches} batches, all single"
     );
+    assert!(
+        requests > batches,
+        "{requests} requests in {batches} batches"
+    );
+    (single, batches)
 }
 
 /// Panics on an answer no sequential execution could give. Writes carry unique values; each
@@ -451,4 +457,63 @@ async fn data_threads_split_the_pool_and_see_each_others_writes() {
     for r in reads {
         assert_eq!(r.await.unwrap(), (200, json!({ "n": 0 })));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_victim_is_run_again_instead_of_failing() {
+    // A tag invalidation deadlocks with another transaction and Postgres picks it as the
+    // victim (40P01): rolled back whole, so the sidecar runs it once more and answers 200.
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_DATABASE__STATEMENT_TIMEOUT_MS", "20000")
+        .env("PGSIDECAR_SERVER__REQUEST_TIMEOUT_MS", "30000")
+        .start()
+        .await;
+    // "b" first, so the invalidation (in physical order) locks "b", then waits for "a".
+    for key in ["b", "a"] {
+        assert_eq!(s.put_cache(key, "1", "?tags=x").await.status(), 204);
+    }
+    let mut other = s
+        .hold_lock("SELECT * FROM pgsidecar.cache WHERE key = 'a' FOR UPDATE")
+        .await;
+    let http = s.http.clone();
+    let url = s.url("/v1/cache/_invalidate");
+    let invalidation = tokio::spawn(async move {
+        let r = http
+            .post(url)
+            .json(&json!({"tags": ["x"]}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    let mut watcher = <sqlx::PgConnection as sqlx::Connection>::connect(&s.db)
+        .await
+        .unwrap();
+    wait_for_lock_wait(&mut watcher).await;
+    // Later than the invalidation began to wait, so its deadlock check (after
+    // deadlock_timeout, 1 s) comes first and it is the victim.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("SELECT * FROM pgsidecar.cache WHERE key = 'b' FOR UPDATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    let (status, body) = invalidation.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["deleted"],
+        json!(2)
+    );
+    // It did deadlock once (the first run failed), and was not answered 503 for it.
+    let metrics = scrape(&s).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "pgsidecar_db_errors_total",
+            &[("operation", "cache_invalidate")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(!s.logs.contains("database unavailable"));
 }

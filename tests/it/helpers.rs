@@ -86,6 +86,7 @@ pub struct Builder {
     env: Vec<(String, String)>,
     db: Option<String>,
     wait_ready: bool,
+    before_exec: Vec<fn()>,
 }
 
 impl Builder {
@@ -100,6 +101,12 @@ impl Builder {
     }
     pub fn no_wait(mut self) -> Self {
         self.wait_ready = false;
+        self
+    }
+    /// Runs `f` in the child before it execs the sidecar (to set a umask or a resource limit);
+    /// `f` must be async-signal-safe.
+    pub fn before_exec(mut self, f: fn()) -> Self {
+        self.before_exec.push(f);
         self
     }
 
@@ -125,9 +132,13 @@ impl Builder {
             .stderr(Stdio::piped());
         // If the test process dies without dropping us, the sidecar dies too.
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        let before_exec = self.before_exec.clone();
         unsafe {
             use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                for f in &before_exec {
+                    f();
+                }
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                     .map_err(std::io::Error::from)
             });
@@ -204,6 +215,7 @@ impl Sidecar {
             env: Vec::new(),
             db: None,
             wait_ready: true,
+            before_exec: Vec::new(),
         }
     }
 
@@ -470,4 +482,97 @@ impl OneConnection {
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
     }
+}
+
+/// The value of one sample in Prometheus text: the series `name` with exactly `labels` (in
+/// any order). Parsed, not searched for: `} 1` must not match inside `} 10`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .find_map(|line| {
+            let (series, value) = parse_sample(line)?;
+            let (n, got) = series;
+            (n == name
+                && got.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| got.iter().any(|(gk, gv)| gk == k && gv == v)))
+            .then_some(value)
+        })
+}
+
+/// Scrapes the sidecar's `/metrics`.
+pub async fn scrape(s: &Sidecar) -> String {
+    s.http
+        .get(s.ops_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+type Series = (String, Vec<(String, String)>);
+
+/// `name{k="v",...} value` (with the exposition format's escapes in label values).
+fn parse_sample(line: &str) -> Option<(Series, f64)> {
+    let name_end = line.find(['{', ' '])?;
+    let name = line[..name_end].to_string();
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(body) = rest.strip_prefix('{') {
+        let mut chars = body.char_indices();
+        let mut key = String::new();
+        loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '}' if key.is_empty() => {
+                    rest = &body[i + 1..];
+                    break;
+                }
+                ',' if key.is_empty() => {}
+                '=' => {
+                    if chars.next()?.1 != '"' {
+                        return None;
+                    }
+                    let mut value = String::new();
+                    loop {
+                        match chars.next()?.1 {
+                            '"' => break,
+                            '\\' => match chars.next()?.1 {
+                                'n' => value.push('\n'),
+                                other => value.push(other),
+                            },
+                            other => value.push(other),
+                        }
+                    }
+                    labels.push((std::mem::take(&mut key), value));
+                }
+                other => key.push(other),
+            }
+        }
+    }
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some(((name, labels), value))
+}
+
+#[test]
+fn metric_values_are_parsed_not_searched() {
+    let text = "# HELP x y\n\
+        pgsidecar_x_total{a=\"1\",b=\"two, \\\"quoted\\\"\"} 10\n\
+        pgsidecar_x_total{a=\"1\"} 3\n\
+        pgsidecar_y 2.5\n";
+    assert_eq!(metric(text, "pgsidecar_x_total", &[("a", "1")]), Some(3.0));
+    assert_eq!(
+        metric(
+            text,
+            "pgsidecar_x_total",
+            &[("b", "two, \"quoted\""), ("a", "1")]
+        ),
+        Some(10.0)
+    );
+    assert_eq!(metric(text, "pgsidecar_y", &[]), Some(2.5));
+    assert_eq!(metric(text, "pgsidecar_x", &[("a", "1")]), None);
+    assert_eq!(metric(text, "pgsidecar_x_total", &[("a", "2")]), None);
 }

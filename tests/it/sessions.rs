@@ -186,6 +186,41 @@ async fn short_ttl_really_expires() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_shorter_than_update_age_slides_past_its_halfway_mark() {
+    // update_age is the default day; the session lives 6 s. It used to be never due (its
+    // expiry came first), so an active user was logged out after 6 s.
+    let s = Sidecar::start().await;
+    let created = std::time::Instant::now();
+    let (token, session) = s
+        .create_session(json!({"user_id": "u", "ttl_seconds": 6}))
+        .await;
+    let mut sql = s.sql().await;
+    let id = uuid::Uuid::parse_str(session["id"].as_str().unwrap()).unwrap();
+    let before = xmin(&mut sql, id).await;
+    // Before half its TTL: a read, no write.
+    assert_eq!(validate(&s, &token).await.status(), 200);
+    if created.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(xmin(&mut sql, id).await, before, "no write before 3 s");
+    }
+    tokio::time::sleep(
+        Duration::from_secs(3).saturating_sub(created.elapsed()) + Duration::from_millis(500),
+    )
+    .await;
+    let slid: Value = validate(&s, &token).await.json().await.unwrap();
+    let old_exp =
+        chrono::DateTime::parse_from_rfc3339(session["expires_at"].as_str().unwrap()).unwrap();
+    let new_exp =
+        chrono::DateTime::parse_from_rfc3339(slid["expires_at"].as_str().unwrap()).unwrap();
+    assert!(
+        (new_exp - old_exp).num_milliseconds() >= 3000,
+        "expiry moved past the halfway mark: {old_exp} -> {new_exp}"
+    );
+    // Past its first expiry, the session still validates.
+    tokio::time::sleep(Duration::from_millis(6500).saturating_sub(created.elapsed())).await;
+    assert_eq!(validate(&s, &token).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sliding_expiry_writes_at_most_once_per_update_age() {
     let s = Sidecar::builder()
         // 3 s, not 1: creating, five validations and two xmin reads must all fit inside it on a
@@ -540,31 +575,78 @@ async fn only_the_token_hash_is_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_validations_and_revocations() {
+    // Validations race revocations of the same session. Whatever the interleaving, a
+    // validation that starts after some revocation has returned must not find the session.
     let s = Sidecar::start().await;
-    for _round in 0..5 {
+    let base = std::time::Instant::now();
+    let mut after_revoke = 0;
+    for round in 0..5 {
         let (token, _) = s.create_session(json!({"user_id": "race"})).await;
+        let url = s.url(&format!("/v1/sessions/{token}"));
         let mut tasks = Vec::new();
-        for i in 0..60 {
-            let http = s.http.clone();
-            let url = s.url(&format!("/v1/sessions/{token}"));
+        // Validators keep validating until they have seen the session gone a few times;
+        // revokers revoke at staggered moments in between.
+        for _ in 0..8 {
+            let (http, url) = (s.http.clone(), url.clone());
             tasks.push(tokio::spawn(async move {
-                let r = if i % 15 == 0 {
-                    http.delete(url).send().await
-                } else {
-                    http.get(url).send().await
-                };
-                r.unwrap().status().as_u16()
+                let mut seen = Vec::new();
+                let mut gone = 0;
+                for _ in 0..400 {
+                    let start = base.elapsed();
+                    let status = http.get(&url).send().await.unwrap().status().as_u16();
+                    seen.push((false, start, base.elapsed(), status));
+                    gone += usize::from(status == 404);
+                    if gone >= 5 {
+                        break;
+                    }
+                }
+                seen
             }));
         }
-        for t in tasks {
-            let status = t.await.unwrap();
-            assert!([200, 204, 404].contains(&status), "unexpected {status}");
+        for k in 0..4u64 {
+            let (http, url) = (s.http.clone(), url.clone());
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20 + 15 * k)).await;
+                let start = base.elapsed();
+                let status = http.delete(&url).send().await.unwrap().status().as_u16();
+                vec![(true, start, base.elapsed(), status)]
+            }));
         }
-        // After a revocation has returned, no validation succeeds.
+        let mut done = Vec::new();
+        for t in tasks {
+            done.extend(t.await.unwrap());
+        }
+        let first_revoked = done
+            .iter()
+            .filter(|(revoke, ..)| *revoke)
+            .map(|&(_, _, end, status)| {
+                assert_eq!(status, 204, "round {round}: revoke answered {status}");
+                end
+            })
+            .min()
+            .unwrap();
+        for &(revoke, start, _, status) in &done {
+            if revoke {
+                continue;
+            }
+            assert!([200, 404].contains(&status), "unexpected {status}");
+            if start > first_revoked {
+                after_revoke += 1;
+                assert_eq!(
+                    status,
+                    404,
+                    "round {round}: a validation that began {:?} after a revoke returned found the session",
+                    start - first_revoked
+                );
+            }
+        }
+        // And every validation from now on.
         for _ in 0..10 {
             assert_eq!(validate(&s, &token).await.status(), 404);
         }
     }
+    eprintln!("{after_revoke} validations began after a revoke had returned");
+    assert!(after_revoke > 0, "the race was never run");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

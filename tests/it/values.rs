@@ -2,6 +2,8 @@
 //! validated, `_mget` with mixed entries, size limits, and rows that older sidecars read or
 //! write.
 
+use std::time::Duration;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
@@ -378,4 +380,101 @@ async fn rows_stay_readable_across_versions() {
             .await
             .unwrap();
     assert_eq!((ct, bytes), (None, None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_values_count_against_the_cache_cap() {
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_CACHE__MAX_VALUE_BYTES", "8192")
+        .env("PGSIDECAR_CACHE__MAX_BYTES", "30000")
+        .env("PGSIDECAR_CLEANUP__INTERVAL_SECONDS", "1")
+        .start()
+        .await;
+    let mut sql = s.sql().await;
+    for i in 0..10 {
+        let r = put_typed(
+            &s,
+            &format!("b{i}"),
+            Some(b"application/octet-stream"),
+            noise(5000, i + 1),
+        )
+        .await;
+        assert_eq!(r.status(), 204);
+        // Written one after the other, so the oldest is evicted first.
+        if i == 0 {
+            let raw: Option<i32> =
+                sqlx::query_scalar("SELECT raw_size FROM cache WHERE key = 'b0'")
+                    .fetch_one(&mut sql)
+                    .await
+                    .unwrap();
+            assert_eq!(raw, Some(5000 + 24), "the bytes and the media type");
+        }
+    }
+    // About 52 KB in all: the cleanup evicts the oldest until it fits.
+    let mut total = i64::MAX;
+    for _ in 0..200 {
+        total =
+            sqlx::query_scalar("SELECT sum(byte_size + coalesce(raw_size, 0))::int8 FROM cache")
+                .fetch_one(&mut sql)
+                .await
+                .unwrap();
+        if total <= 30000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(total <= 30000, "within the cap: {total}");
+    assert_eq!(s.get_cache("b0").await.status(), 404, "the oldest went");
+    assert_eq!(s.get_cache("b9").await.status(), 200, "the newest stayed");
+    // A JSON write over a binary entry drops its extra weight.
+    s.put_cache("b9", "1", "").await;
+    let raw: Option<i32> = sqlx::query_scalar("SELECT raw_size FROM cache WHERE key = 'b9'")
+        .fetch_one(&mut sql)
+        .await
+        .unwrap();
+    assert_eq!(raw, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mget_answers_are_bounded_with_binary_values_in_base64() {
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_CACHE__MAX_VALUE_BYTES", "4096")
+        .env("PGSIDECAR_CACHE__MAX_MGET_BYTES", "8000")
+        .start()
+        .await;
+    // Each takes about 4,070 bytes of the answer (4,000 in base64, its media type, names).
+    for k in ["b1", "b2", "b3"] {
+        put_typed(&s, k, Some(b"application/octet-stream"), noise(3000, 5)).await;
+    }
+    s.put_cache("j", "1", "").await;
+    let v: Value = s
+        .post_json(
+            "/v1/cache/_mget",
+            &json!({"keys": ["j", "b1", "b2", "b3", "none"]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["hits"], json!({"j": 1}));
+    assert_eq!(v["raw"].as_object().unwrap().len(), 1, "{v}");
+    assert!(v["raw"]["b1"]["base64"].is_string());
+    assert_eq!(v["unprocessed"], json!(["b2", "b3"]));
+    assert_eq!(v["misses"], json!(["none"]));
+    // The first hit always comes back, whatever its size.
+    put_typed(&s, "big", Some(b"application/octet-stream"), noise(4096, 6)).await;
+    let v: Value = s
+        .post_json("/v1/cache/_mget", &json!({"keys": ["big", "b1"]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        STANDARD
+            .decode(v["raw"]["big"]["base64"].as_str().unwrap())
+            .unwrap()
+            .len(),
+        4096
+    );
+    assert_eq!(v["unprocessed"], json!(["b1"]));
 }
