@@ -40,7 +40,8 @@ if [ -z "${DATABASE_URL:-}" ]; then
   started=1
   export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 fi
-cleanup() { [ -n "$started" ] && scripts/pg.sh drop .pgdata/test; }
+# (An `if`, not `&&`: under set -e a false test would make the script's exit status 1.)
+cleanup() { if [ -n "$started" ]; then scripts/pg.sh drop .pgdata/test; fi; }
 trap cleanup EXIT
 
 # When promtool is here, the metrics test must run it rather than skip it; likewise PgBouncer.
