@@ -32,3 +32,6 @@ if command -v promtool >/dev/null 2>&1; then export PGSIDECAR_REQUIRE_PROMTOOL=1
 export PGSIDECAR_TEST_PG_SCRIPT="$PWD/scripts/pg.sh"
 cargo build --quiet
 cargo test --quiet -- --test-threads "${TEST_THREADS:-4}" "$@"
+
+# The TypeScript client and the Next.js/BetterAuth end-to-end test, against the binary built above.
+scripts/test-typescript.sh

@@ -233,19 +233,20 @@ describe('Next.js 16 + BetterAuth on two instances, two sidecars, one PostgreSQL
   })
 
   test('getCached in a route handler: 50 concurrent calls for one missing key run the fetcher once', async () => {
-    const key = `single-flight:${randomUUID()}`
+    const name = `single-flight-${randomUUID()}`
+    await query(db, 'INSERT INTO e2e_values VALUES ($1, $2)', [name, 'computed on A'])
     const call = async (instance) => {
-      const res = await fetch(`${instance.url}/api/single-flight`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ key }) })
+      const res = await fetch(`${instance.url}/api/single-flight`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name }) })
       assert.equal(res.status, 200)
       return res.json()
     }
     const onA = await call(A)
-    assert.equal(onA.calls, 1)
-    assert.equal(onA.results.length, 50)
-    assert.ok(onA.results.every((r) => r.computedBy === 'A'))
-    // and B finds it in the shared cache
+    assert.equal(onA.queries, 1)
+    assert.deepEqual(onA.results, Array(50).fill('computed on A'))
+    // and B finds it in the shared cache: no query, A's value although the table changed
+    await query(db, 'UPDATE e2e_values SET value = $2 WHERE name = $1', [name, 'changed'])
     const onB = await call(B)
-    assert.equal(onB.calls, 0)
-    assert.ok(onB.results.every((r) => r.computedBy === 'A'))
+    assert.equal(onB.queries, 0)
+    assert.deepEqual(onB.results, Array(50).fill('computed on A'))
   })
 })

@@ -1,16 +1,12 @@
 // getCached's single flight inside one Next.js process: 50 concurrent calls for one missing key.
 import { connection } from 'next/server'
-import { getCached } from '@pgsidecar/client'
+import { queriesRun } from '@/lib/db'
+import { getValue } from '@/lib/values'
 
 export async function POST(request: Request) {
   await connection()
-  const { key } = (await request.json()) as { key: string }
-  let calls = 0
-  const fetcher = async () => {
-    calls++
-    await new Promise((resolve) => setTimeout(resolve, 200)) // a slow query
-    return { computedBy: process.env.E2E_INSTANCE }
-  }
-  const results = await Promise.all(Array.from({ length: 50 }, () => getCached(key, fetcher, { ttlSeconds: 60 })))
-  return Response.json({ calls, results })
+  const { name } = (await request.json()) as { name: string }
+  const before = queriesRun()
+  const results = await Promise.all(Array.from({ length: 50 }, () => getValue(name)))
+  return Response.json({ queries: queriesRun() - before, results })
 }
