@@ -90,7 +90,7 @@ export function pgsidecarStorage(options: PgsidecarStorageOptions = {}): Seconda
         await sidecar().delete(keyOf(key))
         return
       }
-      await sidecar().setBytes(keyOf(key), value, { contentType: TEXT, ttlSeconds: seconds })
+      await sidecar().setBytes(keyOf(key), String(value), { contentType: TEXT, ttlSeconds: seconds })
     },
 
     async delete(key) {

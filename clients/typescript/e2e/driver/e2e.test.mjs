@@ -103,7 +103,7 @@ async function shown(instance, path) {
   const res = await fetch(`${instance.url}${path}`, { headers: { 'cache-control': 'no-cache' } })
   assert.equal(res.status, 200, `${instance.name} ${path}`)
   const html = (await res.text()).replaceAll('<!-- -->', '')
-  const m = html.match(/E2E\[([^\]<]*)\]/)
+  const m = html.match(/<p>E2E\[([^\]<]*)\]<\/p>/)
   assert.ok(m, `no value in ${instance.name} ${path}:\n${html.slice(0, 2000)}`)
   return m[1]
 }
