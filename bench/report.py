@@ -12,7 +12,7 @@ median of the per-round ratios (a sidecar run against the baseline runs next to 
 its range; the JSON keeps every round.
   meta.env       key=value lines: machine, versions, settings, sidecar memory
 Writes RESULTS_DIR/latest.json, RESULTS_DIR/<timestamp>.json, latest.txt (the printed tables) and
-latest.md (the main table in Markdown, for the README).
+latest.md (the main table in Markdown, for docs/performance.md).
 """
 import glob
 import json
@@ -260,7 +260,7 @@ def fmt_ratio(v, width=6):
 
 
 def markdown(record):
-    """The main table as Markdown, for the README's bench-table block."""
+    """The main table as Markdown, for the bench-table block of docs/performance.md."""
 
     def trio(r):
         if not r:

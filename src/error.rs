@@ -21,6 +21,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// An If-Match / If-None-Match condition did not hold; nothing was written.
+    #[error("a precondition (If-Match / If-None-Match) did not hold; nothing was changed")]
+    PreconditionFailed,
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("the sidecar is overloaded")]
@@ -47,6 +50,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -64,6 +68,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Unauthorized => "unauthorized",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::PreconditionFailed => "precondition_failed",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",

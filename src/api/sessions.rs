@@ -1,8 +1,10 @@
-//! `/v1/sessions` and `/v1/users/{user_id}/sessions`: create, validate (and slide), update,
-//! list and revoke login sessions.
+//! `/v1/sessions` and `/v1/users/{user_id}/sessions`: create, validate (and slide, by path or
+//! by body), update, list and revoke login sessions (by token, by id, or all of a user's).
 
-use axum::extract::State;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -159,7 +161,39 @@ pub async fn validate(
     State(s): State<AppState>,
     PathParam(token): PathParam<PARAM_TOKEN>,
 ) -> Result<Response, ApiError> {
-    let Some(hash) = TokenHash::of(&token) else {
+    validate_token(&s, &token).await
+}
+
+/// `POST /v1/sessions/_validate` with `{"token": "..."}`: what `GET /v1/sessions/{token}`
+/// does, without the token in the URL (which proxies and tracing tools record).
+pub async fn validate_body(
+    State(s): State<AppState>,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    // A JSON object, so that `["<token>"]` (which serde would take for the struct) is refused.
+    let serde_json::Value::Object(mut fields) = parse_json::<serde_json::Value>(&body)? else {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object: {\"token\": \"...\"}",
+        ));
+    };
+    if let Some(other) = fields.keys().find(|k| *k != "token") {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            format!("unknown field `{other}`: the body must be {{\"token\": \"...\"}}"),
+        ));
+    }
+    let Some(serde_json::Value::String(token)) = fields.remove("token") else {
+        return Err(ApiError::bad_request(
+            "invalid_token",
+            "token is required and must be a string",
+        ));
+    };
+    validate_token(&s, &token).await
+}
+
+async fn validate_token(s: &AppState, token: &str) -> Result<Response, ApiError> {
+    let Some(hash) = TokenHash::of(token) else {
         crate::store::sessions::count_validation(false);
         return Err(not_found());
     };
@@ -222,6 +256,41 @@ pub async fn list(
     Ok(super::json_response(&SessionList {
         sessions: &sessions,
     }))
+}
+
+fn session_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::bad_request("invalid_session_id", "the session id must be a UUID"))
+}
+
+/// `DELETE /v1/users/{user_id}/sessions/{session_id}`: revokes that session when it is the
+/// user's; 204 also when it is already gone (or is another user's, which stays untouched).
+pub async fn revoke_one(
+    State(s): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    uri: Uri,
+) -> Result<StatusCode, ApiError> {
+    let Ok(Path((user, id))) = path else {
+        // Which of the two did not decode: the session id is the last segment, plain ASCII
+        // when it is a UUID.
+        let id_ok = uri
+            .path()
+            .rsplit('/')
+            .next()
+            .is_some_and(|id| Uuid::parse_str(id).is_ok());
+        return Err(if id_ok {
+            ApiError::bad_request(
+                "invalid_user_id",
+                "the user id in the path is not valid percent-encoded UTF-8",
+            )
+        } else {
+            ApiError::bad_request("invalid_session_id", "the session id must be a UUID")
+        });
+    };
+    let user = user_id(user)?;
+    let id = session_id(&id)?;
+    s.store.session_revoke_id(&user, id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

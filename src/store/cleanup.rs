@@ -30,8 +30,9 @@ const TABLES: [(&str, &str); 2] = [("sessions", "id"), ("cache", "key")];
 /// them that can turn the index scan into a full one.
 fn batch_statement(table: &str, key: &str, batch: u64) -> String {
     format!(
-        "DELETE FROM {table} WHERE {key} IN \
-         (SELECT {key} FROM {table} WHERE expires_at <= now() LIMIT {batch} FOR UPDATE SKIP LOCKED)"
+        "DELETE FROM {{schema}}.{table} WHERE {key} IN \
+         (SELECT {key} FROM {{schema}}.{table} WHERE expires_at <= now() LIMIT {batch} \
+          FOR UPDATE SKIP LOCKED)"
     )
 }
 
@@ -44,8 +45,11 @@ impl Store {
         lifecycle: &Lifecycle,
     ) -> Result<Option<PassReport>, DbError> {
         let won: Option<String> = run!(self.conns, "cleanup_lease", |c| sqlx::query_scalar(
-            "UPDATE leases SET holder = $1, expires_at = now() + make_interval(secs => $2) \
+            self.settings.schema.sql(
+                "UPDATE {schema}.leases \
+                 SET holder = $1, expires_at = now() + make_interval(secs => $2) \
                  WHERE name = 'cleanup' AND (expires_at <= now() OR holder = $1) RETURNING holder",
+            ),
         )
         .bind(holder)
         .bind(self.settings.cleanup_lease_seconds as f64)
@@ -57,9 +61,10 @@ impl Store {
         let result = self.delete_expired(holder, lifecycle).await;
         // Release the lease whatever happened, so the next pass need not wait for it to expire.
         let _ = run!(self.conns, "cleanup_lease", |c| {
-            sqlx::query(
-                "UPDATE leases SET expires_at = '-infinity' WHERE name = 'cleanup' AND holder = $1",
-            )
+            sqlx::query(self.settings.schema.sql(
+                "UPDATE {schema}.leases SET expires_at = '-infinity' \
+                 WHERE name = 'cleanup' AND holder = $1",
+            ))
             .bind(holder)
             .execute(c)
         })
@@ -71,10 +76,10 @@ impl Store {
     /// expired: this pass ran longer than cleanup.lease_seconds), so two passes never overlap.
     async fn renew_lease(&self, holder: &str) -> Result<bool, DbError> {
         let renewed: Option<String> = run!(self.conns, "cleanup_lease", |c| {
-            sqlx::query_scalar(
-                "UPDATE leases SET expires_at = now() + make_interval(secs => $2) \
+            sqlx::query_scalar(self.settings.schema.sql(
+                "UPDATE {schema}.leases SET expires_at = now() + make_interval(secs => $2) \
                  WHERE name = 'cleanup' AND holder = $1 AND expires_at > now() RETURNING holder",
-            )
+            ))
             .bind(holder)
             .bind(self.settings.cleanup_lease_seconds as f64)
             .fetch_optional(c)
@@ -91,14 +96,16 @@ impl Store {
         let batch = self.settings.cleanup_batch_size as u64;
         let mut report = PassReport::default();
         for (table, key) in TABLES {
-            let sql = batch_statement(table, key, batch);
+            let sql = self
+                .settings
+                .schema
+                .sql(&batch_statement(table, key, batch));
             loop {
                 if lifecycle.is_stopped() || !self.renew_lease(holder).await? {
                     return Ok(report);
                 }
                 let done = run!(self.conns, "cleanup_delete", |c| {
-                    // Built from constants and a validated integer only (batch_statement).
-                    sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).execute(c)
+                    sqlx::query(sql.clone()).execute(c)
                 })
                 .await?;
                 let n = done.rows_affected();

@@ -47,16 +47,19 @@ impl Store {
     /// (by `pgsidecar migrate` or another sidecar).
     pub async fn check_migrated(&self) -> Result<(), DbError> {
         self.reach().await?;
-        let applied: Vec<i64> =
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| match DbError::from(e) {
-                    DbError::Other(_) => {
-                        DbError::Other("migrations not applied; run `pgsidecar migrate`".into())
-                    }
-                    other => other,
-                })?;
+        let applied: Vec<i64> = sqlx::query_scalar(
+            self.settings
+                .schema
+                .sql("SELECT version FROM {schema}._sqlx_migrations WHERE success"),
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| match DbError::from(e) {
+            DbError::Other(_) => {
+                DbError::Other("migrations not applied; run `pgsidecar migrate`".into())
+            }
+            other => other,
+        })?;
         if MIGRATOR.iter().any(|m| !applied.contains(&m.version)) {
             return Err(DbError::Other(
                 "migrations not applied; run `pgsidecar migrate`".into(),

@@ -10,7 +10,7 @@
 //! - [`conns`]: the free list of held connections in front of the pool.
 //! - [`migrate`]: the embedded migrations.
 //! - [`batch`]: coalescing concurrent calls into one statement.
-//! - [`cache`], [`sessions`]: the data, in SQL.
+//! - [`cache`] (with its writes in `cache_write`), [`sessions`]: the data, in SQL.
 //! - [`cleanup`]: the fleet-wide deletion of expired rows.
 
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use crate::metrics as m;
 /// Batchers that share the pool: cache reads and writes, session reads and refreshes.
 const BATCH_KINDS: usize = 4;
 
-pub use cache::{CacheEntry, CacheKey};
+pub use cache::{CacheEntry, CacheKey, CacheValue};
 pub use sessions::{NewSession, SessionRecord, TokenHash};
 
 /// Runs one statement on a held connection (see [`conns`]), timed under `operation`:
@@ -54,6 +54,7 @@ macro_rules! run {
 
 pub mod batch;
 pub mod cache;
+mod cache_write;
 pub mod cleanup;
 pub mod conns;
 pub mod error;
@@ -61,6 +62,7 @@ pub mod migrate;
 pub mod pool;
 mod rows;
 pub mod sessions;
+mod sql;
 pub mod status;
 
 pub use error::DbError;
@@ -91,6 +93,8 @@ pub struct StoreSettings {
     pub session_update_age_seconds: u32,
     pub cleanup_batch_size: u32,
     pub cleanup_lease_seconds: u32,
+    /// Qualifies the statements built outside the hot path (probe, cleanup, migrations check).
+    pub(crate) schema: sql::Schema,
 }
 
 impl Store {
@@ -114,6 +118,7 @@ impl Store {
             status.clone(),
         ));
         let d = &settings.database;
+        let schema = sql::Schema::new(&d.schema);
         let share = batch::Share::new(d.max_connections as usize, BATCH_KINDS, b.max_in_flight);
         let limits = batch::BatchLimits {
             max_size: b.max_size,
@@ -124,11 +129,16 @@ impl Store {
             deadline: Duration::from_millis(d.acquire_timeout_ms + d.statement_timeout_ms + 1000),
         };
         Self {
-            cache: Arc::new(cache::CacheBatchers::new(conns.clone(), limits.clone())),
+            cache: Arc::new(cache::CacheBatchers::new(
+                conns.clone(),
+                limits.clone(),
+                &schema,
+            )),
             sessions: Arc::new(sessions::SessionBatchers::new(
                 conns.clone(),
                 limits,
                 settings.sessions.update_age_seconds,
+                &schema,
             )),
             pool,
             conns,
@@ -139,6 +149,7 @@ impl Store {
                 session_update_age_seconds: settings.sessions.update_age_seconds,
                 cleanup_batch_size: settings.cleanup.batch_size,
                 cleanup_lease_seconds: settings.cleanup.lease_seconds,
+                schema,
             }),
         }
     }
@@ -216,10 +227,12 @@ impl Store {
         // Through the held connections like every other statement: connections resting in
         // that free list are invisible to the sqlx pool, so a direct acquire could starve.
         let present: bool = run!(self.conns, "health_probe", |c| {
-            sqlx::query_scalar(
-                "SELECT to_regclass('sessions') IS NOT NULL AND to_regclass('cache') IS NOT NULL \
-                 AND to_regclass('leases') IS NOT NULL",
-            )
+            sqlx::query_scalar(self.settings.schema.sql(
+                "SELECT to_regclass('{schema}.sessions') IS NOT NULL \
+                 AND to_regclass('{schema}.cache') IS NOT NULL \
+                 AND to_regclass('{schema}.cache_tags') IS NOT NULL \
+                 AND to_regclass('{schema}.leases') IS NOT NULL",
+            ))
             .fetch_one(c)
         })
         .await?;

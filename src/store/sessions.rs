@@ -10,13 +10,14 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-use sqlx::FromRow;
 use sqlx::postgres::PgRow;
+use sqlx::{FromRow, SqlStr};
 use uuid::Uuid;
 
 use super::batch::{BatchLimits, BatchOp, Batcher};
 use super::conns::Conns;
 use super::rows::{Cols, decode_all};
+use super::sql::Schema;
 use super::{DbError, Store};
 use crate::metrics as m;
 
@@ -139,17 +140,85 @@ macro_rules! columns {
     };
 }
 
+/// The sessions' statements, their tables in the configured schema (see [`Schema`]).
+pub(crate) struct SessionSql {
+    read: SqlStr,
+    refresh: SqlStr,
+    create: SqlStr,
+    update: SqlStr,
+    revoke: SqlStr,
+    revoke_id: SqlStr,
+    list: SqlStr,
+    revoke_user: SqlStr,
+}
+
+impl SessionSql {
+    fn new(schema: &Schema) -> Self {
+        Self {
+            read: schema.sql(concat!(
+                "SELECT ",
+                columns!(),
+                ", expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) \
+                   <= now() AS needs_refresh \
+                 FROM {schema}.sessions WHERE token_hash = ANY($1) AND expires_at > now()"
+            )),
+            refresh: schema.sql(concat!(
+                "UPDATE {schema}.sessions \
+                 SET expires_at = now() + make_interval(secs => ttl_seconds), updated_at = now() \
+                 WHERE token_hash = ANY($1) AND expires_at > now() \
+                   AND expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) \
+                       <= now() \
+                 RETURNING ",
+                columns!()
+            )),
+            create: schema.sql(concat!(
+                "INSERT INTO {schema}.sessions \
+                   (id, token_hash, user_id, expires_at, ttl_seconds, ip_address, user_agent, data) \
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $4, $5, $6, $7) RETURNING ",
+                columns!()
+            )),
+            update: schema.sql(concat!(
+                "UPDATE {schema}.sessions SET data = $2, updated_at = now() \
+                 WHERE token_hash = $1 AND expires_at > now() RETURNING ",
+                columns!()
+            )),
+            revoke: schema.sql("DELETE FROM {schema}.sessions WHERE token_hash = $1"),
+            revoke_id: schema.sql("DELETE FROM {schema}.sessions WHERE id = $1 AND user_id = $2"),
+            list: schema.sql(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM {schema}.sessions WHERE user_id = $1 AND expires_at > now() \
+                 ORDER BY created_at DESC, id"
+            )),
+            // Expired rows of the user go too, but only live ones count as revoked.
+            revoke_user: schema.sql(
+                "WITH gone AS (DELETE FROM {schema}.sessions \
+                   WHERE user_id = $1 AND ($2::uuid IS NULL OR id <> $2) RETURNING expires_at) \
+                 SELECT count(*) FILTER (WHERE expires_at > now()) FROM gone",
+            ),
+        }
+    }
+}
+
 pub(crate) struct SessionBatchers {
     reads: Batcher<ReadBatch>,
     refreshes: Batcher<RefreshBatch>,
+    sql: Arc<SessionSql>,
 }
 
 impl SessionBatchers {
-    pub fn new(conns: Arc<Conns>, limits: BatchLimits, update_age_seconds: u32) -> Self {
+    pub fn new(
+        conns: Arc<Conns>,
+        limits: BatchLimits,
+        update_age_seconds: u32,
+        schema: &Schema,
+    ) -> Self {
+        let sql = Arc::new(SessionSql::new(schema));
         Self {
             reads: Batcher::spawn(
                 ReadBatch {
                     conns: conns.clone(),
+                    sql: sql.clone(),
                     update_age_seconds: update_age_seconds as f64,
                 },
                 limits.clone(),
@@ -157,10 +226,12 @@ impl SessionBatchers {
             refreshes: Batcher::spawn(
                 RefreshBatch {
                     conns,
+                    sql: sql.clone(),
                     update_age_seconds: update_age_seconds as f64,
                 },
                 limits,
             ),
+            sql,
         }
     }
 }
@@ -175,6 +246,7 @@ struct ReadRow {
 /// was last refreshed more than update_age ago, judged by the database clock.
 struct ReadBatch {
     conns: Arc<Conns>,
+    sql: Arc<SessionSql>,
     update_age_seconds: f64,
 }
 
@@ -190,14 +262,11 @@ impl BatchOp for ReadBatch {
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<ReadOutcome>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
         let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
-                concat!("SELECT ", columns!(), ", \
-                        expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) <= now() AS needs_refresh \
-                 FROM sessions WHERE token_hash = ANY($1) AND expires_at > now()"),
-            )
-            .bind(&hashes)
-            .bind(self.update_age_seconds)
-            .fetch_all(c)
+            self.sql.read.clone()
         )
+        .bind(&hashes)
+        .bind(self.update_age_seconds)
+        .fetch_all(c))
         .await?;
         let rows = decode_all(&rows, |cols| {
             Ok(ReadRow {
@@ -238,6 +307,7 @@ impl BatchOp for ReadBatch {
 /// twice; the caller then reads it again.
 struct RefreshBatch {
     conns: Arc<Conns>,
+    sql: Arc<SessionSql>,
     update_age_seconds: f64,
 }
 
@@ -250,18 +320,12 @@ impl BatchOp for RefreshBatch {
 
     async fn run(&self, items: &[TokenHash]) -> Result<Vec<Option<SessionRow>>, DbError> {
         let hashes: Vec<&[u8]> = items.iter().map(|h| h.0.as_slice()).collect();
-        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(concat!(
-                "UPDATE sessions SET expires_at = now() + make_interval(secs => ttl_seconds), updated_at = now() \
-                 WHERE token_hash = ANY($1) AND expires_at > now() \
-                   AND expires_at - make_interval(secs => ttl_seconds) + make_interval(secs => $2) <= now() \
-                 RETURNING ",
-                columns!()
-            ),
-            )
-            .bind(&hashes)
-            .bind(self.update_age_seconds)
-            .fetch_all(c)
+        let rows: Vec<PgRow> = run!(self.conns, Self::NAME, |c| sqlx::query(
+            self.sql.refresh.clone()
         )
+        .bind(&hashes)
+        .bind(self.update_age_seconds)
+        .fetch_all(c))
         .await?;
         let found: HashMap<Vec<u8>, SessionRow> = decode_all(&rows, SessionRow::read)?
             .into_iter()
@@ -290,20 +354,17 @@ impl Store {
         let hash = TokenHash::of(&token)
             .ok_or_else(|| DbError::Other("generated token is malformed".into()))?;
         let id = Uuid::new_v4();
-        let row: SessionRow = run!(self.conns, "session_create", |c| sqlx::query_as(concat!(
-                "INSERT INTO sessions (id, token_hash, user_id, expires_at, ttl_seconds, ip_address, user_agent, data) \
-                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $4, $5, $6, $7) RETURNING ",
-                columns!()
-            ))
-            .bind(id)
-            .bind(hash.0.as_slice())
-            .bind(&new.user_id)
-            .bind(new.ttl_seconds as i32)
-            .bind(&new.ip_address)
-            .bind(&new.user_agent)
-            .bind(&new.data)
-            .fetch_one(c)
+        let row: SessionRow = run!(self.conns, "session_create", |c| sqlx::query_as(
+            self.sessions.sql.create.clone()
         )
+        .bind(id)
+        .bind(hash.0.as_slice())
+        .bind(&new.user_id)
+        .bind(new.ttl_seconds as i32)
+        .bind(&new.ip_address)
+        .bind(&new.user_agent)
+        .bind(&new.data)
+        .fetch_one(c))
         .await?;
         metrics::counter!(m::SESSIONS_CREATED).increment(1);
         Ok((token, row.into_record()?))
@@ -338,16 +399,13 @@ impl Store {
         data: String,
     ) -> Result<Option<SessionRecord>, DbError> {
         self.ensure_available()?;
-        let row: Option<SessionRow> =
-            run!(self.conns, "session_update", |c| sqlx::query_as(concat!(
-                "UPDATE sessions SET data = $2, updated_at = now() \
-                 WHERE token_hash = $1 AND expires_at > now() RETURNING ",
-                columns!()
-            ))
-            .bind(hash.0.as_slice())
-            .bind(&data)
-            .fetch_optional(c))
-            .await?;
+        let row: Option<SessionRow> = run!(self.conns, "session_update", |c| sqlx::query_as(
+            self.sessions.sql.update.clone()
+        )
+        .bind(hash.0.as_slice())
+        .bind(&data)
+        .fetch_optional(c))
+        .await?;
         row.map(SessionRow::into_record).transpose()
     }
 
@@ -355,9 +413,24 @@ impl Store {
     pub async fn session_revoke(&self, hash: TokenHash) -> Result<(), DbError> {
         self.ensure_available()?;
         let done = run!(self.conns, "session_revoke", |c| sqlx::query(
-            "DELETE FROM sessions WHERE token_hash = $1"
+            self.sessions.sql.revoke.clone()
         )
         .bind(hash.0.as_slice())
+        .execute(c))
+        .await?;
+        metrics::counter!(m::SESSIONS_REVOKED).increment(done.rows_affected());
+        Ok(())
+    }
+
+    /// Revokes the session `id` when it belongs to `user_id`; one that is already gone (or
+    /// another user's) is not an error.
+    pub async fn session_revoke_id(&self, user_id: &str, id: Uuid) -> Result<(), DbError> {
+        self.ensure_available()?;
+        let done = run!(self.conns, "session_revoke", |c| sqlx::query(
+            self.sessions.sql.revoke_id.clone()
+        )
+        .bind(id)
+        .bind(user_id)
         .execute(c))
         .await?;
         metrics::counter!(m::SESSIONS_REVOKED).increment(done.rows_affected());
@@ -368,13 +441,9 @@ impl Store {
     pub async fn sessions_of_user(&self, user_id: &str) -> Result<Vec<SessionRecord>, DbError> {
         self.ensure_available()?;
         let rows: Vec<SessionRow> = run!(self.conns, "session_list", |c| {
-            sqlx::query_as(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM sessions WHERE user_id = $1 AND expires_at > now() ORDER BY created_at DESC, id"
-        ))
-        .bind(user_id)
-        .fetch_all(c)
+            sqlx::query_as(self.sessions.sql.list.clone())
+                .bind(user_id)
+                .fetch_all(c)
         })
         .await?;
         rows.into_iter().map(SessionRow::into_record).collect()
@@ -387,15 +456,12 @@ impl Store {
         keep: Option<Uuid>,
     ) -> Result<u64, DbError> {
         self.ensure_available()?;
-        // Expired rows of the user go too, but only live ones count as revoked.
         let revoked: i64 = run!(self.conns, "session_revoke_user", |c| sqlx::query_scalar(
-                "WITH gone AS (DELETE FROM sessions WHERE user_id = $1 AND ($2::uuid IS NULL OR id <> $2) \
-                 RETURNING expires_at) SELECT count(*) FILTER (WHERE expires_at > now()) FROM gone",
-            )
-            .bind(user_id)
-            .bind(keep)
-            .fetch_one(c)
+            self.sessions.sql.revoke_user.clone()
         )
+        .bind(user_id)
+        .bind(keep)
+        .fetch_one(c))
         .await?;
         metrics::counter!(m::SESSIONS_REVOKED).increment(revoked as u64);
         Ok(revoked as u64)
