@@ -101,10 +101,18 @@ describe('next cacheHandler (incremental cache)', () => {
     assert.ok(stale, 'a stale entry is still served')
     assert.ok(Date.now() - stale.lastModified > 60_000, 'Next.js sees it past its revalidate time')
     assert.ok(Date.now() - stale.lastModified < 86_400_000, 'but not past its expire time')
-    // a page that never revalidates by time is revalidated at once (lastModified -1)
+    // a page that never revalidates by time: answered as due for revalidation this once (not -1,
+    // which would make Next.js regenerate it while the request waits)
     await A.set('/swr-static', appPage(['swr-tag-2']), { cacheControl: { revalidate: false, expire: undefined } })
     await A.revalidateTag('swr-tag-2', { expire: 300 })
-    assert.equal((await B.get('/swr-static', { kind: 'APP_PAGE', isFallback: false })).lastModified, -1)
+    const once = await B.get('/swr-static', { kind: 'APP_PAGE', isFallback: false })
+    assert.deepEqual(once.cacheControl, { revalidate: 1, expire: undefined })
+    assert.ok(once.lastModified > 0 && Date.now() - once.lastModified > 1000)
+    // regenerated: its own lifetime is back
+    await B.set('/swr-static', appPage(['swr-tag-2']), { cacheControl: { revalidate: false, expire: undefined } })
+    const regenerated = (await A.get('/swr-static', { kind: 'APP_PAGE', isFallback: false })).cacheControl
+    assert.equal(regenerated.revalidate, false)
+    assert.equal(regenerated.expire, undefined)
   })
 
   test('fetch cache and unstable_cache entries: their tags and the soft tags are checked', async () => {

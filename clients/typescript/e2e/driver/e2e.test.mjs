@@ -101,8 +101,8 @@ async function startInstance(name, buildDir, db) {
 /** The `value@instance` a page shows. */
 async function shown(instance, path) {
   const res = await fetch(`${instance.url}${path}`, { headers: { 'cache-control': 'no-cache' } })
-  assert.equal(res.status, 200, `${instance.name} ${path}`)
   const html = (await res.text()).replaceAll('<!-- -->', '')
+  assert.equal(res.status, 200, `${instance.name} ${path} answered ${res.status}; its log:\n${instance.logs.join('')}`)
   const m = html.match(/<p>E2E\[([^\]<]*)\]<\/p>/)
   assert.ok(m, `no value in ${instance.name} ${path}:\n${html.slice(0, 2000)}`)
   return m[1]
@@ -121,8 +121,9 @@ describe('Next.js 16 + BetterAuth on two instances, two sidecars, one PostgreSQL
     await query(db, 'CREATE TABLE e2e_values (name text PRIMARY KEY, value text NOT NULL)')
     for (const m of MECHANISMS) await query(db, 'INSERT INTO e2e_values VALUES ($1, $2)', [m, 'at-build'])
     // Built once per run, with no sidecar to reach (as in CI): the handlers fail open.
+    // (E2E_REUSE_BUILD=1 reuses the last build, when iterating on the driver alone.)
     const started = Date.now()
-    await run(process.execPath, [NEXT_BIN, 'build'], {
+    if (process.env.E2E_REUSE_BUILD !== '1') await run(process.execPath, [NEXT_BIN, 'build'], {
       cwd: APP,
       env: {
         ...process.env,

@@ -112,20 +112,23 @@ function entryTags(value: IncrementalCacheValue | null, ctx: SetContext): string
 
 /**
  * When the sidecar says a tag of the entry was marked stale (`revalidateTag(tag, profile)` on
- * any container), make Next.js see it as stale so it serves it once and regenerates it in the
- * background: an age just past its revalidate time, or -1 (revalidate now, blocking) when it
- * has none or its expiry would also have passed.
+ * any container), make Next.js see it as stale, so it serves it once more and regenerates it in
+ * the background (stale-while-revalidate, as with its own tag manifest): the answer's age is put
+ * just past its revalidate time. A page or route that never revalidates by time is answered with
+ * a revalidate time of one second for this once (the regenerated entry brings its own back).
  */
-function staleLastModified(stored: Stored, kind: string, ctxRevalidate: number | false | undefined): number {
+function staleAnswer(stored: Stored, kind: string, ctxRevalidate: number | false | undefined): CacheHandlerValue {
   const now = Date.now()
   if (kind === 'FETCH') {
     const revalidate = typeof ctxRevalidate === 'number' && ctxRevalidate > 0 ? ctxRevalidate : (stored.value?.revalidate as number | undefined)
-    return typeof revalidate === 'number' && revalidate > 0 ? Math.min(stored.lastModified, now - revalidate * 1000 - 1) : -1
+    const seconds = typeof revalidate === 'number' && revalidate > 0 ? revalidate : 1
+    return { lastModified: Math.min(stored.lastModified, now - seconds * 1000 - 1), value: stored.value }
   }
   const cc = stored.cacheControl
-  if (!cc || typeof cc.revalidate !== 'number') return -1
-  if (typeof cc.expire === 'number' && cc.expire <= cc.revalidate) return -1
-  return Math.min(stored.lastModified, now - cc.revalidate * 1000 - 1)
+  if (cc && typeof cc.revalidate === 'number' && cc.revalidate > 0) {
+    return { lastModified: Math.min(stored.lastModified, now - cc.revalidate * 1000 - 1), value: stored.value, cacheControl: cc }
+  }
+  return { lastModified: Math.min(stored.lastModified, now - 1001), value: stored.value, cacheControl: { revalidate: 1, expire: cc?.expire } }
 }
 
 /** Makes a `cacheHandler` class with these options (the default export uses the defaults). */
@@ -168,10 +171,10 @@ export function createCacheHandler(options: NextHandlerOptions = {}): Incrementa
       } catch {
         return null // not ours, or from an incompatible version: a miss, overwritten on set
       }
-      const lastModified = entry.stale ? staleLastModified(stored, ctx.kind, ctx.revalidate) : stored.lastModified
+      if (entry.stale) return staleAnswer(stored, ctx.kind, ctx.revalidate)
       return stored.cacheControl === undefined
-        ? { lastModified, value: stored.value }
-        : { lastModified, value: stored.value, cacheControl: stored.cacheControl }
+        ? { lastModified: stored.lastModified, value: stored.value }
+        : { lastModified: stored.lastModified, value: stored.value, cacheControl: stored.cacheControl }
     }
 
     async set(key: string, data: IncrementalCacheValue | null, ctx: SetContext): Promise<void> {
