@@ -32,6 +32,8 @@ started=$(date +%s)
 pack=$(mktemp -d)
 trap 'rm -rf "$pack"' EXIT
 npm pack --silent --pack-destination "$pack" >/dev/null
+# Publish-ready: what `npm publish` would do, short of uploading.
+npm publish --dry-run >"$pack/publish.log" 2>&1 || { cat "$pack/publish.log" >&2; exit 1; }
 (cd e2e && npm ci --loglevel=error && npm install --no-save --loglevel=error "$pack"/pgsidecar-client-*.tgz)
 node --test e2e/driver/
 echo "test-typescript.sh: Next.js end-to-end test (install, build, run) took $(( $(date +%s) - started )) s" >&2

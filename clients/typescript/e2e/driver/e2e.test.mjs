@@ -134,7 +134,7 @@ describe('Next.js 16 + BetterAuth on two instances, two sidecars, one PostgreSQL
         E2E_INSTANCE: 'build',
       },
     })
-    console.log(`# next build took ${((Date.now() - started) / 1000).toFixed(1)} s`)
+    console.log(`next build took ${((Date.now() - started) / 1000).toFixed(1)} s`)
     const manifest = JSON.parse(readFileSync(join(APP, '.next', 'server', 'server-reference-manifest.json'), 'utf8'))
     actionId = Object.entries(manifest.node).find(([, v]) => v.exportedName === 'expireTag')?.[0]
     assert.ok(actionId, 'the expireTag server action is in the build')
