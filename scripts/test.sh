@@ -51,3 +51,6 @@ if [ -x /usr/sbin/pgbouncer ]; then export PGSIDECAR_REQUIRE_PGBOUNCER=1; fi
 export PGSIDECAR_TEST_PG_SCRIPT="$PWD/scripts/pg.sh"
 cargo build --quiet
 cargo test --quiet -- --test-threads "${TEST_THREADS:-4}" "$@"
+
+# The TypeScript client and the Next.js/BetterAuth end-to-end test, against the binary built above.
+scripts/test-typescript.sh
