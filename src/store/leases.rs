@@ -13,9 +13,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use tokio::time::Instant;
 
-use super::cache::{
-    CacheEntry, CacheKey, CachePut, PutValue, RAW_MARKER, Tag, Version, tag_array,
-};
+use super::cache::{CacheEntry, CacheKey, CachePut, PutValue, RAW_MARKER, Tag, Version, tag_array};
 use super::cache_write::Written;
 use super::rows::decode_all;
 use super::{DbError, Store};
@@ -34,10 +32,7 @@ fn new_token() -> Result<String, DbError> {
 
 /// Whether `token` can be one of ours (else 400 `invalid_lease`).
 pub fn well_formed(token: &str) -> bool {
-    token.len() == TOKEN_LEN
-        && URL_SAFE_NO_PAD
-            .decode(token)
-            .is_ok_and(|b| b.len() == 16)
+    token.len() == TOKEN_LEN && URL_SAFE_NO_PAD.decode(token).is_ok_and(|b| b.len() == 16)
 }
 
 /// What a leased read answers.
