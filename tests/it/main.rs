@@ -12,6 +12,7 @@ mod events;
 mod failover;
 mod fleet;
 mod http;
+mod leases;
 mod lifecycle;
 mod limits;
 mod logs;
