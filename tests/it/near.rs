@@ -583,7 +583,9 @@ async fn every_read_on_another_sidecar_is_within_the_documented_bound() {
         }));
     }
     // Readers on B: every answer checked against the history afterwards.
-    let reads: Arc<std::sync::Mutex<Vec<(usize, u64, Instant, bool)>>> = Arc::default();
+    // (key, value answered, when the read began, whether from memory)
+    type Read = (usize, u64, Instant, bool);
+    let reads: Arc<std::sync::Mutex<Vec<Read>>> = Arc::default();
     for r in 0..4 {
         let (b, stop, reads) = (b.clone(), stop.clone(), reads.clone());
         tasks.push(tokio::spawn(async move {
