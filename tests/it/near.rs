@@ -1,7 +1,8 @@
 //! Change notifications and the near caches (issue 17): two sidecars on one database, the near
 //! caches on, invalidation across them, read-your-writes, `Cache-Control: no-cache`, the fill
 //! race, the listening connection lost (killed, cut off) and back, sessions revoked, and the
-//! staleness bound under concurrent writers and readers.
+//! staleness bound under concurrent writers and readers, entries never served past their TTL,
+//! and the memory bound.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -671,4 +672,86 @@ async fn every_read_on_another_sidecar_is_within_the_documented_bound() {
         reads.len()
     );
     assert!(sessions_checked > 0);
+}
+
+/// An entry is never served from memory past its expiry: every read begun after the write's
+/// acknowledgement plus its TTL (its expiry came before, on the database clock) is a 404.
+#[tokio::test]
+async fn a_near_entry_is_never_served_past_its_ttl() {
+    let b = near(Sidecar::builder()).start().await;
+    // A longer TTL on each try, should a loaded machine be too slow to read one from memory
+    // before it expires.
+    for (attempt, ttl) in [2u64, 4, 8].into_iter().enumerate() {
+        let key = format!("k{attempt}");
+        let r = b.put_cache(&key, "1", &format!("?ttl_seconds={ttl}")).await;
+        assert_eq!(r.status(), 204);
+        let expired = Instant::now() + Duration::from_secs(ttl);
+        let mut from_memory = false;
+        loop {
+            let asked = Instant::now();
+            let (status, body, near) = get(&b, &key).await;
+            if asked >= expired {
+                assert_eq!(
+                    (status, near),
+                    (404, false),
+                    "{key} answered {body:?} {:?} after its expiry",
+                    asked - expired
+                );
+                if asked >= expired + Duration::from_millis(300) {
+                    break;
+                }
+            } else if status == 200 {
+                from_memory |= near;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if from_memory {
+            return;
+        }
+    }
+    panic!("no entry was ever served from memory before it expired");
+}
+
+/// The near cache holds at most `cache.near.max_bytes`, however much is read through it.
+#[tokio::test]
+async fn the_near_cache_stays_within_its_bytes() {
+    const MAX: u64 = 1024 * 1024;
+    let b = near(Sidecar::builder())
+        .env("PGSIDECAR_CACHE__NEAR__MAX_BYTES", MAX)
+        .start()
+        .await;
+    // 4 MB of values, each read a few times.
+    let value = format!("\"{}\"", "x".repeat(20_000));
+    for i in 0..200 {
+        assert_eq!(
+            b.put_cache(&format!("k{i}"), &value, "").await.status(),
+            204
+        );
+    }
+    until_near(&b, "k0").await;
+    for _ in 0..3 {
+        for i in 0..200 {
+            let (status, body, _) = get(&b, &format!("k{i}")).await;
+            assert_eq!((status, body.len()), (200, value.len()));
+        }
+    }
+    // The gauge is set with each heartbeat (every 250 ms here).
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let bytes = metric(
+            &scrape(&b).await,
+            "pgsidecar_near_cache_bytes",
+            &[("cache", "cache")],
+        )
+        .unwrap_or(0.0);
+        assert!(bytes <= MAX as f64, "{bytes} bytes held");
+        if bytes > MAX as f64 / 4.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the near cache holds only {bytes} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
