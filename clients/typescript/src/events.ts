@@ -172,10 +172,14 @@ interface Ended {
   openMs: number
 }
 
-async function* feed(open: OpenStream, options: SubscribeOptions, stop: AbortSignal): AsyncGenerator<ChangeEvent, void, undefined> {
-  const retryMin = checkMs(options.retryMinMs ?? DEFAULT_RETRY_MIN_MS, 'retryMinMs')
-  const retryMax = Math.max(retryMin, checkMs(options.retryMaxMs ?? DEFAULT_RETRY_MAX_MS, 'retryMaxMs'))
-  const idleMs = checkMs(options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS, 'idleTimeoutMs')
+interface Timing {
+  retryMin: number
+  retryMax: number
+  idleMs: number
+}
+
+async function* feed(open: OpenStream, options: SubscribeOptions, timing: Timing, stop: AbortSignal): AsyncGenerator<ChangeEvent, void, undefined> {
+  const { retryMin, retryMax, idleMs } = timing
   let failures = 0
   let connectedBefore = false
   while (!stop.aborted) {
@@ -246,10 +250,16 @@ class FeedSubscription implements Subscription {
   #iterated = false
 
   constructor(open: OpenStream, options: SubscribeOptions) {
+    const retryMin = checkMs(options.retryMinMs ?? DEFAULT_RETRY_MIN_MS, 'retryMinMs')
+    const timing = {
+      retryMin,
+      retryMax: Math.max(retryMin, checkMs(options.retryMaxMs ?? DEFAULT_RETRY_MAX_MS, 'retryMaxMs')),
+      idleMs: checkMs(options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS, 'idleTimeoutMs'),
+    }
     const { signal } = options
     if (signal?.aborted) this.#stop.abort()
     else signal?.addEventListener('abort', () => this.#stop.abort(), { once: true })
-    this.#events = feed(open, options, this.#stop.signal)
+    this.#events = feed(open, options, timing, this.#stop.signal)
   }
 
   close(): void {
@@ -276,9 +286,9 @@ class FeedSubscription implements Subscription {
 
 /** The change feed over `open`: iterable, or handed to `onEvent` one event at a time. */
 export function openSubscription(open: OpenStream, options: SubscribeOptions, onEvent?: (event: ChangeEvent) => void | Promise<void>): Subscription | CallbackSubscription {
+  if (onEvent !== undefined && typeof onEvent !== 'function') throw new TypeError('pgsidecar: onEvent must be a function')
   const subscription = new FeedSubscription(open, options)
   if (onEvent === undefined) return subscription
-  if (typeof onEvent !== 'function') throw new TypeError('pgsidecar: onEvent must be a function')
   const done = (async () => {
     for await (const event of subscription) await onEvent(event)
   })()
