@@ -14,6 +14,7 @@ mod http;
 mod lifecycle;
 mod limits;
 mod logs;
+mod near;
 mod openapi;
 mod ops;
 mod pooler;
