@@ -193,10 +193,10 @@ class SidecarCache implements Cache {
 
 function checkLease(fillLeaseMs: number, waitMs: number): void {
   if (!(Number.isInteger(fillLeaseMs) && fillLeaseMs >= 0 && fillLeaseMs <= MAX_FILL_LEASE_MS)) {
-    throw new PgsidecarError('invalid_fill_lease_ms', 400, `fillLeaseMs must be an integer from 0 (no leases) to ${MAX_FILL_LEASE_MS}`)
+    throw new PgsidecarError('invalid_lease', 400, `fillLeaseMs must be an integer from 0 (no leases) to ${MAX_FILL_LEASE_MS}`)
   }
   if (!(Number.isInteger(waitMs) && waitMs >= 0 && waitMs <= MAX_LEASE_WAIT_MS)) {
-    throw new PgsidecarError('invalid_wait_ms', 400, `leaseWaitMs must be an integer from 0 to ${MAX_LEASE_WAIT_MS}`)
+    throw new PgsidecarError('invalid_lease', 400, `leaseWaitMs must be an integer from 0 to ${MAX_LEASE_WAIT_MS}`)
   }
 }
 

@@ -594,10 +594,10 @@ export class PgsidecarClient {
   async getOrLease<T = unknown>(key: string, options: LeaseOptions): Promise<CacheEntry<T> | Lease | null> {
     const { fillLeaseMs, waitMs } = options
     if (!(Number.isInteger(fillLeaseMs) && fillLeaseMs >= 1 && fillLeaseMs <= MAX_FILL_LEASE_MS)) {
-      throw new PgsidecarError('invalid_fill_lease_ms', 400, `fillLeaseMs must be an integer from 1 to ${MAX_FILL_LEASE_MS}`)
+      throw new PgsidecarError('invalid_lease', 400, `fillLeaseMs must be an integer from 1 to ${MAX_FILL_LEASE_MS}`)
     }
     if (!(Number.isInteger(waitMs) && waitMs >= 0 && waitMs <= MAX_LEASE_WAIT_MS)) {
-      throw new PgsidecarError('invalid_wait_ms', 400, `waitMs must be an integer from 0 to ${MAX_LEASE_WAIT_MS}`)
+      throw new PgsidecarError('invalid_lease', 400, `waitMs must be an integer from 0 to ${MAX_LEASE_WAIT_MS}`)
     }
     const res = await this.#send(
       {
