@@ -236,6 +236,7 @@ pub async fn events(
         }
     });
     let mut resp = Body::from_stream(body).into_response();
+    resp.extensions_mut().insert(crate::http::Streaming);
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

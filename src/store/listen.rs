@@ -58,7 +58,10 @@ pub async fn run(store: Store, notifier: Arc<Notifier>, settings: Settings, life
     };
     store.status.wait_migrated().await;
     let options = match super::pool::parse_url(&url) {
-        Ok(o) => o.application_name("pgsidecar-listen"),
+        // No start-up parameter a pooler may refuse (sqlx's extra_float_digits; see pool.rs).
+        Ok(o) => o
+            .application_name("pgsidecar-listen")
+            .extra_float_digits(None),
         Err(e) => {
             tracing::error!(error = %e, "change notifications off: database.listen_url is invalid");
             return;
