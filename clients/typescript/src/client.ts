@@ -274,10 +274,10 @@ const CONTROL = /[\u0000-\u001f\u007f-\u009f]/
  * Tags travel comma-separated in query strings, so a comma inside one would silently split it:
  * refused here, with the API's code, before any request. Throws a `PgsidecarError` (`invalid_tag`).
  */
-export function checkTagList(tags: readonly string[] | undefined): void {
+export function checkTagList(tags: readonly string[] | undefined, code = 'invalid_tag'): void {
   for (const tag of tags ?? []) {
     if (typeof tag !== 'string' || tag === '' || tag.includes(',') || CONTROL.test(tag) || Buffer.byteLength(tag) > 256) {
-      throw new PgsidecarError('invalid_tag', 400, 'a tag must be 1 to 256 bytes without commas or control characters')
+      throw new PgsidecarError(code, 400, 'a tag must be 1 to 256 bytes without commas or control characters')
     }
   }
 }
@@ -659,6 +659,10 @@ export class PgsidecarClient {
   async #put(key: string, body: Uint8Array | string, contentType: string, options: WriteOptions): Promise<Written | null> {
     checkTtl(options.ttlSeconds)
     checkTagList(options.tags)
+    if (options.lease !== undefined && (options.ifMatch !== undefined || options.ifNoneMatch !== undefined)) {
+      // the API refuses the combination too: the lease already says which write may happen
+      throw new PgsidecarError('invalid_lease', 400, 'a write with a lease cannot also carry ifMatch or ifNoneMatch')
+    }
     const headers: Record<string, string> = { 'content-type': contentType }
     if (options.ifMatch !== undefined) headers['if-match'] = etagList(options.ifMatch)
     if (options.ifNoneMatch !== undefined) headers['if-none-match'] = etagList(options.ifNoneMatch)
@@ -769,10 +773,15 @@ export class PgsidecarClient {
   subscribe(options?: SubscribeOptions): Subscription
   subscribe(options: SubscribeOptions, onEvent: (event: ChangeEvent) => void | Promise<void>): CallbackSubscription
   subscribe(options: SubscribeOptions = {}, onEvent?: (event: ChangeEvent) => void | Promise<void>): Subscription | CallbackSubscription {
-    checkTagList(options.tags)
+    // An empty list is refused (as the API refuses `tags=`) rather than read as "no filter":
+    // a subscriber whose computed tag set came out empty would otherwise get every change.
+    if (options.tags !== undefined && !(Array.isArray(options.tags) && options.tags.length >= 1 && options.tags.length <= MAX_TAGS_PER_REQUEST)) {
+      throw new PgsidecarError('invalid_tags', 400, `tags must name 1 to ${MAX_TAGS_PER_REQUEST} tags`)
+    }
+    checkTagList(options.tags, 'invalid_tags')
     const query = {
       cache_prefix: options.cachePrefix,
-      tags: options.tags?.length ? options.tags.join(',') : undefined,
+      tags: options.tags?.join(','),
       user_id: options.userId,
     }
     return openSubscription((signal) => this.#openStream({ path: '/v1/events', query }, signal), options, onEvent)

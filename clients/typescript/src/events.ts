@@ -45,10 +45,14 @@ export const DEFAULT_RETRY_MAX_MS = 5000
 /** The sidecar sends a keep-alive comment every 15 s: three missed mean the connection is dead. */
 export const DEFAULT_IDLE_TIMEOUT_MS = 45_000
 
+/**
+ * Filters combine with AND. None: every event. Cache filters (`cachePrefix`, `tags`) select
+ * cache events only, `userId` session events only; `reset` always comes.
+ */
 export interface SubscribeOptions {
-  /** Cache events on keys starting with this (and prefix deletes that overlap it). */
+  /** Cache events on keys starting with this (and prefix deletes that overlap it); invalidations need `tags`. */
   cachePrefix?: string
-  /** Cache events on entries or invalidations carrying any of these tags. */
+  /** Cache events on entries or invalidations carrying any of these tags (1 to 100 tags). */
   tags?: readonly string[]
   /** Session events of this user. */
   userId?: string
@@ -190,8 +194,9 @@ async function* feed(open: OpenStream, options: SubscribeOptions, timing: Timing
       res = await open(signal)
     } catch (err) {
       if (stop.aborted) return
-      // a wrong token, bad filters or a sidecar without the route: retrying would not help
-      if (!isUnavailable(err)) throw err
+      // a wrong token, bad filters, a sidecar without the route or with notifications off
+      // (`events_unavailable`: its configuration, not a passing state): retrying would not help
+      if (!isUnavailable(err) || (err as PgsidecarError).code === 'events_unavailable') throw err
       options.onError?.(err as PgsidecarError)
       // full jitter over the upper half, so a fleet does not reconnect in step
       const delay = Math.min(retryMax, retryMin * 2 ** failures)

@@ -179,6 +179,8 @@ for (const transport of ['tcp', 'unix']) {
         [(res) => { res.writeHead(401, { 'content-type': 'application/json' }); res.end('{"error":{"code":"unauthorized","message":"no"}}') }, 'unauthorized', 401],
         [(res) => { res.writeHead(404, { 'content-type': 'text/html' }); res.end('<h1>an older sidecar</h1>') }, 'http_404', 404],
         [(res) => { res.writeHead(200, { 'content-type': 'application/json' }); res.end('{}') }, 'invalid_response', 200],
+        // notifications off on that sidecar (a transaction-mode pooler without database.listen_url): its configuration
+        [(res) => { res.writeHead(503, { 'content-type': 'application/json' }); res.end('{"error":{"code":"events_unavailable","message":"off"}}') }, 'events_unavailable', 503],
       ]
       for (const [answer, code, status] of cases) {
         const server = await scripted((req, res) => answer(res), { unix })
@@ -311,7 +313,9 @@ for (const transport of ['tcp', 'unix']) {
 
 test('subscribe refuses bad filters and options before any request', () => {
   const c = createClient({ url: 'http://127.0.0.1:1' })
-  assert.throws(() => c.subscribe({ tags: ['a,b'] }), (e) => e instanceof PgsidecarError && e.code === 'invalid_tag')
+  for (const tags of [['a,b'], [''], [], Array.from({ length: 101 }, (_, i) => `t${i}`), 'red']) {
+    assert.throws(() => c.subscribe({ tags }), (e) => e instanceof PgsidecarError && e.code === 'invalid_tags' && e.status === 400, JSON.stringify(tags))
+  }
   assert.throws(() => c.subscribe({}, 'not a function'), TypeError)
   assert.throws(() => c.subscribe({ retryMinMs: 0 }), TypeError)
   assert.throws(() => c.subscribe({ idleTimeoutMs: Number.NaN }), TypeError)

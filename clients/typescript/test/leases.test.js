@@ -6,7 +6,7 @@ import assert from 'node:assert/strict'
 import { after, before, describe, test } from 'node:test'
 
 import { PgsidecarError, createCache, createClient } from '../dist/index.js'
-import { startSidecar } from './helpers.js'
+import { closedPort, socketPath, startSidecar } from './helpers.js'
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 
@@ -62,7 +62,13 @@ for (const transport of ['tcp', 'unix']) {
 
       // an unknown lease is voided too; a malformed one is bad input
       assert.equal(await A.set('l:unknown', 1, { lease: 'AAAAAAAAAAAAAAAAAAAAAA' }), null)
-      await assert.rejects(A.set('l:unknown', 1, { lease: 'not a lease token' }), (e) => e instanceof PgsidecarError && e.status === 400)
+      await assert.rejects(A.set('l:unknown', 1, { lease: 'not a lease token' }), (e) => e instanceof PgsidecarError && e.code === 'invalid_lease' && e.status === 400)
+      // a lease already says which write may happen: no ETag conditions beside it (refused before any request)
+      const held = await A.getOrLease('l:cond', { fillLeaseMs: 10_000, waitMs: 0 })
+      await assert.rejects(A.set('l:cond', 1, { lease: held.lease, ifNoneMatch: '*' }), (e) => e.code === 'invalid_lease' && e.status === 400)
+      await assert.rejects(A.set('l:cond', 1, { lease: held.lease, ifMatch: '"x"' }), (e) => e.code === 'invalid_lease' && e.status === 400)
+      // and the lease is still good
+      assert.ok(await A.set('l:cond', 1, { lease: held.lease }))
     })
 
     test('a lapsed lease goes to the next caller', async () => {
@@ -75,6 +81,12 @@ for (const transport of ['tcp', 'unix']) {
       assert.equal(await A.set('l:lapse', 'late', { lease: first.lease }), null)
       assert.ok(await B.set('l:lapse', 'fresh', { lease: second.lease }))
       assert.equal(await A.get('l:lapse'), 'fresh')
+    })
+
+    test('a sidecar that is down: getOrLease is unreachable, status 0', async () => {
+      const down = createClient({ url: unix ? `unix:${socketPath()}` : `http://127.0.0.1:${await closedPort()}` })
+      await assert.rejects(down.getOrLease('k', { fillLeaseMs: 1000, waitMs: 1000 }), (e) => e instanceof PgsidecarError && e.code === 'unreachable' && e.status === 0)
+      await assert.rejects(down.set('k', 1, { lease: 'AAAAAAAAAAAAAAAAAAAAAA' }), (e) => e instanceof PgsidecarError && e.code === 'unreachable')
     })
 
     test('bad lease durations are refused before any request', async () => {
@@ -143,11 +155,14 @@ for (const transport of ['tcp', 'unix']) {
       const holder = createCache({ client: { url: a.url }, fillLeaseMs: 500 })
       const other = createCache({ client: { url: b.url } })
       let otherCalls = 0
+      let holding
+      const leased = new Promise((r) => (holding = r))
       const dying = holder.getCached('dies', async () => {
+        holding() // the fetcher runs: the holder has the lease
         await sleep(100)
         throw new Error('the fetcher crashed')
       })
-      await sleep(50) // the holder has the lease
+      await leased
       const taken = other.getCached('dies', () => {
         otherCalls++
         return 'from the other'
