@@ -16,8 +16,8 @@
 //! fetcher runs; `--plain` asks without leases, as a per-process single flight would across
 //! processes (every caller misses and fetches).
 //!
-//! `prefill`: reads every benchmark row (and session) once through one sidecar, so its near
-//! caches hold them before a run measures it (bench/run.sh).
+//! `prefill`: reads every benchmark row (with `_mget`) and session once through one sidecar, so
+//! its near caches hold them before a run measures it (bench/run.sh).
 //!
 //! Speaks HTTP/1.1 itself over std's TcpStream or UnixStream (one blocking connection per
 //! caller, no runtime), so its own overhead is a few syscalls per request. Prints one JSON object.
@@ -114,7 +114,7 @@ enum Cmd {
         #[arg(long)]
         plain: bool,
     },
-    /// Read rows k1..kROWS and every session token of TOKENS once through one sidecar.
+    /// Read rows k1..kROWS (with _mget) and every session of TOKENS once through one sidecar.
     Prefill {
         #[arg(long)]
         sidecar: Addr,
@@ -123,7 +123,8 @@ enum Cmd {
         /// One session token a line (bench/run.sh's tokens.txt); none: only the cache.
         #[arg(long)]
         tokens: Option<PathBuf>,
-        #[arg(long, default_value_t = 4)]
+        /// Connections reading the sessions.
+        #[arg(long, default_value_t = 16)]
         threads: usize,
     },
 }
@@ -665,18 +666,38 @@ fn prefill(
     tokens: Option<PathBuf>,
     threads: usize,
 ) -> io::Result<Value> {
-    let mut paths: Vec<String> = (1..=rows).map(|n| format!("/v1/cache/k{n}")).collect();
-    if let Some(t) = tokens {
-        let text = std::fs::read_to_string(t)?;
-        paths.extend(
-            text.lines()
-                .filter(|l| !l.is_empty())
-                .map(|l| format!("/v1/sessions/{l}")),
-        );
+    let t0 = Instant::now();
+    // The cache rows with _mget (it fills the near cache like GETs do), 1,000 keys at a time;
+    // keys an answer cut at cache.max_mget_bytes ("unprocessed") are asked again.
+    let mut c = Conn::new(sidecar.clone());
+    let mut keys: Vec<String> = (1..=rows).map(|n| format!("k{n}")).collect();
+    let (mut hits, mut misses) = (0usize, 0usize);
+    while !keys.is_empty() {
+        let batch: Vec<String> = keys.drain(..keys.len().min(1000)).collect();
+        let body = json!({ "keys": batch }).to_string();
+        let resp = c.request("POST", "/v1/cache/_mget", Some(body.as_bytes()))?;
+        if resp.status != 200 {
+            return Err(io::Error::other(format!("_mget: HTTP {}", resp.status)));
+        }
+        let v: Value = serde_json::from_slice(&resp.body).map_err(io::Error::other)?;
+        hits += v["hits"].as_object().map_or(0, |m| m.len())
+            + v["raw"].as_object().map_or(0, |m| m.len());
+        misses += v["misses"].as_array().map_or(0, |a| a.len());
+        if let Some(rest) = v["unprocessed"].as_array() {
+            keys.extend(rest.iter().filter_map(|k| k.as_str().map(str::to_string)));
+        }
     }
+    // The sessions one GET each (there is no bulk validation), from several connections.
+    let paths: Vec<String> = match tokens {
+        Some(t) => std::fs::read_to_string(t)?
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| format!("/v1/sessions/{l}"))
+            .collect(),
+        None => Vec::new(),
+    };
     let paths = Arc::new(paths);
     let threads = threads.max(1);
-    let t0 = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|i| {
             let (paths, sidecar) = (paths.clone(), sidecar.clone());
@@ -702,11 +723,13 @@ fn prefill(
         ok += o;
         other += x;
     }
-    if other > 0 {
+    if misses > 0 || other > 0 {
         return Err(io::Error::other(format!(
-            "prefill: {other} of {} reads were not 200",
+            "prefill: {misses} cache misses, {other} of {} session reads not 200",
             ok + other
         )));
     }
-    Ok(json!({"sidecar": sidecar.to_string(), "reads": ok, "seconds": t0.elapsed().as_secs_f64()}))
+    Ok(
+        json!({"sidecar": sidecar.to_string(), "cache_rows": hits, "sessions": ok, "seconds": t0.elapsed().as_secs_f64()}),
+    )
 }

@@ -17,12 +17,17 @@
 #                            that its measured added round trip is twice BENCH_REMOTE_DELAY_US
 #   BENCH_NEAR=auto          also measure with cache.near and sessions.near on (auto: when this
 #                            tree's config/default.toml has them; 0: never)
-#   BENCH_NEAR_MAX_BYTES     cache.near.max_bytes for those runs (default 268435456: every row fits)
+#   BENCH_NEAR_MAX_BYTES     cache.near.max_bytes for those runs (default 268435456: every row fits);
+#                            BENCH_NEAR_SESSIONS_MAX_BYTES sessions.near.max_bytes (67108864: all fit).
+#                            The coherence runs' sidecars keep the shipped sizes.
 #   BENCH_UNIX=1             cache GET with oha over TCP and over the data API's unix socket
 #   BENCH_COHERENCE=auto     invalidation delay between two sidecars and the stampede over four
 #                            (auto: when the near cache and fill leases exist; 0: never);
 #                            BENCH_DELAY_SAMPLES (1000; quick 200), BENCH_DELAY_LOAD_SAMPLES
 #                            (300; quick 100), BENCH_STAMPEDE_TRIALS (10; quick 3)
+#   BENCH_PGBENCH_TRIGGERS=0 pgbench's writes skip the sidecar's change-notification triggers
+#                            (session_replication_role = replica), as an application writing its
+#                            own table would have none; 1: they fire, as for every other writer
 #   BENCH_PG_PORT=N          PostgreSQL's port (default: a free one); every other port is free
 #                            ones chosen at run time
 #
@@ -76,7 +81,9 @@ PROXY_THREADS=${BENCH_PROXY_THREADS:-1}
 PROXY_CALIBRATE=${BENCH_PROXY_CALIBRATE:-1}
 NEAR=${BENCH_NEAR:-auto}
 NEAR_MAX_BYTES=${BENCH_NEAR_MAX_BYTES:-268435456}
+NEAR_SESSIONS_MAX_BYTES=${BENCH_NEAR_SESSIONS_MAX_BYTES:-67108864}
 UNIX_RUNS=${BENCH_UNIX:-1}
+PGBENCH_TRIGGERS=${BENCH_PGBENCH_TRIGGERS:-0}
 COHERENCE=${BENCH_COHERENCE:-auto}
 OHA_VERSION=1.16.0 # pinned: its JSON output is parsed
 ROWS=100000 # also in bench/wrk/common.lua, bench/pgbench/*.sql and bench/seed.sql
@@ -101,7 +108,7 @@ log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # --- cleanup: every process started here, whatever happens --------------------------------------
-declare -A SC_PID=() SC_OPS=() SC_TARGET=() SC_HWM=()
+declare -A SC_PID=() SC_OPS=() SC_TARGET=() SC_HWM=() SC_NEAR_BYTES=()
 REDIS_PID=""
 FLOOR_PID=""
 FLOOR_UNIX_PID=""
@@ -254,6 +261,8 @@ REMOTE_DB=postgres://postgres@127.0.0.1:${PROXY_PORT:-0}/postgres
 for v in $(compgen -e | grep -E '^(PGSIDECAR_|RUST_LOG$)' || true); do unset "$v"; done
 mkdir -p "$WORK/logs" "$WORK/sock"
 rm -f "$WORK"/sock/*.sock "$WORK"/logs/*.log
+# toml_int SECTION KEY: an integer setting of the shipped config/default.toml.
+toml_int() { awk -v s="[$1]" -v k="$2" '$0 == s {f = 1; next} /^\[/ {f = 0} f && $1 == k {print $3; exit}' config/default.toml; }
 is_near() { case $1 in near* | remote_near | fleet* | rfleet*) return 0 ;; *) return 1 ;; esac; }
 
 start_sidecar() {
@@ -265,8 +274,14 @@ start_sidecar() {
     *) listen=127.0.0.1:$(free_port); SC_TARGET[$name]=http://$listen ;;
   esac
   if is_near "$name"; then
-    env+=(PGSIDECAR_CACHE__NEAR__ENABLED=true PGSIDECAR_CACHE__NEAR__MAX_BYTES="$NEAR_MAX_BYTES"
-      PGSIDECAR_SESSIONS__NEAR__ENABLED=true)
+    env+=(PGSIDECAR_CACHE__NEAR__ENABLED=true PGSIDECAR_SESSIONS__NEAR__ENABLED=true)
+    case $name in
+      fleet* | rfleet*) # the shipped sizes (smaller than the rows: full, evicting, after a prefill)
+        SC_NEAR_BYTES[$name]=$(( $(toml_int cache.near max_bytes) + $(toml_int sessions.near max_bytes) )) ;;
+      *)
+        env+=(PGSIDECAR_CACHE__NEAR__MAX_BYTES="$NEAR_MAX_BYTES" PGSIDECAR_SESSIONS__NEAR__MAX_BYTES="$NEAR_SESSIONS_MAX_BYTES")
+        SC_NEAR_BYTES[$name]=$((NEAR_MAX_BYTES + NEAR_SESSIONS_MAX_BYTES)) ;;
+    esac
   fi
   echo "=== $(date -u +%H:%M:%S) start $name ($listen) ===" >>"$WORK/logs/$name.log"
   env "${env[@]}" PGSIDECAR_SERVER__DATA_LISTEN="$listen" PGSIDECAR_SERVER__OPS_LISTEN="127.0.0.1:$ops" \
@@ -366,8 +381,8 @@ if [ "$UNIX_RUNS" = 1 ]; then
 fi
 
 # --- measuring -----------------------------------------------------------------------------------
-rm -rf "$RAW" "$WORK/pgblog" "$WORK/coherence"
-mkdir -p "$RAW" "$WORK/pgblog" "$WORK/coherence"
+rm -rf "$RAW" "$WORK/pgblog" "$WORK/fleet"
+mkdir -p "$RAW" "$WORK/pgblog" "$WORK/fleet"
 MANIFEST=$WORK/manifest.tsv
 : >"$MANIFEST"
 
@@ -498,6 +513,9 @@ pgbench_run() {
   mkdir -p "$logdir"
   pgb=("$PGBENCH" -h 127.0.0.1 -p "$port" -U postgres -n -M prepared -c "$conns" -j "$(threads_for "$conns")"
     -f "bench/pgbench/$scen.sql" -D "payload=$PAYLOAD")
+  # The direct client writes like an application writing its own table: without the sidecar's
+  # change-notification triggers (issue 17), which would otherwise fire for its upserts too.
+  [ "$PGBENCH_TRIGGERS" = 1 ] || pgb=(env PGOPTIONS="-c session_replication_role=replica" "${pgb[@]}")
   log "$(printf '%-14s %s  @%s' "$tool" "$scen" "$conns")"
   "${pgb[@]}" -T "$WARMUP" postgres >/dev/null 2>&1
   pg_settle
@@ -620,35 +638,39 @@ coherence_block() {
   local prefix=$1 mode=$2 f=() n
   for n in 1 2 3 4; do f+=("$prefix$n"); done
   use_sidecars "${f[@]}"
+  # The writer's and the reader's near caches full (the rows outweigh the shipped sizes), as
+  # they would be in service: evicting while the delay is measured, at their peak memory.
+  prefill "${f[0]}"
+  prefill "${f[1]}"
   local a=${SC_TARGET[${f[0]}]#http://} b=${SC_TARGET[${f[1]}]#http://}
   local sts=""
   for n in "${f[@]}"; do sts+="${SC_TARGET[$n]#http://},"; done
   log "coherence ($mode): invalidation delay, idle ($DELAY_SAMPLES samples)"
   "$WORK/coherence" delay --writer "$a" --reader "$b" --samples "$DELAY_SAMPLES" --label idle \
-    --raw "$WORK/coherence/delay_${mode}_idle.jsonl" >"$WORK/coherence/delay_${mode}_idle.json"
+    --raw "$WORK/fleet/delay_${mode}_idle.jsonl" >"$WORK/fleet/delay_${mode}_idle.json"
   log "coherence ($mode): invalidation delay, under load ($DELAY_LOAD_SAMPLES samples)"
   wrk -t2 -c32 -d600s --latency -s bench/wrk/cache_get.lua "${SC_TARGET[${f[1]}]}" \
-    >"$WORK/coherence/load_${mode}_get.txt" 2>&1 &
+    >"$WORK/fleet/load_${mode}_get.txt" 2>&1 &
   LOAD_PIDS+=($!)
   wrk -t1 -c16 -d600s --latency -s bench/wrk/cache_put.lua "${SC_TARGET[${f[0]}]}" \
-    >"$WORK/coherence/load_${mode}_put.txt" 2>&1 &
+    >"$WORK/fleet/load_${mode}_put.txt" 2>&1 &
   LOAD_PIDS+=($!)
   sleep 2
   local t0 t1
   t0=$(date +%s%N)
   "$WORK/coherence" delay --writer "$a" --reader "$b" --samples "$DELAY_LOAD_SAMPLES" --label load \
-    --raw "$WORK/coherence/delay_${mode}_load.jsonl" >"$WORK/coherence/delay_${mode}_load.json"
+    --raw "$WORK/fleet/delay_${mode}_load.jsonl" >"$WORK/fleet/delay_${mode}_load.json"
   t1=$(date +%s%N)
   # wrk prints its summary on SIGINT: what the load amounted to while the delay was measured.
   for n in "${LOAD_PIDS[@]}"; do kill -INT "$n" 2>/dev/null || true; done
   for n in "${LOAD_PIDS[@]}"; do wait "$n" 2>/dev/null || true; done
   LOAD_PIDS=()
-  echo "{\"seconds\": $(( (t1 - t0) / 1000000 ))e-3}" >"$WORK/coherence/load_${mode}_window.json"
+  echo "{\"seconds\": $(( (t1 - t0) / 1000000 ))e-3}" >"$WORK/fleet/load_${mode}_window.json"
   log "coherence ($mode): stampede, 200 callers over 4 sidecars, $STAMPEDE_TRIALS trials"
   "$WORK/coherence" stampede --sidecars "${sts%,}" --callers 200 --trials "$STAMPEDE_TRIALS" \
-    >"$WORK/coherence/stampede_${mode}_lease.json"
+    >"$WORK/fleet/stampede_${mode}_lease.json"
   "$WORK/coherence" stampede --sidecars "${sts%,}" --callers 200 --trials 1 --plain \
-    >"$WORK/coherence/stampede_${mode}_plain.json"
+    >"$WORK/fleet/stampede_${mode}_plain.json"
   use_sidecars
 }
 if [ "$COHERENCE" = 1 ]; then
@@ -670,8 +692,10 @@ misses=$(redis-cli -p "$REDIS_PORT" info stats 2>/dev/null | tr -d '\r' | awk -F
   echo "modes=$MODES"
   echo "near=$NEAR"
   echo "near_max_bytes=$NEAR_MAX_BYTES"
+  echo "near_sessions_max_bytes=$NEAR_SESSIONS_MAX_BYTES"
   echo "unix_runs=$UNIX_RUNS"
   echo "coherence=$COHERENCE"
+  echo "pgbench_triggers=$PGBENCH_TRIGGERS"
   echo "nproc=$(nproc)"
   echo "cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
   echo "mem_total=$(awk '/^MemTotal:/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
@@ -694,6 +718,7 @@ print(" ".join(f"{k}={v}" for k, v in sorted(b.items())))' 2>/dev/null || true)"
   echo "sidecar_sha256=$(sha256sum "$WORK/pgsidecar" | cut -d' ' -f1)"
   echo "sidecar_peak_rss_kib=${SC_HWM[sidecar]:-}"
   for n in "${!SC_HWM[@]}"; do echo "peak_rss_kib_$n=${SC_HWM[$n]}"; done
+  for n in "${!SC_NEAR_BYTES[@]}"; do echo "near_bytes_$n=${SC_NEAR_BYTES[$n]}"; done
   echo "sidecar_log_bytes=$(stat -c %s "$WORK/logs/sidecar.log")"
   echo "proxy_delay_us_asked=$DELAY_US"
   echo "proxy_delay_us_set=$PROXY_DELAY"
