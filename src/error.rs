@@ -67,15 +67,9 @@ impl ApiError {
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Db(DbError::Unavailable(_))
-            | Self::Db(DbError::CircuitOpen)
-            | Self::Db(DbError::RolledBack(_))
-            | Self::Db(DbError::ConnectionLost(_))
-            | Self::Db(DbError::Tls(_))
-            | Self::Db(DbError::PoolExhausted)
-            | Self::Db(DbError::ReadOnly(_))
-            | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            // Every other database failure is one a retry later may clear.
+            Self::Db(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -92,31 +86,16 @@ impl ApiError {
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",
             Self::BodyTimeout => "body_timeout",
-            Self::Db(
-                DbError::Unavailable(_)
-                | DbError::CircuitOpen
-                | DbError::RolledBack(_)
-                | DbError::ConnectionLost(_)
-                | DbError::Tls(_)
-                | DbError::PoolExhausted,
-            ) => "database_unavailable",
             Self::Db(DbError::ReadOnly(_)) => "database_read_only",
             Self::Db(DbError::Timeout) => "database_timeout",
             Self::Db(DbError::Other(_)) | Self::Internal => "internal",
+            Self::Db(_) => "database_unavailable",
         }
     }
 
     /// The text sent to the client: never an internal cause.
     fn public_message(&self) -> String {
         match self {
-            Self::Db(
-                DbError::Unavailable(_)
-                | DbError::CircuitOpen
-                | DbError::RolledBack(_)
-                | DbError::ConnectionLost(_)
-                | DbError::Tls(_)
-                | DbError::PoolExhausted,
-            ) => "the database is unavailable; retry shortly".into(),
             Self::Db(DbError::ReadOnly(_)) => {
                 "the database accepts no writes right now (failover?); retry shortly".into()
             }
@@ -124,6 +103,7 @@ impl ApiError {
                 "the database did not answer in time; retry shortly".into()
             }
             Self::Db(DbError::Other(_)) | Self::Internal => "internal error".into(),
+            Self::Db(_) => "the database is unavailable; retry shortly".into(),
             other => other.to_string(),
         }
     }
@@ -142,7 +122,7 @@ impl IntoResponse for ApiError {
                 | DbError::ReadOnly(cause) => {
                     tracing::warn!(error = %cause, "database unavailable")
                 }
-                DbError::Tls(cause) => tracing::warn!(error = %cause, "database unavailable"),
+                DbError::Tls(failure) => tracing::warn!(error = %failure, "database unavailable"),
                 DbError::Timeout => tracing::warn!("database statement timed out"),
                 // The circuit's opening was logged once; a line per refused request would
                 // flood the log during an outage.

@@ -8,6 +8,7 @@ mod cli;
 mod concurrency;
 mod conditional;
 mod database;
+mod docs;
 mod failover;
 mod fleet;
 mod http;

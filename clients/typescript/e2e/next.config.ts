@@ -3,7 +3,6 @@ import type { NextConfig } from 'next'
 
 const nextConfig: NextConfig = {
   cacheComponents: true,
-  partialPrefetching: true,
   // Next.js's incremental cache (ISR pages, route handlers, fetch, unstable_cache) in the sidecar
   cacheHandler: import.meta.resolve('@pgsidecar/client/next/cache-handler'),
   cacheMaxMemorySize: 0, // nothing kept in this container's memory
