@@ -637,7 +637,9 @@ impl Settings {
         let listen_url = d.listen_url.expose();
         if !listen_url.is_empty()
             && (!(listen_url.starts_with("postgres://") || listen_url.starts_with("postgresql://"))
-                || listen_url.parse::<sqlx::postgres::PgConnectOptions>().is_err())
+                || listen_url
+                    .parse::<sqlx::postgres::PgConnectOptions>()
+                    .is_err())
         {
             return Err(ConfigError::new(
                 "database.listen_url",

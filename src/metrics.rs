@@ -180,7 +180,10 @@ fn describe() {
         LISTENER_UP,
         "1 while the listening connection is up (LISTEN done), else 0."
     );
-    describe_gauge!(EVENT_SUBSCRIBERS, "Open change-feed streams (GET /v1/events).");
+    describe_gauge!(
+        EVENT_SUBSCRIBERS,
+        "Open change-feed streams (GET /v1/events)."
+    );
     describe_counter!(
         FILL_LEASES,
         "Fill-lease outcomes, by result (granted, waited_hit, waited_timeout, written, voided)."

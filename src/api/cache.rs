@@ -44,14 +44,18 @@ impl<S: Send + Sync> FromRequestParts<S> for NoCache {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        Ok(Self(parts.headers.get_all(header::CACHE_CONTROL).iter().any(
-            |v| {
-                v.as_bytes().split(|&b| b == b',').any(|d| {
-                    let d = d.trim_ascii();
-                    d.eq_ignore_ascii_case(b"no-cache")
-                })
-            },
-        )))
+        Ok(Self(
+            parts
+                .headers
+                .get_all(header::CACHE_CONTROL)
+                .iter()
+                .any(|v| {
+                    v.as_bytes().split(|&b| b == b',').any(|d| {
+                        let d = d.trim_ascii();
+                        d.eq_ignore_ascii_case(b"no-cache")
+                    })
+                }),
+        ))
     }
 }
 
@@ -195,8 +199,7 @@ pub async fn get(
                 LeaseRead::Hit(e) => Some(e),
                 LeaseRead::Miss => None,
                 LeaseRead::Lease(token) => {
-                    let mut resp =
-                        ApiError::NotFound("no such key, or it expired").into_response();
+                    let mut resp = ApiError::NotFound("no such key, or it expired").into_response();
                     if let Ok(v) = HeaderValue::from_str(&token) {
                         resp.headers_mut().insert(FILL_LEASE, v);
                     }

@@ -76,7 +76,9 @@ impl Filter {
                     (None, _, _) => true,
                     (Some(p), Some(k), _) => k.starts_with(p.as_str()),
                     // A prefix delete passes when its keys and the filter's can overlap.
-                    (Some(p), None, Some(q)) => q.starts_with(p.as_str()) || p.starts_with(q.as_str()),
+                    (Some(p), None, Some(q)) => {
+                        q.starts_with(p.as_str()) || p.starts_with(q.as_str())
+                    }
                     (Some(_), None, None) => false,
                 };
                 // A prefix delete's entries' tags are unknown: it passes a tags filter.
@@ -210,7 +212,10 @@ pub async fn events(
         if sub.first {
             // A first comment, so the head and something of the body go out at once.
             sub.first = false;
-            return Some((Ok::<_, std::convert::Infallible>(Bytes::from_static(b": ok\n\n")), sub));
+            return Some((
+                Ok::<_, std::convert::Infallible>(Bytes::from_static(b": ok\n\n")),
+                sub,
+            ));
         }
         loop {
             tokio::select! {
@@ -231,6 +236,7 @@ pub async fn events(
         }
     });
     let mut resp = Body::from_stream(body).into_response();
+    resp.extensions_mut().insert(crate::http::Streaming);
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -246,7 +252,13 @@ pub async fn events(
 mod tests {
     use super::*;
 
-    fn ev(kind: EventKind, key: Option<&str>, prefix: Option<&str>, tags: &[&str], user: Option<&str>) -> Event {
+    fn ev(
+        kind: EventKind,
+        key: Option<&str>,
+        prefix: Option<&str>,
+        tags: &[&str],
+        user: Option<&str>,
+    ) -> Event {
         Event {
             kind,
             key: key.map(str::to_string),
@@ -283,7 +295,13 @@ mod tests {
         assert!(tags.matches(&put("user:1", &["b", "a"])));
         assert!(!tags.matches(&put("user:1", &["b"])));
         assert!(!tags.matches(&put("order:1", &["a"])));
-        assert!(tags.matches(&ev(EventKind::CacheInvalidate, None, None, &["a", "c"], None)));
+        assert!(tags.matches(&ev(
+            EventKind::CacheInvalidate,
+            None,
+            None,
+            &["a", "c"],
+            None
+        )));
         assert!(!tags.matches(&ev(EventKind::CacheInvalidate, None, None, &["c"], None)));
         let user = Filter {
             user_id: Some("u".into()),

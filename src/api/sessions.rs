@@ -9,10 +9,10 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use super::cache::NoCache;
 use super::{AppState, Body, PARAM_TOKEN, PARAM_USER, PathParam, QueryParams, parse_json};
 use crate::config::MAX_TTL_SECONDS;
 use crate::error::ApiError;
-use super::cache::NoCache;
 use crate::store::sessions::SessionAnswer;
 use crate::store::{ListPage, NewSession, SessionRecord, TokenHash};
 

@@ -588,7 +588,14 @@ impl ReadBatch {
             let entry = read_entry(cols)?;
             let state = cols.next::<i32>("tag_state")?;
             let tag_expiry: Option<DateTime<Utc>> = cols.next("tag_expiry")?;
-            Ok((i, CacheEntry { tag_expiry, ..entry }, state))
+            Ok((
+                i,
+                CacheEntry {
+                    tag_expiry,
+                    ..entry
+                },
+                state,
+            ))
         })? {
             let Some(slot) = usize::try_from(i - 1).ok().filter(|&s| s < found.len()) else {
                 return Err(DbError::Other(format!("cache read answered row {i}")));
@@ -719,6 +726,8 @@ impl Store {
         };
         let entry = self.cache.reads.call(read).await?.pop().flatten();
         count_hits("get", entry.is_some() as usize, entry.is_none() as usize);
+        #[cfg(debug_assertions)]
+        super::near::test_fill_delay().await;
         if let Some(e) = &entry {
             match &check {
                 None => near.fill(key.as_str(), e, None, ticket),

@@ -13,9 +13,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use tokio::time::Instant;
 
-use super::cache::{
-    CacheEntry, CacheKey, CachePut, PutValue, RAW_MARKER, Tag, Version, tag_array,
-};
+use super::cache::{CacheEntry, CacheKey, CachePut, PutValue, RAW_MARKER, Tag, Version, tag_array};
 use super::cache_write::Written;
 use super::rows::decode_all;
 use super::{DbError, Store};
@@ -34,10 +32,7 @@ fn new_token() -> Result<String, DbError> {
 
 /// Whether `token` can be one of ours (else 400 `invalid_lease`).
 pub fn well_formed(token: &str) -> bool {
-    token.len() == TOKEN_LEN
-        && URL_SAFE_NO_PAD
-            .decode(token)
-            .is_ok_and(|b| b.len() == 16)
+    token.len() == TOKEN_LEN && URL_SAFE_NO_PAD.decode(token).is_ok_and(|b| b.len() == 16)
 }
 
 /// What a leased read answers.
@@ -111,7 +106,9 @@ impl Store {
         let deadline = Instant::now() + wait;
         let waiting = self.notifier.waiters.register(key.as_str());
         let mut no_cache = no_cache;
-        let mut check_hit = true;
+        // Set after an acquisition found an entry that the read had missed.
+        let mut present = false;
+        let mut waited = false;
         loop {
             // Enabled before looking, so a write announced meanwhile still wakes the wait.
             let notified = waiting.notify.notified();
@@ -121,12 +118,15 @@ impl Store {
                 .cache_get(key.clone(), check_tags.clone(), no_cache)
                 .await?
             {
-                if !check_hit {
+                if waited {
                     count("waited_hit");
                 }
                 return Ok(LeaseRead::Hit(e));
             }
             let token = new_token()?;
+            // The entry is there, yet the read (tag-checked) missed it twice: an entry expired
+            // by its tags; take the lease whatever the row.
+            let check_hit = !present;
             match self.lease_acquire(&key, &token, lease, check_hit).await? {
                 Acquired::Granted => {
                     count("granted");
@@ -137,7 +137,7 @@ impl Store {
                 // lease whatever the row.
                 Acquired::Present => {
                     no_cache = true;
-                    check_hit = false;
+                    present = true;
                     continue;
                 }
                 Acquired::Held(until) => {
@@ -162,7 +162,8 @@ impl Store {
                         _ = tokio::time::sleep_until(wake.min(deadline)) => {}
                     }
                     no_cache = true;
-                    check_hit = false;
+                    present = false;
+                    waited = true;
                 }
             }
         }

@@ -58,7 +58,10 @@ pub async fn run(store: Store, notifier: Arc<Notifier>, settings: Settings, life
     };
     store.status.wait_migrated().await;
     let options = match super::pool::parse_url(&url) {
-        Ok(o) => o.application_name("pgsidecar-listen"),
+        // No start-up parameter a pooler may refuse (sqlx's extra_float_digits; see pool.rs).
+        Ok(o) => o
+            .application_name("pgsidecar-listen")
+            .extra_float_digits(None),
         Err(e) => {
             tracing::error!(error = %e, "change notifications off: database.listen_url is invalid");
             return;
@@ -198,7 +201,13 @@ fn silent(pending: &Pending, now: u64) -> bool {
 
 /// Sends heartbeat `seq` through the pool, in a task of its own (the listener keeps receiving
 /// meanwhile); records its send time and, when it committed, the commit and a clock sample.
-fn send_heartbeat(store: &Store, notifier: &Arc<Notifier>, pending: &Arc<Pending>, channel: &str, seq: u64) {
+fn send_heartbeat(
+    store: &Store,
+    notifier: &Arc<Notifier>,
+    pending: &Arc<Pending>,
+    channel: &str,
+    seq: u64,
+) {
     let sent = now_ns();
     {
         let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -208,14 +217,20 @@ fn send_heartbeat(store: &Store, notifier: &Arc<Notifier>, pending: &Arc<Pending
             p.pop_first();
         }
     }
-    let (store, notifier, pending, channel) =
-        (store.clone(), notifier.clone(), pending.clone(), channel.to_string());
+    let (store, notifier, pending, channel) = (
+        store.clone(),
+        notifier.clone(),
+        pending.clone(),
+        channel.to_string(),
+    );
     tokio::spawn(async move {
         let wall_sent = chrono::Utc::now().timestamp_micros();
         match store.heartbeat(&channel, seq).await {
             Ok(db_time) => {
                 let wall_received = chrono::Utc::now().timestamp_micros();
-                notifier.window.clock_sample(db_time, wall_sent, wall_received);
+                notifier
+                    .window
+                    .clock_sample(db_time, wall_sent, wall_received);
                 let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(entry) = p.get_mut(&seq) {
                     entry.1 = Some(now_ns());

@@ -37,6 +37,22 @@ fn wall_micros() -> i64 {
     Utc::now().timestamp_micros()
 }
 
+/// Debug builds only (the integration tests): `PGSIDECAR_TEST_FILL_DELAY_MS` holds every near
+/// fill that long between its read and its insert, so a test can make the fill race happen.
+#[cfg(debug_assertions)]
+pub async fn test_fill_delay() {
+    static DELAY: OnceLock<Option<std::time::Duration>> = OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        std::env::var("PGSIDECAR_TEST_FILL_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(d) = delay {
+        tokio::time::sleep(*d).await;
+    }
+}
+
 /// When the near caches may answer, and how this machine's clock relates to the database's.
 #[derive(Default)]
 pub struct Window {
@@ -257,6 +273,7 @@ impl NearCache {
         }
         let deadline = self.window.local_deadline(entry.expires_at, now);
         if deadline <= now {
+            self.map.remove(key);
             return;
         }
         let mut checked = Vec::new();
@@ -287,7 +304,10 @@ impl NearCache {
                 super::CacheValue::Raw { content_type, .. } => content_type.len() as u64,
                 super::CacheValue::Json(_) => 0,
             }
-            + checked.iter().map(|(t, _, _)| t.len() as u64 + 24).sum::<u64>();
+            + checked
+                .iter()
+                .map(|(t, _, _)| t.len() as u64 + 24)
+                .sum::<u64>();
         let near = Arc::new(NearEntry {
             entry: CacheEntry {
                 stale: false,
@@ -385,13 +405,20 @@ impl NearSessions {
         }
         let until = self.window.local_deadline(expires_at.min(refresh_at), now);
         if until <= now {
+            // What memory holds is older than this read: drop it.
+            self.map.remove(hash.as_bytes());
             return;
         }
         let weight = OVERHEAD + json.len() as u64;
-        let near = Arc::new(NearSession { json, until, weight });
+        let near = Arc::new(NearSession {
+            json,
+            until,
+            weight,
+        });
         self.map.insert(*hash.as_bytes(), near.clone());
         if !self.gate.current(&ticket) {
-            self.map.remove_if(hash.as_bytes(), |v| Arc::ptr_eq(v, &near));
+            self.map
+                .remove_if(hash.as_bytes(), |v| Arc::ptr_eq(v, &near));
         }
     }
 
@@ -425,6 +452,7 @@ mod tests {
             },
             stale: false,
             near: false,
+            tag_expiry: None,
         }
     }
 

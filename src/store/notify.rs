@@ -407,8 +407,7 @@ impl Notifier {
                     c.invalidate_tags();
                 }
                 if feed {
-                    let data =
-                        json!({"tags": tags, "expire_seconds": expire_seconds}).to_string();
+                    let data = json!({"tags": tags, "expire_seconds": expire_seconds}).to_string();
                     self.feed.send(Event {
                         kind: EventKind::CacheInvalidate,
                         key: None,

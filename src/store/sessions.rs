@@ -550,6 +550,8 @@ impl Store {
         let ticket = near.ticket(&hash);
         let outcome = self.session_validate_db(hash).await?;
         count_validation(outcome.is_some());
+        #[cfg(debug_assertions)]
+        super::near::test_fill_delay().await;
         let Some((row, ttl)) = outcome else {
             return Ok(None);
         };
@@ -562,8 +564,9 @@ impl Store {
             // Due for sliding at (expires_at - ttl) + min(update_age, ttl / 2), as the read
             // judges it: served from memory only until then.
             let ttl = chrono::Duration::seconds(i64::from(ttl));
-            let age = chrono::Duration::seconds(i64::from(self.settings.session_update_age_seconds))
-                .min(ttl / 2);
+            let age =
+                chrono::Duration::seconds(i64::from(self.settings.session_update_age_seconds))
+                    .min(ttl / 2);
             near.fill(
                 &hash,
                 json.clone(),
