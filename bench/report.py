@@ -16,7 +16,8 @@ median of the per-round ratios (a sidecar run against the baseline runs next to 
 its range; the JSON keeps every round.
   meta.env       key=value lines: machine, versions, settings, sidecar memory
 Writes RESULTS_DIR/latest.json, RESULTS_DIR/<timestamp>.json, latest.txt (the printed tables) and
-latest.md (the main table in Markdown, for docs/performance.md).
+latest.md (the main table in Markdown, for docs/performance.md); a BENCH_QUICK run writes
+<timestamp>-quick.json and quick-latest.* instead, leaving the last full run's latest.* alone.
 """
 import glob
 import json
@@ -655,12 +656,17 @@ def issue17_targets(runs, meta, coh, target):
             kib = meta.get(f"peak_rss_kib_{name}", "")
             if kib.isdigit():
                 limit = 30 + int(v) / 1048576
-                checks.append((int(kib) / 1024 - limit, name, int(kib) / 1024, limit))
+                held = meta.get(f"near_held_bytes_{name}", "")
+                held = int(held) / 1048576 if held.isdigit() else None
+                checks.append((int(kib) / 1024 - limit, name, int(kib) / 1024, limit, held))
     if checks:
         worst = max(checks)
+        # held: what pgsidecar_near_cache_bytes said at the end (the entries as the sidecar counts them).
         target("near: peak RSS vs 30 MiB + near max_bytes", "<= 30 MiB + max_bytes",
-               f"closest: {worst[1]} {worst[2]:.1f} MiB of {worst[3]:.0f}; "
-               + ", ".join(f"{n} {r:.1f}/{l:.0f}" for _, n, r, l in sorted(checks, key=lambda c: c[1])),
+               f"worst: {worst[1]} {worst[2]:.1f} MiB of {worst[3]:.0f}"
+               + (f" (near caches held {worst[4]:.1f} MiB)" if worst[4] is not None else "") + "; "
+               + ", ".join(f"{n} {r:.1f}/{lim:.0f}" + (f" held {h:.0f}" if h is not None else "")
+                           for _, n, r, lim, h in sorted(checks, key=lambda c: c[1])),
                worst[0] <= 0)
     else:
         target("near: peak RSS", "<= 30 MiB + max_bytes", "n/a", None)
@@ -970,15 +976,17 @@ def main():
     os.makedirs(results_dir, exist_ok=True)
     stamp = re.sub(r"[^0-9A-Za-z]", "", meta.get("timestamp", "unknown"))
     name = stamp + ("-quick" if record["quick"] else "") + ".json"
-    for path in (os.path.join(results_dir, name), os.path.join(results_dir, "latest.json")):
+    # A smoke run (BENCH_QUICK) does not replace the last full run's latest.*: quick-latest.*.
+    latest = "quick-latest" if record["quick"] else "latest"
+    for path in (os.path.join(results_dir, name), os.path.join(results_dir, latest + ".json")):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, ensure_ascii=False)
             f.write("\n")
-    with open(os.path.join(results_dir, "latest.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(results_dir, latest + ".txt"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
-    with open(os.path.join(results_dir, "latest.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(results_dir, latest + ".md"), "w", encoding="utf-8") as f:
         f.write(markdown(record, runs) + "\n")
-    print(f"\nwritten: {os.path.join(results_dir, name)} and latest.json, latest.txt, latest.md", file=sys.stderr)
+    print(f"\nwritten: {os.path.join(results_dir, name)} and {latest}.json, {latest}.txt, {latest}.md", file=sys.stderr)
 
 
 if __name__ == "__main__":
