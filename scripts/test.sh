@@ -54,3 +54,9 @@ cargo test --quiet -- --test-threads "${TEST_THREADS:-4}" "$@"
 
 # The TypeScript client and the Next.js/BetterAuth end-to-end test, against the binary built above.
 scripts/test-typescript.sh
+
+# The deployment snippets of docs/deploy.md against the Kubernetes and Compose schemas and
+# promtool (about 20 s the first time: a venv of pinned PyPI packages).
+if [ $# -eq 0 ]; then
+  scripts/deploy-check.sh
+fi
