@@ -68,6 +68,11 @@ BEGIN
         PERFORM pg_notify(TG_TABLE_SCHEMA, head || whole || ']}');
         RETURN NULL;
     END IF;
+    -- Far more than 64 notifications' worth: a flush at once, rather than 64 lists first.
+    IF total > 64 * 7800 THEN
+        PERFORM pg_notify(TG_TABLE_SCHEMA, '{"op":"flush"}');
+        RETURN NULL;
+    END IF;
     -- More than one notification's worth: split.
     IF TG_OP = 'DELETE' THEN
         SELECT array_agg(json_build_array(key, tags)::text) INTO items FROM gone WHERE expires_at > now();

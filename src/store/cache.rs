@@ -969,7 +969,9 @@ impl Store {
         tags.dedup();
         let sql = &self.cache.sql;
         let near = self.notifier.cache.as_ref();
-        let done: Result<(i64, DateTime<Utc>, Option<Vec<String>>), DbError> =
+        // Rows touched, the invalidation's time, the keys deleted (asked for by a near cache).
+        type Done = (i64, DateTime<Utc>, Option<Vec<String>>);
+        let done: Result<Done, DbError> =
             run!(self.conns, "cache_invalidate", |c| if expire_seconds == 0 {
                 sqlx::query_as(sql.invalidate.clone())
                     .bind(&tags)

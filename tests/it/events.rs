@@ -466,10 +466,20 @@ async fn without_a_listening_connection_the_feed_is_unavailable() {
     let r = s.http.get(s.url("/v1/events")).send().await.unwrap();
     assert_error(r, 503, "events_unavailable").await;
     assert!(
-        s.logs.contains("without database.listen_url"),
+        s.logs
+            .wait_for("without database.listen_url", Duration::from_secs(10)),
         "{:?}",
         s.logs.lines()
     );
+    // One line says why, not one per request or per data thread.
+    let why = |s: &Sidecar| {
+        s.logs
+            .lines()
+            .iter()
+            .filter(|l| l.contains("without database.listen_url"))
+            .count()
+    };
+    assert_eq!(why(&s), 1);
     // The near cache is off too: reads keep working from Postgres.
     assert_eq!(s.put_cache("k", "1", "").await.status(), 204);
     for _ in 0..3 {
@@ -477,4 +487,55 @@ async fn without_a_listening_connection_the_feed_is_unavailable() {
         assert!(r.headers().get("pgsidecar-cache").is_none());
         assert_eq!(r.text().await.unwrap(), "1");
     }
+    assert_eq!(why(&s), 1);
+}
+
+/// A statement naming more than one notification's worth of keys (PostgreSQL refuses payloads
+/// of 8,000 bytes) is announced in several notifications, every key an event; one naming far
+/// more is announced as a flush: subscribers get `reset`. Bare SQL, as any writer may.
+#[tokio::test]
+async fn a_large_statement_is_split_and_a_huge_one_flushed() {
+    let s = Sidecar::start().await;
+    let mut feed = Feed::open(&s, "").await;
+    let mut sql = s.sql().await;
+    // 300 keys of 104 bytes: about 33 kB of payload, five notifications or so.
+    sql.execute(
+        "INSERT INTO pgsidecar.cache (key, value, expires_at) \
+         SELECT 'big:' || lpad(i::text, 100, '0'), '1', now() + interval '1 hour' \
+         FROM generate_series(1, 300) AS i",
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.put_cache("sentinel1", "1", "").await.status(), 204);
+    let seen = feed.until("sentinel1").await;
+    let mut keys: Vec<String> = seen
+        .iter()
+        .map(|(name, data)| {
+            assert_eq!(name, "cache.put", "{data}");
+            data["key"].as_str().unwrap().to_string()
+        })
+        .collect();
+    keys.sort();
+    let expected: Vec<String> = (1..=300).map(|i| format!("big:{i:0>100}")).collect();
+    assert_eq!(keys, expected);
+    // 6,000 of them: far past 64 notifications, so one flush instead of any list.
+    sql.execute(
+        "INSERT INTO pgsidecar.cache (key, value, expires_at) \
+         SELECT 'huge:' || lpad(i::text, 100, '0'), '1', now() + interval '1 hour' \
+         FROM generate_series(1, 6000) AS i",
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.put_cache("sentinel2", "1", "").await.status(), 204);
+    let seen = feed.until("sentinel2").await;
+    assert!(
+        seen.iter().any(|(name, _)| name == "reset"),
+        "{} events, no reset",
+        seen.len()
+    );
+    assert!(
+        seen.iter().all(|(name, data)| name == "reset"
+            || !data["key"].as_str().unwrap_or("").starts_with("huge:")),
+        "a flushed statement's keys are not listed"
+    );
 }

@@ -1,7 +1,8 @@
 //! Change notifications and the near caches (issue 17): two sidecars on one database, the near
 //! caches on, invalidation across them, read-your-writes, `Cache-Control: no-cache`, the fill
 //! race, the listening connection lost (killed, cut off) and back, sessions revoked, and the
-//! staleness bound under concurrent writers and readers.
+//! staleness bound under concurrent writers and readers, entries never served past their TTL,
+//! and the memory bound.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -445,6 +446,26 @@ async fn the_near_cache_stays_off_until_the_listener_is_back() {
     assert_eq!(until_near(&b, "k").await, "19");
 }
 
+/// Validates `token` on `s` until it is refused; every acceptance must come from a request
+/// sent less than the bound after `revoked` (when sent, not when answered: on a loaded machine
+/// an answer may arrive late).
+async fn refused_within_bound(s: &Sidecar, token: &str, revoked: Instant) {
+    let url = s.url(&format!("/v1/sessions/{token}"));
+    loop {
+        let asked = Instant::now();
+        let status = s.http.get(&url).send().await.unwrap().status();
+        if status == 404 {
+            return;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            asked.duration_since(revoked) < Duration::from_millis(BOUND_MS),
+            "accepted a session {:?} after its revocation was acknowledged",
+            asked.duration_since(revoked)
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_session_revoked_on_one_sidecar_is_refused_by_the_other() {
     let (a, b) = pair().await;
@@ -487,17 +508,9 @@ async fn a_session_revoked_on_one_sidecar_is_refused_by_the_other() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    assert_eq!(validate(&a, &token).await, 404);
     let revoked = Instant::now();
-    loop {
-        if validate(&b, &token).await == 404 {
-            break;
-        }
-        assert!(
-            revoked.elapsed() < Duration::from_millis(BOUND_MS),
-            "B accepted a revoked session past the bound"
-        );
-    }
+    assert_eq!(validate(&a, &token).await, 404);
+    refused_within_bound(&b, &token, revoked).await;
     let r = a
         .http
         .delete(a.url(&format!(
@@ -508,10 +521,7 @@ async fn a_session_revoked_on_one_sidecar_is_refused_by_the_other() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    let revoked = Instant::now();
-    while validate(&b, &token3).await != 404 {
-        assert!(revoked.elapsed() < Duration::from_millis(BOUND_MS));
-    }
+    refused_within_bound(&b, &token3, Instant::now()).await;
     let r = a
         .http
         .delete(a.url("/v1/users/u1/sessions"))
@@ -519,10 +529,7 @@ async fn a_session_revoked_on_one_sidecar_is_refused_by_the_other() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let revoked = Instant::now();
-    while validate(&b, &token2).await != 404 {
-        assert!(revoked.elapsed() < Duration::from_millis(BOUND_MS));
-    }
+    refused_within_bound(&b, &token2, Instant::now()).await;
     // The revoking sidecar refuses at once, from memory or not.
     let (t4, _) = b.create_session(json!({"user_id": "u3"})).await;
     for _ in 0..3 {
@@ -583,7 +590,9 @@ async fn every_read_on_another_sidecar_is_within_the_documented_bound() {
         }));
     }
     // Readers on B: every answer checked against the history afterwards.
-    let reads: Arc<std::sync::Mutex<Vec<(usize, u64, Instant, bool)>>> = Arc::default();
+    // (key, value answered, when the read began, whether from memory)
+    type Read = (usize, u64, Instant, bool);
+    let reads: Arc<std::sync::Mutex<Vec<Read>>> = Arc::default();
     for r in 0..4 {
         let (b, stop, reads) = (b.clone(), stop.clone(), reads.clone());
         tasks.push(tokio::spawn(async move {
@@ -663,4 +672,86 @@ async fn every_read_on_another_sidecar_is_within_the_documented_bound() {
         reads.len()
     );
     assert!(sessions_checked > 0);
+}
+
+/// An entry is never served from memory past its expiry: every read begun after the write's
+/// acknowledgement plus its TTL (its expiry came before, on the database clock) is a 404.
+#[tokio::test]
+async fn a_near_entry_is_never_served_past_its_ttl() {
+    let b = near(Sidecar::builder()).start().await;
+    // A longer TTL on each try, should a loaded machine be too slow to read one from memory
+    // before it expires.
+    for (attempt, ttl) in [2u64, 4, 8].into_iter().enumerate() {
+        let key = format!("k{attempt}");
+        let r = b.put_cache(&key, "1", &format!("?ttl_seconds={ttl}")).await;
+        assert_eq!(r.status(), 204);
+        let expired = Instant::now() + Duration::from_secs(ttl);
+        let mut from_memory = false;
+        loop {
+            let asked = Instant::now();
+            let (status, body, near) = get(&b, &key).await;
+            if asked >= expired {
+                assert_eq!(
+                    (status, near),
+                    (404, false),
+                    "{key} answered {body:?} {:?} after its expiry",
+                    asked - expired
+                );
+                if asked >= expired + Duration::from_millis(300) {
+                    break;
+                }
+            } else if status == 200 {
+                from_memory |= near;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if from_memory {
+            return;
+        }
+    }
+    panic!("no entry was ever served from memory before it expired");
+}
+
+/// The near cache holds at most `cache.near.max_bytes`, however much is read through it.
+#[tokio::test]
+async fn the_near_cache_stays_within_its_bytes() {
+    const MAX: u64 = 1024 * 1024;
+    let b = near(Sidecar::builder())
+        .env("PGSIDECAR_CACHE__NEAR__MAX_BYTES", MAX)
+        .start()
+        .await;
+    // 4 MB of values, each read a few times.
+    let value = format!("\"{}\"", "x".repeat(20_000));
+    for i in 0..200 {
+        assert_eq!(
+            b.put_cache(&format!("k{i}"), &value, "").await.status(),
+            204
+        );
+    }
+    until_near(&b, "k0").await;
+    for _ in 0..3 {
+        for i in 0..200 {
+            let (status, body, _) = get(&b, &format!("k{i}")).await;
+            assert_eq!((status, body.len()), (200, value.len()));
+        }
+    }
+    // The gauge is set with each heartbeat (every 250 ms here).
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let bytes = metric(
+            &scrape(&b).await,
+            "pgsidecar_near_cache_bytes",
+            &[("cache", "cache")],
+        )
+        .unwrap_or(0.0);
+        assert!(bytes <= MAX as f64, "{bytes} bytes held");
+        if bytes > MAX as f64 / 4.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the near cache holds only {bytes} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
