@@ -1,7 +1,8 @@
 //! The change feed, `GET /v1/events`: every event type, filters, `reset` after the listening
 //! connection comes back and for a subscriber that falls behind, values never in events, the
 //! data API's protection, the subscriber limit, long-lived streams beside the request timeout
-//! and the concurrency limit, and shutdown ending open streams.
+//! and the concurrency limit, shutdown ending open streams, large statements split or flushed,
+//! and evictions (storage cap, per-user session cap) as events.
 
 use std::time::Duration;
 
@@ -78,10 +79,15 @@ impl Feed {
 
     /// The next event (panics after 10 s without one, or at the end of the stream).
     pub async fn next(&mut self) -> Ev {
-        match tokio::time::timeout(Duration::from_secs(10), self.rx.recv()).await {
+        self.next_within(Duration::from_secs(10)).await
+    }
+
+    /// The next event (panics after `within` without one, or at the end of the stream).
+    pub async fn next_within(&mut self, within: Duration) -> Ev {
+        match tokio::time::timeout(within, self.rx.recv()).await {
             Ok(Some(Some(e))) => e,
             Ok(_) => panic!("the stream ended"),
-            Err(_) => panic!("no event within 10 s"),
+            Err(_) => panic!("no event within {within:?}"),
         }
     }
 
@@ -538,4 +544,57 @@ async fn a_large_statement_is_split_and_a_huge_one_flushed() {
             || !data["key"].as_str().unwrap_or("").starts_with("huge:")),
         "a flushed statement's keys are not listed"
     );
+}
+
+/// Evictions are changes too: entries evicted by `cache.max_bytes` (the cleanup) are
+/// `cache.delete` events, and sessions evicted by `sessions.max_per_user` are `session.revoke`.
+#[tokio::test]
+async fn evictions_are_events() {
+    let s = Sidecar::builder()
+        .env("PGSIDECAR_CACHE__MAX_VALUE_BYTES", "1024")
+        .env("PGSIDECAR_CACHE__MAX_BYTES", "20000")
+        .env("PGSIDECAR_CLEANUP__INTERVAL_SECONDS", "1")
+        .env("PGSIDECAR_SESSIONS__MAX_PER_USER", "2")
+        .start()
+        .await;
+    let mut feed = Feed::open(&s, "?user_id=u").await;
+    let (_, first) = s.create_session(json!({"user_id": "u"})).await;
+    s.create_session(json!({"user_id": "u"})).await;
+    s.create_session(json!({"user_id": "u"})).await;
+    assert_eq!(
+        feed.next().await,
+        ev(
+            "session.revoke",
+            json!({"user_id": "u", "session_id": first["id"]})
+        )
+    );
+
+    let mut feed = Feed::open(&s, "?cache_prefix=k").await;
+    // 40 entries of 650 bytes: 26,000 bytes, so the cleanup evicts the oldest.
+    let value = format!("\"{}\"", "v".repeat(498));
+    for i in 0..40 {
+        assert_eq!(
+            s.put_cache(&format!("k{i:02}"), &value, "").await.status(),
+            204
+        );
+    }
+    for i in 0..40 {
+        assert_eq!(
+            feed.next().await,
+            ev("cache.put", json!({"key": format!("k{i:02}"), "tags": []}))
+        );
+    }
+    // The cleanup's first pass may take a few seconds to come round on a loaded machine.
+    let mut evicted = Vec::new();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    // 6,000 bytes too many: the ten oldest writes go (in whatever order a statement lists them).
+    while evicted.len() < 10 {
+        assert!(std::time::Instant::now() < until, "evicted: {evicted:?}");
+        let (name, data) = feed.next_within(Duration::from_secs(60)).await;
+        assert_eq!(name, "cache.delete", "{data}");
+        evicted.push(data["key"].as_str().unwrap().to_string());
+    }
+    evicted.sort();
+    let oldest: Vec<String> = (0..10).map(|i| format!("k{i:02}")).collect();
+    assert_eq!(evicted, oldest);
 }
