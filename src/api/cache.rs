@@ -67,8 +67,9 @@ pub fn parse_ttl(raw: Option<&str>, default: u32) -> Result<u32, ApiError> {
     }
 }
 
-/// Checks that `body` is exactly one JSON value and returns it as text, trimmed.
-fn json_text(body: &[u8]) -> Result<String, ApiError> {
+/// Checks that `body` is exactly one JSON value and returns it as text, trimmed (public for
+/// the `json_value` fuzz target).
+pub fn json_text(body: &[u8]) -> Result<String, ApiError> {
     serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| {
         ApiError::bad_request("invalid_json", format!("the body is not a JSON value: {e}"))
     })?;
