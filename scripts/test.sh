@@ -49,3 +49,18 @@ if [ -x /usr/sbin/pgbouncer ]; then export PGSIDECAR_REQUIRE_PGBOUNCER=1; fi
 export PGSIDECAR_TEST_PG_SCRIPT="$PWD/scripts/pg.sh"
 cargo build --quiet
 cargo test --quiet -- --test-threads "${TEST_THREADS:-4}" "$@"
+
+# With test names given, only those run (the contract test and the fuzzers are for a full run).
+if [ $# -eq 0 ]; then
+  # The contract test: schemathesis drives every route of openapi.json against the binary just
+  # built (docs/fuzzing.md). About two minutes.
+  step=$SECONDS
+  scripts/contract.sh
+  echo "test.sh: contract test passed in $((SECONDS - step)) s" >&2
+
+  # The fuzz targets, briefly: ten seconds each (bench/fuzz.sh runs them for longer).
+  step=$SECONDS
+  scripts/fuzz.sh build
+  scripts/fuzz.sh run "${FUZZ_SECONDS:-10}"
+  echo "test.sh: fuzz targets built and run in $((SECONDS - step)) s" >&2
+fi
