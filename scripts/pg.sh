@@ -4,6 +4,7 @@
 #   scripts/pg.sh start DIR PORT [postgres -c options...]   init DIR if needed, start, wait
 #                                                            (PG_PORT_HINT: what to say when PORT is taken)
 #   scripts/pg.sh stop DIR                                   fast shutdown, wait
+#   scripts/pg.sh drop DIR                                   stop, then delete the cluster
 #   scripts/pg.sh bin                                        print the server's bin directory
 #   scripts/pg.sh user                                       print the user the server runs as
 #                                                            (empty: ourselves, when not root)
@@ -110,6 +111,13 @@ case "$cmd" in
     as_db_user "$bin/pg_ctl" -D "$dir" -o "$opts" -l "$dir/server.log" -w -t 60 start >/dev/null \
       || { tail -n 30 "$dir/server.log" >&2; exit 1; }
     ;;
+  drop)
+    # Stops the cluster in DIR, if any, and deletes it.
+    dir=${2:?usage: pg.sh drop DIR}
+    "$0" stop "$dir"
+    dir=$(data_dir "$dir")
+    rm -rf "$dir" "$dir.initdb.log"
+    ;;
   stop)
     dir=${2:?usage: pg.sh stop DIR}
     bin=$(pg_bindir)
@@ -136,7 +144,7 @@ case "$cmd" in
     as_db_user "$bin/pg_ctl" -D "$dir" -w -t 60 promote >/dev/null
     ;;
   *)
-    echo "usage: pg.sh start DIR PORT [options] | stop DIR | bin | user | basebackup PORT DIR | promote DIR" >&2
+    echo "usage: pg.sh start DIR PORT [options] | stop DIR | drop DIR | bin | user | basebackup PORT DIR | promote DIR" >&2
     exit 2
     ;;
 esac

@@ -2,7 +2,7 @@
 # Runs every test: unit tests and the integration suite against real PostgreSQL.
 # Reuses DATABASE_URL when set (a superuser URL: each test creates its own database);
 # otherwise starts a throwaway PostgreSQL in .pgdata/test on port PGSIDECAR_TEST_PG_PORT (default
-# 54321) and stops it afterwards.
+# 54321), new for each run (the tests leave their databases behind), and deletes it afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,13 +33,15 @@ started=""
 if [ -z "${DATABASE_URL:-}" ]; then
   # Tests start many sidecars at once (20 connections each at most).
   port=${PGSIDECAR_TEST_PG_PORT:-54321}
+  scripts/pg.sh drop .pgdata/test
   PG_PORT_HINT="set PGSIDECAR_TEST_PG_PORT to a free port (or DATABASE_URL to your own server)" \
     scripts/pg.sh start .pgdata/test "$port" -c max_connections=500 -c fsync=off -c synchronous_commit=off \
     -c full_page_writes=off
   started=1
   export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 fi
-cleanup() { [ -n "$started" ] && scripts/pg.sh stop .pgdata/test; }
+# (An `if`, not `&&`: under set -e a false test would make the script's exit status 1.)
+cleanup() { if [ -n "$started" ]; then scripts/pg.sh drop .pgdata/test; fi; }
 trap cleanup EXIT
 
 # When promtool is here, the metrics test must run it rather than skip it; likewise PgBouncer.
@@ -49,6 +51,9 @@ if [ -x /usr/sbin/pgbouncer ]; then export PGSIDECAR_REQUIRE_PGBOUNCER=1; fi
 export PGSIDECAR_TEST_PG_SCRIPT="$PWD/scripts/pg.sh"
 cargo build --quiet
 cargo test --quiet -- --test-threads "${TEST_THREADS:-4}" "$@"
+
+# The TypeScript client and the Next.js/BetterAuth end-to-end test, against the binary built above.
+scripts/test-typescript.sh
 
 # With test names given, only those run (the contract test and the fuzzers are for a full run).
 if [ $# -eq 0 ]; then

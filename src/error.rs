@@ -21,6 +21,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// An If-Match / If-None-Match condition did not hold; nothing was written.
+    #[error("a precondition (If-Match / If-None-Match) did not hold; nothing was changed")]
+    PreconditionFailed,
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("the sidecar is overloaded")]
@@ -49,19 +52,14 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Db(DbError::Unavailable(_))
-            | Self::Db(DbError::CircuitOpen)
-            | Self::Db(DbError::RolledBack(_))
-            | Self::Db(DbError::ConnectionLost(_))
-            | Self::Db(DbError::Tls(_))
-            | Self::Db(DbError::PoolExhausted)
-            | Self::Db(DbError::ReadOnly(_))
-            | Self::Db(DbError::Timeout) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(DbError::Other(_)) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            // Every other database failure is one a retry later may clear.
+            Self::Db(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -71,35 +69,21 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Unauthorized => "unauthorized",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::PreconditionFailed => "precondition_failed",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",
             Self::BodyTimeout => "body_timeout",
-            Self::Db(
-                DbError::Unavailable(_)
-                | DbError::CircuitOpen
-                | DbError::RolledBack(_)
-                | DbError::ConnectionLost(_)
-                | DbError::Tls(_)
-                | DbError::PoolExhausted,
-            ) => "database_unavailable",
             Self::Db(DbError::ReadOnly(_)) => "database_read_only",
             Self::Db(DbError::Timeout) => "database_timeout",
             Self::Db(DbError::Other(_)) | Self::Internal => "internal",
+            Self::Db(_) => "database_unavailable",
         }
     }
 
     /// The text sent to the client: never an internal cause.
     fn public_message(&self) -> String {
         match self {
-            Self::Db(
-                DbError::Unavailable(_)
-                | DbError::CircuitOpen
-                | DbError::RolledBack(_)
-                | DbError::ConnectionLost(_)
-                | DbError::Tls(_)
-                | DbError::PoolExhausted,
-            ) => "the database is unavailable; retry shortly".into(),
             Self::Db(DbError::ReadOnly(_)) => {
                 "the database accepts no writes right now (failover?); retry shortly".into()
             }
@@ -107,6 +91,7 @@ impl ApiError {
                 "the database did not answer in time; retry shortly".into()
             }
             Self::Db(DbError::Other(_)) | Self::Internal => "internal error".into(),
+            Self::Db(_) => "the database is unavailable; retry shortly".into(),
             other => other.to_string(),
         }
     }
@@ -125,7 +110,7 @@ impl IntoResponse for ApiError {
                 | DbError::ReadOnly(cause) => {
                     tracing::warn!(error = %cause, "database unavailable")
                 }
-                DbError::Tls(cause) => tracing::warn!(error = %cause, "database unavailable"),
+                DbError::Tls(failure) => tracing::warn!(error = %failure, "database unavailable"),
                 DbError::Timeout => tracing::warn!("database statement timed out"),
                 // The circuit's opening was logged once; a line per refused request would
                 // flood the log during an outage.

@@ -2,6 +2,8 @@
 //! store, and map its answers; they never build SQL.
 
 pub mod cache;
+mod conditional;
+mod media_type;
 pub mod sessions;
 
 use std::sync::Arc;
@@ -168,6 +170,11 @@ pub fn router(store: Store, settings: &Settings, answers: AnswerBudget) -> Route
 pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
     vec![
         ("POST", "/v1/sessions", post(sessions::create)),
+        (
+            "POST",
+            "/v1/sessions/_validate",
+            post(sessions::validate_body),
+        ),
         ("GET", "/v1/sessions/{token}", get(sessions::validate)),
         ("PATCH", "/v1/sessions/{token}", patch(sessions::update)),
         ("DELETE", "/v1/sessions/{token}", delete(sessions::revoke)),
@@ -177,9 +184,15 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
             "/v1/users/{user_id}/sessions",
             delete(sessions::revoke_all),
         ),
+        (
+            "DELETE",
+            "/v1/users/{user_id}/sessions/{session_id}",
+            delete(sessions::revoke_one),
+        ),
         ("DELETE", "/v1/cache", delete(cache::delete_prefix)),
         ("POST", "/v1/cache/_mget", post(cache::mget)),
         ("POST", "/v1/cache/_invalidate", post(cache::invalidate)),
+        ("GET", "/v1/cache/_tags", get(cache::tags)),
         ("GET", "/v1/cache/{key}", get(cache::get)),
         ("PUT", "/v1/cache/{key}", put(cache::put)),
         ("DELETE", "/v1/cache/{key}", delete(cache::delete)),

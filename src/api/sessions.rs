@@ -1,8 +1,8 @@
-//! `/v1/sessions` and `/v1/users/{user_id}/sessions`: create, validate (and slide), update,
-//! list and revoke login sessions.
+//! `/v1/sessions` and `/v1/users/{user_id}/sessions`: create, validate (and slide, by path or
+//! by body), update, list and revoke login sessions (by token, by id, or all of a user's).
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -195,7 +195,39 @@ pub async fn validate(
     State(s): State<AppState>,
     PathParam(token): PathParam<PARAM_TOKEN>,
 ) -> Result<Response, ApiError> {
-    let Some(hash) = TokenHash::of(&token) else {
+    validate_token(&s, &token).await
+}
+
+/// `POST /v1/sessions/_validate` with `{"token": "..."}`: what `GET /v1/sessions/{token}`
+/// does, without the token in the URL (which proxies and tracing tools record).
+pub async fn validate_body(
+    State(s): State<AppState>,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    // A JSON object, so that `["<token>"]` (which serde would take for the struct) is refused.
+    let serde_json::Value::Object(mut fields) = parse_json::<serde_json::Value>(&body)? else {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object: {\"token\": \"...\"}",
+        ));
+    };
+    if let Some(other) = fields.keys().find(|k| *k != "token") {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            format!("unknown field `{other}`: the body must be {{\"token\": \"...\"}}"),
+        ));
+    }
+    let Some(serde_json::Value::String(token)) = fields.remove("token") else {
+        return Err(ApiError::bad_request(
+            "invalid_token",
+            "token is required and must be a string",
+        ));
+    };
+    validate_token(&s, &token).await
+}
+
+async fn validate_token(s: &AppState, token: &str) -> Result<Response, ApiError> {
+    let Some(hash) = TokenHash::of(token) else {
         crate::store::sessions::count_validation(false);
         return Err(not_found());
     };
@@ -305,6 +337,35 @@ pub async fn list(
         .exact()
         .map_or(usize::MAX, |n| n as usize);
     Ok(super::held_response(resp, permit, len))
+}
+
+fn session_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::bad_request("invalid_session_id", "the session id must be a UUID"))
+}
+
+/// `DELETE /v1/users/{user_id}/sessions/{session_id}`: revokes that session when it is the
+/// user's; 204 also when it is already gone (or is another user's, which stays untouched).
+pub async fn revoke_one(State(s): State<AppState>, uri: Uri) -> Result<StatusCode, ApiError> {
+    use crate::http::decode::{Plus, percent_decode};
+    // The raw segments of /v1/users/{user_id}/sessions/{session_id} (the router matched it),
+    // the user id decoded strictly like every path parameter; a UUID needs no decoding.
+    let mut segments = uri.path().split('/').skip(3);
+    let (Some(raw_user), Some(_), Some(raw_id)) =
+        (segments.next(), segments.next(), segments.next())
+    else {
+        return Err(ApiError::Internal);
+    };
+    let user = percent_decode(raw_user, Plus::Literal).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_user_id",
+            format!("the user id in the path is not valid percent-encoded UTF-8: {e}"),
+        )
+    })?;
+    let user = user_id(user)?;
+    let id = session_id(raw_id)?;
+    s.store.session_revoke_id(&user, id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

@@ -1,16 +1,19 @@
-//! The shared cache table: batched reads and upserts, deletes by key, prefix and tag.
+//! The shared cache table: batched reads (plain and tag-checked), deletes by key, prefix and
+//! tag, and tag invalidation records. Writes are in [`super::cache_write`].
 
 use foldhash::{HashMap, HashMapExt, HashSet};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgArguments, PgRow};
-use sqlx::{Arguments, SqlStr};
+use sqlx::SqlStr;
+use sqlx::postgres::PgRow;
 use std::sync::Arc;
 
 use super::batch::{BatchLimits, BatchOp, Batcher};
+use super::cache_write::WriteBatch;
+pub use super::cache_write::{CachePut, EtagSet, Precondition, PutValue, Written};
 use super::conns::Conns;
-use super::rows::decode_all;
+use super::rows::{Cols, decode_all};
 use super::sql::Schema;
 use super::{DbError, Store};
 use crate::metrics as m;
@@ -64,11 +67,207 @@ impl Tag {
     }
 }
 
-/// A cached value as stored: validated JSON text, passed through without re-parsing.
+/// How a stored value reads: validated JSON text, or any bytes with their media type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheValue {
+    /// JSON text, validated on write and passed through without re-parsing.
+    Json(Bytes),
+    /// Bytes stored exactly as sent, with the `Content-Type` they were sent with.
+    Raw { content_type: String, bytes: Bytes },
+}
+
+impl CacheValue {
+    /// Bytes of the value itself (a batch's weight, a size limit).
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Json(b) | Self::Raw { bytes: b, .. } => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A live entry as read.
 #[derive(Clone, Debug)]
 pub struct CacheEntry {
-    pub value: Bytes,
+    pub value: CacheValue,
     pub expires_at: DateTime<Utc>,
+    /// Which version this is, and when it was written.
+    pub version: Version,
+    /// A tag-checked read found a tag invalidated after the entry was written (serve, but
+    /// revalidate). Always false for plain reads.
+    pub stale: bool,
+}
+
+/// What a read asks for: keys, and for a tag-checked read the tags to check besides each
+/// entry's own (`None`: a plain read, no tag record is looked at).
+#[derive(Debug)]
+pub struct CacheRead {
+    pub keys: Vec<CacheKey>,
+    pub check_tags: Option<Vec<Tag>>,
+}
+
+/// The value of `value` that marks a row whose value is in `bytes` / `content_type` (see the
+/// second migration): a JSON null with a leading space, which no sidecar ever stores as JSON
+/// because every version trims the JSON it stores, and which an older sidecar serves as null.
+macro_rules! raw_marker {
+    () => {
+        " null"
+    };
+}
+pub(crate) const RAW_MARKER: &str = raw_marker!();
+
+/// The entity tag of a row version: its `xmin` and its `updated_at` in microseconds since the
+/// Unix epoch (hex), as `{xmin}-{micros}`. Every writer changes both (an older sidecar's upsert
+/// and a bare `UPDATE` as well: a new row version has a new `xmin`), so a tag never survives a
+/// write; `updated_at` tells apart versions whose 32-bit transaction ids are equal after
+/// wraparound. Both are in the row already: nothing to store, no hashing of values on reads.
+/// Reads format it here from the two columns; conditional writes compute the same text in SQL
+/// ([`etag!`]), and a test checks that both agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Version {
+    /// The row version's transaction id.
+    pub xmin: u32,
+    /// When the entry was last written (the row's `updated_at`, database clock).
+    pub written_at: DateTime<Utc>,
+}
+
+impl Version {
+    /// Reads `xmin` (as text) and `updated_at`, the columns of `version_columns!()`.
+    pub(crate) fn read(cols: &mut Cols<'_>) -> Result<Self, sqlx::Error> {
+        let written_at = cols.next("updated_at")?;
+        let xmin: &str = cols.next("xmin")?;
+        let xmin = xmin.parse().map_err(|_| sqlx::Error::ColumnDecode {
+            index: "xmin".into(),
+            source: format!("xmin {xmin:?} is not a transaction id").into(),
+        })?;
+        Ok(Self { xmin, written_at })
+    }
+
+    /// The tag, unquoted.
+    pub fn etag(&self) -> String {
+        let mut out = Vec::with_capacity(28);
+        self.write_etag(&mut out);
+        // Only ASCII digits, hex digits and '-' were written.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Appends the tag, unquoted, to `out`. By hand: `format!` cost a GET about a thousand
+    /// instructions.
+    pub fn write_etag(&self, out: &mut Vec<u8>) {
+        let mut buf = [0u8; 27];
+        let mut i = buf.len();
+        let mut micros = self.written_at.timestamp_micros() as u64;
+        loop {
+            i -= 1;
+            buf[i] = b"0123456789abcdef"[(micros & 0xf) as usize];
+            micros >>= 4;
+            if micros == 0 {
+                break;
+            }
+        }
+        i -= 1;
+        buf[i] = b'-';
+        let mut xmin = self.xmin;
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (xmin % 10) as u8;
+            xmin /= 10;
+            if xmin == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&buf[i..]);
+    }
+}
+
+/// The columns [`Version::read`] reads, for table alias `$t`.
+macro_rules! version_columns {
+    ($t:literal) => {
+        concat!($t, ".updated_at, ", $t, ".xmin::text AS xmin")
+    };
+}
+
+/// [`Version::etag`] of the row `$t`, in SQL, for the conditions of conditional writes. The
+/// microseconds are computed exactly on every supported PostgreSQL (`date_part` is a double
+/// before version 14): whole seconds, then the microseconds within the second.
+macro_rules! etag {
+    ($t:literal) => {
+        concat!(
+            $t,
+            ".xmin::text || '-' || to_hex(date_part('epoch', date_trunc('second', ",
+            $t,
+            ".updated_at))::int8 * 1000000 + date_part('microseconds', ",
+            $t,
+            ".updated_at)::int8 % 1000000)"
+        )
+    };
+}
+
+/// The columns an entry is read from (table alias `c`), in the order [`read_entry`] reads them.
+macro_rules! entry_columns {
+    () => {
+        concat!(
+            "c.value, CASE WHEN c.value = '",
+            raw_marker!(),
+            "' THEN c.content_type END AS content_type, CASE WHEN c.value = '",
+            raw_marker!(),
+            "' THEN c.bytes END AS bytes, c.expires_at, ",
+            version_columns!("c")
+        )
+    };
+}
+
+/// A comma-joined tag list (`''`: none) as a `text[]`, for the column `$t`.
+macro_rules! tag_array {
+    ($t:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $t,
+            " = '' THEN '{}'::text[] ELSE string_to_array(",
+            $t,
+            ", ',') END"
+        )
+    };
+}
+pub(crate) use {etag, tag_array, version_columns};
+
+/// Reads the columns of `entry_columns!()`.
+fn read_entry(cols: &mut Cols<'_>) -> Result<CacheEntry, sqlx::Error> {
+    let value: String = cols.next("value")?;
+    let content_type: Option<String> = cols.next("content_type")?;
+    let bytes: Option<&[u8]> = cols.next("bytes")?;
+    let value = match (content_type, bytes) {
+        (Some(content_type), Some(bytes)) => CacheValue::Raw {
+            content_type,
+            bytes: Bytes::copy_from_slice(bytes),
+        },
+        _ => CacheValue::Json(Bytes::from(value)),
+    };
+    Ok(CacheEntry {
+        value,
+        expires_at: cols.next("expires_at")?,
+        version: Version::read(cols)?,
+        stale: false,
+    })
+}
+
+/// When a tag was last invalidated, and from when entries written before that count as expired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TagRecord {
+    pub invalidated_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What `_invalidate` did.
+#[derive(Clone, Copy, Debug)]
+pub struct Invalidated {
+    /// Entries deleted (0 when their expiry was moved instead).
+    pub deleted: u64,
+    /// The invalidation time recorded for every tag.
+    pub at: DateTime<Utc>,
 }
 
 /// One key's answer in a bounded batch read ([`Store::cache_mget_bounded`]).
@@ -80,57 +279,112 @@ pub enum MgetSlot {
     Unprocessed,
 }
 
-/// One write: the value must already be validated JSON.
-#[derive(Debug)]
-pub struct CachePut {
-    pub key: CacheKey,
-    pub value: String,
-    pub ttl_seconds: u32,
-    pub tags: Vec<Tag>,
-}
-
 /// The cache's statements, their tables in the configured schema (see [`Schema`]).
 pub(crate) struct CacheSql {
     read: SqlStr,
+    read_checked: SqlStr,
     read_bounded: SqlStr,
-    write: SqlStr,
+    pub(super) write: SqlStr,
+    pub(super) write_if: SqlStr,
+    pub(super) update_if: SqlStr,
     delete: SqlStr,
+    delete_if: SqlStr,
     delete_range: SqlStr,
     delete_from: SqlStr,
     invalidate: SqlStr,
+    invalidate_later: SqlStr,
+    tags: SqlStr,
 }
 
 impl CacheSql {
     fn new(schema: &Schema) -> Self {
         Self {
-            read: schema.sql(
-                "SELECT key, value, expires_at FROM {schema}.cache \
-                 WHERE key = ANY($1) AND expires_at > now()",
-            ),
-            // The keys in the order asked, with the running total of their sizes: values past
-            // the budget stay in Postgres (a NULL value), so an _mget never loads more than its
+            read: schema.sql(concat!(
+                "SELECT c.key, ",
+                entry_columns!(),
+                " FROM {schema}.cache AS c WHERE c.key = ANY($1) AND c.expires_at > now()"
+            )),
+            // One row per (key, tags to check) asked, numbered by `i`. `tag_state`: 0 fresh,
+            // 1 stale (a tag invalidated after the write), 2 expired (a tag's expiry passed
+            // after the write). The tag records are found through their primary key.
+            read_checked: schema.sql(concat!(
+                "SELECT u.i, ",
+                entry_columns!(),
+                ", CASE WHEN u.t IS NULL THEN 0 ELSE coalesce(( \
+                   SELECT max(CASE WHEN r.expires_at > c.updated_at AND r.expires_at <= now() THEN 2 \
+                                   WHEN r.invalidated_at > c.updated_at THEN 1 ELSE 0 END) \
+                   FROM {schema}.cache_tags AS r \
+                   WHERE r.tag = ANY(c.tags || ",
+                tag_array!("u.t"),
+                ")), 0) END AS tag_state \
+                 FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u(k, t, i) \
+                 JOIN {schema}.cache AS c ON c.key = u.k WHERE c.expires_at > now()"
+            )),
+            // The keys in the order asked, with the running total of their sizes in the answer
+            // (a value that is not JSON travels in base64, with its media type): values past
+            // the budget stay in Postgres (NULL columns), so an _mget never loads more than its
             // budget. The first hit always comes back (the budget holds one largest value).
             // octet_length does not detoast the value it measures.
-            read_bounded: schema.sql(
-                "SELECT key, CASE WHEN n = 1 OR total <= $2 THEN value END AS value, expires_at \
+            read_bounded: schema.sql(concat!(
+                "SELECT key, CASE WHEN n = 1 OR total <= $2 THEN value END AS value, \
+                        CASE WHEN n = 1 OR total <= $2 THEN content_type END AS content_type, \
+                        CASE WHEN n = 1 OR total <= $2 THEN bytes END AS bytes, \
+                        expires_at, updated_at, xmin \
                  FROM (SELECT c.key, c.value, c.expires_at, \
-                         row_number() OVER w AS n, \
-                         sum(octet_length(c.key) + octet_length(c.value) + 4) OVER w AS total \
+                         CASE WHEN c.value = '",
+                raw_marker!(),
+                "' THEN c.content_type END AS content_type, \
+                         CASE WHEN c.value = '",
+                raw_marker!(),
+                "' THEN c.bytes END AS bytes, ",
+                version_columns!("c"),
+                ", row_number() OVER w AS n, \
+                         sum(octet_length(c.key) + 4 + CASE WHEN c.value = '",
+                raw_marker!(),
+                "' THEN (octet_length(c.bytes) + 2) / 3 * 4 + octet_length(c.content_type) + 40 \
+                             ELSE octet_length(c.value) END) OVER w AS total \
                        FROM unnest($1::text[]) WITH ORDINALITY AS k(key, ord) \
                        JOIN {schema}.cache c ON c.key = k.key \
                        WHERE c.expires_at > now() \
-                       WINDOW w AS (ORDER BY k.ord ROWS UNBOUNDED PRECEDING)) s",
-            ),
-            write: schema.sql(
-                "INSERT INTO {schema}.cache (key, value, tags, expires_at) \
-                 SELECT k, v, CASE WHEN t = '' THEN '{}'::text[] ELSE string_to_array(t, ',') END, \
-                        now() + make_interval(secs => s) \
+                       WINDOW w AS (ORDER BY k.ord ROWS UNBOUNDED PRECEDING)) s"
+            )),
+            // Unconditional JSON writes, the common case; `write_if` and `update_if` (in
+            // cache_write) serve the rest.
+            write: schema.sql(concat!(
+                "INSERT INTO {schema}.cache AS c (key, value, tags, expires_at) \
+                 SELECT k, v, ",
+                tag_array!("t"),
+                ", now() + make_interval(secs => s) \
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[]) AS u(k, v, t, s) \
                  ON CONFLICT (key) DO UPDATE \
-                 SET value = EXCLUDED.value, tags = EXCLUDED.tags, expires_at = EXCLUDED.expires_at, \
-                     updated_at = now()",
-            ),
+                 SET value = EXCLUDED.value, content_type = NULL, bytes = NULL, raw_size = NULL, \
+                     tags = EXCLUDED.tags, expires_at = EXCLUDED.expires_at, updated_at = now() \
+                 RETURNING c.key, ",
+                version_columns!("c")
+            )),
+            write_if: schema.sql(super::cache_write::WRITE_IF),
+            update_if: schema.sql(super::cache_write::UPDATE_IF),
             delete: schema.sql("DELETE FROM {schema}.cache WHERE key = $1"),
+            // A conditional delete: the row is locked first, so the verdict and the delete see
+            // the same version. $2 / $4: If-Match / If-None-Match, 0 absent, 1 `*`, 2 the
+            // tags in $3 / $5. An absent or expired entry fails If-Match and passes
+            // If-None-Match. Answers whether the preconditions held.
+            delete_if: schema.sql(concat!(
+                "WITH cur AS ( \
+                   SELECT c.key, c.expires_at > now() AS live, ",
+                etag!("c"),
+                " AS etag FROM {schema}.cache AS c WHERE c.key = $1 FOR UPDATE \
+                 ), verdict AS ( \
+                   SELECT cur.key, CASE WHEN cur.live IS NOT TRUE THEN $2 = 0 \
+                     ELSE ($2 <> 2 OR cur.etag = ANY($3::text[])) \
+                      AND CASE $4 WHEN 0 THEN true WHEN 2 THEN cur.etag <> ALL($5::text[]) ELSE false END \
+                     END AS ok \
+                   FROM (VALUES (1)) AS one LEFT JOIN cur ON true \
+                 ), gone AS ( \
+                   DELETE FROM {schema}.cache AS c USING verdict \
+                   WHERE verdict.ok AND c.key = verdict.key RETURNING 1 \
+                 ) SELECT ok FROM verdict"
+            )),
             // starts_with keeps a database that is not UTF8 (unsupported), where byte order is
             // not code point order, from deleting keys outside the prefix; it cannot find keys
             // the range misses there.
@@ -139,10 +393,38 @@ impl CacheSql {
             ),
             delete_from: schema
                 .sql("DELETE FROM {schema}.cache WHERE key >= $1 AND starts_with(key, $1)"),
-            // The cardinality condition matches the partial GIN index's predicate, so the index
-            // is used.
+            // Records the tags (in key order, like the writes, so two invalidations cannot
+            // deadlock on them), then deletes. The cardinality condition matches the partial GIN
+            // index's predicate, so the index is used.
             invalidate: schema.sql(
-                "DELETE FROM {schema}.cache WHERE tags && $1::text[] AND cardinality(tags) > 0",
+                "WITH rec AS ( \
+                   INSERT INTO {schema}.cache_tags AS r (tag, invalidated_at, expires_at) \
+                   SELECT t, now(), now() FROM UNNEST($1::text[]) AS t \
+                   ON CONFLICT (tag) DO UPDATE \
+                   SET invalidated_at = EXCLUDED.invalidated_at, expires_at = EXCLUDED.expires_at \
+                 ), gone AS ( \
+                   DELETE FROM {schema}.cache WHERE tags && $1::text[] AND cardinality(tags) > 0 \
+                   RETURNING 1 \
+                 ) SELECT count(*) AS n, now() AS at FROM gone",
+            ),
+            // Stale-while-revalidate: the entries stay, their expiry moves to at most now + $2.
+            // `updated_at` is left alone: it is when the value was written, which is what
+            // the tag records are compared with.
+            invalidate_later: schema.sql(
+                "WITH rec AS ( \
+                   INSERT INTO {schema}.cache_tags AS r (tag, invalidated_at, expires_at) \
+                   SELECT t, now(), now() + make_interval(secs => $2) FROM UNNEST($1::text[]) AS t \
+                   ON CONFLICT (tag) DO UPDATE \
+                   SET invalidated_at = EXCLUDED.invalidated_at, expires_at = EXCLUDED.expires_at \
+                 ), moved AS ( \
+                   UPDATE {schema}.cache SET expires_at = now() + make_interval(secs => $2) \
+                   WHERE tags && $1::text[] AND cardinality(tags) > 0 \
+                     AND expires_at > now() + make_interval(secs => $2) \
+                   RETURNING 1 \
+                 ) SELECT count(*) AS n, now() AS at FROM moved",
+            ),
+            tags: schema.sql(
+                "SELECT tag, invalidated_at, expires_at FROM {schema}.cache_tags WHERE tag = ANY($1)",
             ),
         }
     }
@@ -177,23 +459,27 @@ impl CacheBatchers {
     }
 }
 
-/// Reads of one or more keys, served by one `key = ANY($1)` query per batch. A key asked for by
-/// several callers in the same batch is fetched once (single flight).
+/// Reads of one or more keys. A batch of plain reads is one `key = ANY($1)` query, a key asked
+/// for by several callers fetched once (single flight). A batch with any tag-checked read is
+/// one query over (key, tags) pairs instead, so plain reads keep their query and its speed.
 struct ReadBatch {
     conns: Arc<Conns>,
     sql: Arc<CacheSql>,
 }
 
 impl BatchOp for ReadBatch {
-    type Item = Vec<CacheKey>;
+    type Item = CacheRead;
     type Output = Vec<Option<CacheEntry>>;
     const NAME: &'static str = "cache_get";
     const RETRY_ON_BROKEN_CONNECTION: bool = true;
 
     async fn run(&self, items: &[Self::Item]) -> Result<Vec<Self::Output>, DbError> {
+        if items.iter().any(|r| r.check_tags.is_some()) {
+            return self.run_checked(items).await;
+        }
         let mut unique: Vec<&str> = Vec::new();
         let mut seen = HashSet::default();
-        for key in items.iter().flatten() {
+        for key in items.iter().flat_map(|r| &r.keys) {
             if seen.insert(key.as_str()) {
                 unique.push(key.as_str());
             }
@@ -205,20 +491,15 @@ impl BatchOp for ReadBatch {
         .fetch_all(c))
         .await?;
         let found: HashMap<&str, CacheEntry> = decode_all(&rows, |cols| {
-            Ok((
-                cols.next::<&str>("key")?,
-                CacheEntry {
-                    value: Bytes::from(cols.next::<String>("value")?),
-                    expires_at: cols.next("expires_at")?,
-                },
-            ))
+            Ok((cols.next::<&str>("key")?, read_entry(cols)?))
         })?
         .into_iter()
         .collect();
         Ok(items
             .iter()
-            .map(|keys| {
-                keys.iter()
+            .map(|r| {
+                r.keys
+                    .iter()
                     .map(|k| found.get(k.as_str()).cloned())
                     .collect()
             })
@@ -226,75 +507,62 @@ impl BatchOp for ReadBatch {
     }
 }
 
-/// Upserts, written with one multi-row `INSERT ... SELECT FROM UNNEST ... ON CONFLICT` per
-/// batch. Within a batch the last write of a key wins (Postgres refuses to update one row twice
-/// in a statement); every caller is answered only after the statement commits.
-struct WriteBatch {
-    conns: Arc<Conns>,
-    sql: Arc<CacheSql>,
-}
-
-impl BatchOp for WriteBatch {
-    type Item = CachePut;
-    type Output = ();
-    const NAME: &'static str = "cache_put";
-    // The upsert may have committed before the connection broke; running it again could put
-    // back a value another batch has since replaced.
-    const RETRY_ON_BROKEN_CONNECTION: bool = false;
-    /// About 4 MiB of values per statement, so one batch of large values stays well inside
-    /// the statement timeout.
-    const MAX_BATCH_WEIGHT: usize = 4 << 20;
-    fn weight(item: &CachePut) -> usize {
-        item.key.as_str().len() + item.value.len()
-    }
-
-    async fn run(&self, items: &[Self::Item]) -> Result<Vec<()>, DbError> {
-        let n = items.len();
-        let mut last: HashMap<&str, usize> = HashMap::with_capacity(n);
-        for (i, item) in items.iter().enumerate() {
-            last.insert(item.key.as_str(), i);
+impl ReadBatch {
+    async fn run_checked(
+        &self,
+        items: &[CacheRead],
+    ) -> Result<Vec<Vec<Option<CacheEntry>>>, DbError> {
+        // One slot per distinct (key, tags to check); tags travel comma-joined (they cannot
+        // contain commas), NULL for a plain read.
+        let mut slots: HashMap<(&str, Option<String>), usize> = HashMap::new();
+        let mut keys: Vec<&str> = Vec::new();
+        let mut checks: Vec<Option<String>> = Vec::new();
+        let mut asked: Vec<Vec<usize>> = Vec::with_capacity(items.len());
+        for r in items {
+            let check = r
+                .check_tags
+                .as_ref()
+                .map(|t| t.iter().map(Tag::as_str).collect::<Vec<_>>().join(","));
+            let mut mine = Vec::with_capacity(r.keys.len());
+            for k in &r.keys {
+                let next = keys.len();
+                let slot = *slots.entry((k.as_str(), check.clone())).or_insert_with(|| {
+                    keys.push(k.as_str());
+                    checks.push(check.clone());
+                    next
+                });
+                mine.push(slot);
+            }
+            asked.push(mine);
         }
-        // Rows in key order (byte order, as the column's "C" collation sorts): two batches
-        // writing overlapping keys then lock them in the same order and cannot deadlock.
-        let mut rows: Vec<&CachePut> = last.values().map(|&i| &items[i]).collect();
-        rows.sort_unstable_by(|a, b| a.key.as_str().as_bytes().cmp(b.key.as_str().as_bytes()));
-        let mut keys = Vec::with_capacity(rows.len());
-        let mut values = Vec::with_capacity(rows.len());
-        let mut tags = Vec::with_capacity(rows.len());
-        let mut ttls = Vec::with_capacity(rows.len());
-        let mut bytes = 0;
-        for item in rows {
-            // Tags cannot contain commas, so one comma-joined string per row carries the list.
-            let tag_list = item
-                .tags
-                .iter()
-                .map(Tag::as_str)
-                .collect::<Vec<_>>()
-                .join(",");
-            bytes += item.key.as_str().len() + item.value.len() + tag_list.len();
-            keys.push(item.key.as_str());
-            values.push(item.value.as_str());
-            tags.push(tag_list);
-            ttls.push(item.ttl_seconds as i32);
-        }
-        // Room for all four arrays at once (binary format: a 4-byte length before each
-        // element, a header per array). Grown by doubling instead, sqlx's buffer copied each
-        // batch's values several times: about 1k of a PUT's 41k instructions (callgrind).
-        let mut args = PgArguments::default();
-        args.reserve(4, bytes + 24 * keys.len() + 128);
-        let bound = args
-            .add(&keys)
-            .and_then(|()| args.add(&values))
-            .and_then(|()| args.add(&tags))
-            .and_then(|()| args.add(&ttls));
-        bound.map_err(|e| DbError::Other(format!("encoding a cache write: {e}")))?;
-        run_once!(self.conns, Self::NAME, |c| sqlx::query_with(
-            self.sql.write.clone(),
-            args
+        let rows: Vec<PgRow> = run_once!(self.conns, Self::NAME, |c| sqlx::query(
+            self.sql.read_checked.clone()
         )
-        .execute(c))
+        .bind(&keys)
+        .bind(&checks)
+        .fetch_all(c))
         .await?;
-        Ok(vec![(); n])
+        let mut found: Vec<Option<CacheEntry>> = vec![None; keys.len()];
+        for (i, entry, state) in decode_all(&rows, |cols| {
+            let i: i64 = cols.next("i")?;
+            let entry = read_entry(cols)?;
+            Ok((i, entry, cols.next::<i32>("tag_state")?))
+        })? {
+            let Some(slot) = usize::try_from(i - 1).ok().filter(|&s| s < found.len()) else {
+                return Err(DbError::Other(format!("cache read answered row {i}")));
+            };
+            // Expired by a tag: a miss, as if the entry had expired on its own.
+            if state < 2 {
+                found[slot] = Some(CacheEntry {
+                    stale: state == 1,
+                    ..entry
+                });
+            }
+        }
+        Ok(asked
+            .into_iter()
+            .map(|mine| mine.into_iter().map(|s| found[s].clone()).collect())
+            .collect())
     }
 }
 
@@ -335,9 +603,18 @@ fn count_hits(operation: &'static str, hits: usize, misses: usize) {
 }
 
 impl Store {
-    pub async fn cache_get(&self, key: CacheKey) -> Result<Option<CacheEntry>, DbError> {
+    /// Reads one key; with `check_tags`, a tag-checked read (see [`CacheRead`]).
+    pub async fn cache_get(
+        &self,
+        key: CacheKey,
+        check_tags: Option<Vec<Tag>>,
+    ) -> Result<Option<CacheEntry>, DbError> {
         self.ensure_available()?;
-        let entry = self.cache.reads.call(vec![key]).await?.pop().flatten();
+        let read = CacheRead {
+            keys: vec![key],
+            check_tags,
+        };
+        let entry = self.cache.reads.call(read).await?.pop().flatten();
         count_hits("get", entry.is_some() as usize, entry.is_none() as usize);
         Ok(entry)
     }
@@ -348,7 +625,11 @@ impl Store {
         keys: Vec<CacheKey>,
     ) -> Result<Vec<Option<CacheEntry>>, DbError> {
         self.ensure_available()?;
-        let entries = self.cache.reads.call(keys).await?;
+        let read = CacheRead {
+            keys,
+            check_tags: None,
+        };
+        let entries = self.cache.reads.call(read).await?;
         let hits = entries.iter().filter(|e| e.is_some()).count();
         count_hits("mget", hits, entries.len() - hits);
         Ok(entries)
@@ -374,16 +655,26 @@ impl Store {
         let mut found: HashMap<String, MgetSlot> = decode_all(&rows, |cols| {
             let key: String = cols.next("key")?;
             let value: Option<String> = cols.next("value")?;
+            let content_type: Option<String> = cols.next("content_type")?;
+            let bytes: Option<&[u8]> = cols.next("bytes")?;
             let expires_at = cols.next("expires_at")?;
+            let version = Version::read(cols)?;
+            let value = match (value, content_type, bytes) {
+                (None, _, _) => return Ok((key, MgetSlot::Unprocessed)),
+                (Some(_), Some(content_type), Some(bytes)) => CacheValue::Raw {
+                    content_type,
+                    bytes: Bytes::copy_from_slice(bytes),
+                },
+                (Some(text), _, _) => CacheValue::Json(Bytes::from(text)),
+            };
             Ok((
                 key,
-                match value {
-                    Some(v) => MgetSlot::Hit(CacheEntry {
-                        value: Bytes::from(v),
-                        expires_at,
-                    }),
-                    None => MgetSlot::Unprocessed,
-                },
+                MgetSlot::Hit(CacheEntry {
+                    value,
+                    expires_at,
+                    version,
+                    stale: false,
+                }),
             ))
         })?
         .into_iter()
@@ -401,20 +692,45 @@ impl Store {
         Ok(slots)
     }
 
-    pub async fn cache_put(&self, put: CachePut) -> Result<(), DbError> {
+    /// Writes one entry when its preconditions hold: what it wrote, or `None` when a
+    /// precondition failed (nothing written).
+    pub async fn cache_put(&self, put: CachePut) -> Result<Option<Written>, DbError> {
         self.ensure_available()?;
-        self.cache.writes.call(put).await
+        self.cache.writes.call(put).await?
     }
 
-    pub async fn cache_delete(&self, key: &CacheKey) -> Result<(), DbError> {
+    /// Deletes one entry when the preconditions hold (there is nothing to delete when it is
+    /// absent); false when they did not (nothing deleted).
+    pub async fn cache_delete(
+        &self,
+        key: &CacheKey,
+        precondition: &Precondition,
+    ) -> Result<bool, DbError> {
         self.ensure_available()?;
-        run!(self.conns, "cache_delete", |c| sqlx::query(
-            self.cache.sql.delete.clone()
+        let sql = &self.cache.sql;
+        if precondition.is_none() {
+            run!(self.conns, "cache_delete", |c| sqlx::query(
+                sql.delete.clone()
+            )
+            .bind(key.as_str())
+            .execute(c))
+            .await?;
+            return Ok(true);
+        }
+        let (mk, ml) = EtagSet::bind(&precondition.if_match);
+        let (nk, nl) = EtagSet::bind(&precondition.if_none_match);
+        let ml: Vec<&str> = ml.split(' ').filter(|t| !t.is_empty()).collect();
+        let nl: Vec<&str> = nl.split(' ').filter(|t| !t.is_empty()).collect();
+        run!(self.conns, "cache_delete", |c| sqlx::query_scalar(
+            sql.delete_if.clone()
         )
         .bind(key.as_str())
-        .execute(c))
-        .await?;
-        Ok(())
+        .bind(mk)
+        .bind(&ml)
+        .bind(nk)
+        .bind(&nl)
+        .fetch_one(c))
+        .await
     }
 
     /// Deletes every key starting with `prefix` (taken literally); returns how many went.
@@ -433,17 +749,66 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Deletes every entry carrying any of `tags`; returns how many went.
-    pub async fn cache_invalidate(&self, tags: &[Tag]) -> Result<u64, DbError> {
+    /// Records the invalidation of `tags` (now; entries written before it are stale) and
+    /// either deletes every entry carrying any of them (`expire_seconds` 0) or moves their
+    /// expiry to at most now + `expire_seconds` (entries written before then count as expired
+    /// once it has passed).
+    pub async fn cache_invalidate(
+        &self,
+        tags: &[Tag],
+        expire_seconds: u32,
+    ) -> Result<Invalidated, DbError> {
         self.ensure_available()?;
-        let tags: Vec<&str> = tags.iter().map(Tag::as_str).collect();
-        let done = run!(self.conns, "cache_invalidate", |c| sqlx::query(
-            self.cache.sql.invalidate.clone()
-        )
-        .bind(&tags)
-        .execute(c))
-        .await?;
-        Ok(done.rows_affected())
+        // Sorted and distinct: the records are upserted in one statement, in key order.
+        let mut tags: Vec<&str> = tags.iter().map(Tag::as_str).collect();
+        tags.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        tags.dedup();
+        let sql = &self.cache.sql;
+        let (n, at): (i64, DateTime<Utc>) =
+            run!(self.conns, "cache_invalidate", |c| if expire_seconds == 0 {
+                sqlx::query_as(sql.invalidate.clone())
+                    .bind(&tags)
+                    .fetch_one(c)
+            } else {
+                sqlx::query_as(sql.invalidate_later.clone())
+                    .bind(&tags)
+                    .bind(expire_seconds as f64)
+                    .fetch_one(c)
+            })
+            .await?;
+        Ok(Invalidated {
+            deleted: if expire_seconds == 0 { n as u64 } else { 0 },
+            at,
+        })
+    }
+
+    /// The invalidation records of `tags`, one slot per tag asked (`None`: never invalidated).
+    pub async fn cache_tag_records(&self, tags: &[Tag]) -> Result<Vec<Option<TagRecord>>, DbError> {
+        self.ensure_available()?;
+        let names: Vec<&str> = tags.iter().map(Tag::as_str).collect();
+        let rows: Vec<(String, DateTime<Utc>, DateTime<Utc>)> =
+            run!(self.conns, "cache_tags", |c| sqlx::query_as(
+                self.cache.sql.tags.clone()
+            )
+            .bind(&names)
+            .fetch_all(c))
+            .await?;
+        let found: HashMap<String, TagRecord> = rows
+            .into_iter()
+            .map(|(tag, invalidated_at, expires_at)| {
+                (
+                    tag,
+                    TagRecord {
+                        invalidated_at,
+                        expires_at,
+                    },
+                )
+            })
+            .collect();
+        Ok(tags
+            .iter()
+            .map(|t| found.get(t.as_str()).copied())
+            .collect())
     }
 }
 
@@ -469,6 +834,25 @@ mod tests {
         assert!(Tag::parse("a,b".into()).is_err());
         assert!(Tag::parse(String::new()).is_err());
         assert!(Tag::parse("t".repeat(257)).is_err());
+    }
+
+    #[test]
+    fn version_tags() {
+        use chrono::TimeZone;
+        for (xmin, micros) in [
+            (0u32, 0i64),
+            (7, 1),
+            (4_294_967_295, 1_795_985_954_157_673),
+            (1234, 15),
+            (1234, 16),
+            (99, -1_000_001),
+        ] {
+            let v = Version {
+                xmin,
+                written_at: Utc.timestamp_micros(micros).unwrap(),
+            };
+            assert_eq!(v.etag(), format!("{xmin}-{:x}", micros as u64));
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Fleet-wide cleanup of expired sessions and cache entries, and the cache's size cap.
+//! Fleet-wide cleanup of expired sessions, cache entries and tag invalidation records, and the
+//! cache's size cap.
 //!
 //! Every sidecar runs the loop, but a pass first takes the `cleanup` lease row with a conditional
 //! UPDATE that only one sidecar can win while the lease is held. That works through transaction
@@ -19,6 +20,7 @@ use std::time::Duration;
 use rand::RngExt;
 
 use super::{DbError, Store};
+use crate::config::MAX_TTL_SECONDS;
 use crate::metrics as m;
 use crate::shutdown::Lifecycle;
 
@@ -27,23 +29,32 @@ use crate::shutdown::Lifecycle;
 pub struct PassReport {
     pub sessions_deleted: u64,
     pub cache_deleted: u64,
+    pub tags_deleted: u64,
     /// Live cache entries evicted to keep the cache within `cache.max_bytes`, and their weight.
     pub cache_evicted: u64,
     pub cache_evicted_bytes: u64,
 }
 
-/// Tables cleaned, with their key column.
-const TABLES: [(&str, &str); 2] = [("sessions", "id"), ("cache", "key")];
+/// Tables cleaned, with their key column and how long a row is kept after its `expires_at`.
+const TABLES: [(&str, &str, u32); 3] = [
+    ("sessions", "id", 0),
+    ("cache", "key", 0),
+    // A tag record matters while an entry written before its expiry may still live: at most the
+    // longest TTL after it (and a day, for good measure). Then `_tags` answers null for the tag,
+    // which no live entry can tell apart.
+    ("cache_tags", "tag", MAX_TTL_SECONDS + 86_400),
+];
 
 /// The statement that deletes one batch of expired rows of `table`. `SKIP LOCKED` keeps the
 /// pass from waiting on rows a client is writing right now. The batch size is written into the
 /// statement, not bound: under the generic plans the pool's connections use (see
 /// `start_up_options`), `LIMIT $1` is planned as a tenth of the expired rows, and with many of
 /// them that can turn the index scan into a full one.
-fn batch_statement(table: &str, key: &str, batch: u64) -> String {
+fn batch_statement(table: &str, key: &str, kept_seconds: u32, batch: u64) -> String {
     format!(
         "DELETE FROM {{schema}}.{table} WHERE {key} IN \
-         (SELECT {key} FROM {{schema}}.{table} WHERE expires_at <= now() LIMIT {batch} \
+         (SELECT {key} FROM {{schema}}.{table} \
+          WHERE expires_at <= now() - interval '{kept_seconds} seconds' LIMIT {batch} \
           FOR UPDATE SKIP LOCKED)"
     )
 }
@@ -56,7 +67,8 @@ fn batch_statement(table: &str, key: &str, batch: u64) -> String {
 fn evict_statement(batch: u64) -> String {
     format!(
         "WITH oldest AS (\
-             SELECT key, updated_at, byte_size FROM {{schema}}.cache \
+             SELECT key, updated_at, byte_size + coalesce(raw_size, 0) AS byte_size \
+             FROM {{schema}}.cache \
              ORDER BY updated_at LIMIT {batch} FOR UPDATE SKIP LOCKED), \
          victims AS (\
              SELECT key FROM (SELECT key, sum(byte_size) OVER \
@@ -64,18 +76,21 @@ fn evict_statement(batch: u64) -> String {
                  FROM oldest) o WHERE before < $1), \
          gone AS (\
              DELETE FROM {{schema}}.cache c USING victims v WHERE c.key = v.key \
-             RETURNING c.byte_size) \
+             RETURNING c.byte_size + coalesce(c.raw_size, 0) AS byte_size) \
          SELECT count(*), coalesce(sum(byte_size), 0)::int8 FROM gone"
     )
 }
 
 impl Store {
-    /// The cache's weight: the sum of its entries' `byte_size` (see the migration).
+    /// The cache's weight: the sum of its entries' `byte_size`, plus the `raw_size` of those
+    /// holding a value that is not JSON (see the migrations); two index-only scans.
     pub async fn cache_bytes(&self) -> Result<u64, DbError> {
         let total: i64 = run!(self.conns, "cache_size", |c| sqlx::query_scalar(
-            self.settings
-                .schema
-                .sql("SELECT coalesce(sum(byte_size), 0)::int8 FROM {schema}.cache")
+            self.settings.schema.sql(
+                "SELECT coalesce(sum(byte_size), 0)::int8 \
+                 + (SELECT coalesce(sum(raw_size), 0)::int8 FROM {schema}.cache WHERE raw_size > 0) \
+                 FROM {schema}.cache"
+            )
         )
         .fetch_one(c))
         .await?;
@@ -151,11 +166,11 @@ impl Store {
     ) -> Result<PassReport, DbError> {
         let batch = self.settings.cleanup_batch_size as u64;
         let mut report = PassReport::default();
-        for (table, key) in TABLES {
+        for (table, key, kept_seconds) in TABLES {
             let sql = self
                 .settings
                 .schema
-                .sql(&batch_statement(table, key, batch));
+                .sql(&batch_statement(table, key, kept_seconds, batch));
             loop {
                 if lifecycle.is_stopped() || !self.renew_lease(holder).await? {
                     return Ok(report);
@@ -168,7 +183,8 @@ impl Store {
                 metrics::counter!(m::EXPIRED_ROWS_DELETED, "table" => table).increment(n);
                 match table {
                     "sessions" => report.sessions_deleted += n,
-                    _ => report.cache_deleted += n,
+                    "cache" => report.cache_deleted += n,
+                    _ => report.tags_deleted += n,
                 }
                 if n < batch {
                     break;
@@ -238,10 +254,13 @@ pub async fn run(store: Store, holder: String, interval: Duration, lifecycle: Li
             continue;
         }
         match store.cleanup_pass(&holder, &lifecycle).await {
-            Ok(Some(r)) if r.sessions_deleted + r.cache_deleted + r.cache_evicted > 0 => {
+            Ok(Some(r))
+                if r.sessions_deleted + r.cache_deleted + r.tags_deleted + r.cache_evicted > 0 =>
+            {
                 tracing::info!(
                     sessions_deleted = r.sessions_deleted,
                     cache_deleted = r.cache_deleted,
+                    tags_deleted = r.tags_deleted,
                     cache_evicted = r.cache_evicted,
                     cache_evicted_bytes = r.cache_evicted_bytes,
                     "cleanup pass deleted expired rows and evicted the oldest over cache.max_bytes"

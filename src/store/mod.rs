@@ -12,7 +12,7 @@
 //! - [`pooler`]: how a statement runs behind a pooler (PgBouncer), set by `database.pooler`.
 //! - [`migrate`]: the embedded migrations.
 //! - [`batch`]: coalescing concurrent calls into one statement.
-//! - [`cache`], [`sessions`]: the data, in SQL.
+//! - [`cache`] (with its writes in `cache_write`), [`sessions`]: the data, in SQL.
 //! - [`cleanup`]: the fleet-wide deletion of expired rows and the cache's size cap.
 
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use circuit::Admission;
 /// Batchers that share the pool: cache reads and writes, session reads and refreshes.
 const BATCH_KINDS: usize = 4;
 
-pub use cache::{CacheEntry, CacheKey};
+pub use cache::{CacheEntry, CacheKey, CacheValue};
 pub use sessions::{ListPage, NewSession, SessionRecord, SessionsPage, TokenHash};
 
 /// Runs one statement on a held connection (see [`conns`]), timed under `operation` and bounded
@@ -90,6 +90,7 @@ macro_rules! run {
 
 pub mod batch;
 pub mod cache;
+mod cache_write;
 pub mod circuit;
 pub mod cleanup;
 pub mod conns;
@@ -273,6 +274,7 @@ impl Store {
         self.settings.schema.sql(
             "SELECT to_regclass('{schema}.sessions') IS NOT NULL \
              AND to_regclass('{schema}.cache') IS NOT NULL \
+             AND to_regclass('{schema}.cache_tags') IS NOT NULL \
              AND to_regclass('{schema}.leases') IS NOT NULL",
         )
     }

@@ -163,6 +163,7 @@ pub(crate) struct SessionSql {
     create: SqlStr,
     update: SqlStr,
     revoke: SqlStr,
+    revoke_id: SqlStr,
     list: SqlStr,
     revoke_user: SqlStr,
 }
@@ -206,6 +207,7 @@ impl SessionSql {
                 columns!()
             )),
             revoke: schema.sql("DELETE FROM {schema}.sessions WHERE token_hash = $1"),
+            revoke_id: schema.sql("DELETE FROM {schema}.sessions WHERE id = $1 AND user_id = $2"),
             // One page, newest first, after the cursor ($2, $3) when given: at most $4 rows, and
             // of those only the ones that start within $5 bytes (so the first row past the
             // byte budget comes back too, telling the caller the page was cut there). `size`
@@ -469,6 +471,21 @@ impl Store {
             self.sessions.sql.revoke.clone()
         )
         .bind(hash.0.as_slice())
+        .execute(c))
+        .await?;
+        metrics::counter!(m::SESSIONS_REVOKED).increment(done.rows_affected());
+        Ok(())
+    }
+
+    /// Revokes the session `id` when it belongs to `user_id`; one that is already gone (or
+    /// another user's) is not an error.
+    pub async fn session_revoke_id(&self, user_id: &str, id: Uuid) -> Result<(), DbError> {
+        self.ensure_available()?;
+        let done = run!(self.conns, "session_revoke", |c| sqlx::query(
+            self.sessions.sql.revoke_id.clone()
+        )
+        .bind(id)
+        .bind(user_id)
         .execute(c))
         .await?;
         metrics::counter!(m::SESSIONS_REVOKED).increment(done.rows_affected());

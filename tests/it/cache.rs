@@ -117,7 +117,7 @@ async fn every_json_type_round_trips_exactly() {
         .unwrap();
     assert_eq!(
         raw,
-        r#"{"hits":{"v6":1e400,"v5":123456789012345678901234567890},"misses":[]}"#
+        r#"{"hits":{"v6":1e400,"v5":123456789012345678901234567890},"raw":{},"misses":[]}"#
     );
 }
 
@@ -360,7 +360,7 @@ async fn short_ttl_expires() {
         .json()
         .await
         .unwrap();
-    assert_eq!(r, json!({"hits": {}, "misses": ["short"]}));
+    assert_eq!(r, json!({"hits": {}, "raw": {}, "misses": ["short"]}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,7 +379,7 @@ async fn mget_with_duplicates_and_misses() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(
         v,
-        json!({"hits": {"a": 1, "b": {"x": "y"}}, "misses": ["missing", "c/d"]})
+        json!({"hits": {"a": 1, "b": {"x": "y"}}, "raw": {}, "misses": ["missing", "c/d"]})
     );
     let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
     let v: Value = s
@@ -488,8 +488,8 @@ async fn tag_invalidation() {
             .await
             .json::<Value>()
             .await
-            .unwrap(),
-        json!({"deleted": 1})
+            .unwrap()["deleted"],
+        json!(1)
     );
     assert_eq!(s.get_cache("page:42").await.status(), 404);
     assert_eq!(s.get_cache("page:43").await.status(), 200);
@@ -498,8 +498,8 @@ async fn tag_invalidation() {
             .await
             .json::<Value>()
             .await
-            .unwrap(),
-        json!({"deleted": 2})
+            .unwrap()["deleted"],
+        json!(2)
     );
     assert_eq!(s.get_cache("page:home").await.status(), 404);
     assert_eq!(s.get_cache("untagged").await.status(), 200);
@@ -512,14 +512,14 @@ async fn tag_invalidation() {
             .await
             .json::<Value>()
             .await
-            .unwrap(),
-        json!({"deleted": 0})
+            .unwrap()["deleted"],
+        json!(0)
     );
     assert_eq!(s.get_cache("p").await.text().await.unwrap(), "2");
     s.put_cache("p", "3", "").await;
     assert_eq!(
-        inv(json!(["new"])).await.json::<Value>().await.unwrap(),
-        json!({"deleted": 0}),
+        inv(json!(["new"])).await.json::<Value>().await.unwrap()["deleted"],
+        json!(0),
         "tags cleared"
     );
     // Tags with SQL-ish and unicode content are plain strings.
@@ -530,8 +530,8 @@ async fn tag_invalidation() {
             .await
             .json::<Value>()
             .await
-            .unwrap(),
-        json!({"deleted": 1})
+            .unwrap()["deleted"],
+        json!(1)
     );
 }
 
@@ -560,13 +560,13 @@ async fn tag_invalidation_uses_the_index() {
             .await
             .json::<Value>()
             .await
-            .unwrap(),
-        json!({"deleted": 50})
+            .unwrap()["deleted"],
+        json!(50)
     );
     // The sidecar's own statement, as its connection sent it.
     let statement: String = sqlx::query_scalar(
         "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name = 'pgsidecar' AND query LIKE 'DELETE%tags &&%'",
+         AND application_name = 'pgsidecar' AND query LIKE '%DELETE FROM%tags &&%'",
     )
     .fetch_one(&mut sql)
     .await

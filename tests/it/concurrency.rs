@@ -501,8 +501,8 @@ async fn a_deadlock_victim_is_run_again_instead_of_failing() {
     let (status, body) = invalidation.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap(),
-        json!({"deleted": 2})
+        serde_json::from_str::<Value>(&body).unwrap()["deleted"],
+        json!(2)
     );
     // It did deadlock once (the first run failed), and was not answered 503 for it.
     let metrics = scrape(&s).await;

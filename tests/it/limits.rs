@@ -520,7 +520,7 @@ async fn an_mget_answer_is_bounded_and_names_the_keys_left_out() {
         .unwrap();
     assert_eq!(
         v,
-        json!({"hits": {"e": "v".repeat(1498)}, "misses": ["nope"]})
+        json!({"hits": {"e": "v".repeat(1498)}, "raw": {}, "misses": ["nope"]})
     );
 }
 
