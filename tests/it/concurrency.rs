@@ -490,9 +490,13 @@ async fn a_deadlock_victim_is_run_again_instead_of_failing() {
         .await
         .unwrap();
     wait_for_lock_wait(&mut watcher).await;
-    // Later than the invalidation began to wait, so its deadlock check (after
-    // deadlock_timeout, 1 s) comes first and it is the victim.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The backend whose deadlock check runs first (deadlock_timeout after it began to
+    // wait) is the victim. Timing alone decided that once and lost on a loaded CI
+    // machine, so this side postpones its own check far beyond the sidecar's (1 s).
+    sqlx::query("SET LOCAL deadlock_timeout = '60s'")
+        .execute(&mut other)
+        .await
+        .unwrap();
     sqlx::query("SELECT * FROM pgsidecar.cache WHERE key = 'b' FOR UPDATE")
         .execute(&mut other)
         .await
