@@ -400,7 +400,7 @@ pub async fn invalidate(State(s): State<AppState>, Body(body): Body) -> Result<R
     }
     let expire_seconds = match req.expire_seconds {
         None | Some(serde_json::Value::Null) => 0,
-        Some(v) => match v.as_u64() {
+        Some(v) => match super::json_integer(&v) {
             Some(n) if n <= MAX_TTL_SECONDS as u64 => n as u32,
             _ => {
                 return Err(ApiError::bad_request(
