@@ -15,13 +15,21 @@ cd "$(dirname "$0")/.."
 
 : "${DATABASE_URL:?DATABASE_URL must point at a PostgreSQL superuser (scripts/test.sh sets it)}"
 max_examples=${CONTRACT_MAX_EXAMPLES:-40}
-max_time=${CONTRACT_MAX_TIME:-150}
+max_time=${CONTRACT_MAX_TIME:-90}
 seed=${CONTRACT_SEED:-16}
 bin=${PGSIDECAR_BIN:-target/debug/pgsidecar}
 
 venv=.venv
 req=tests/contract/requirements.txt
 if ! cmp -s "$req" "$venv/.installed" 2>/dev/null; then
+  # Debian's python3 comes without venv and ensurepip (package python3-venv); a fresh CI
+  # machine may have no python3 at all.
+  if [ "$(id -u)" -eq 0 ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    echo "contract.sh: installing python3 and python3-venv (Debian packages)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends python3 python3-venv; } >&2
+  fi
+  rm -rf "$venv"
   echo "contract.sh: installing schemathesis into $venv" >&2
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$req" >&2
@@ -72,7 +80,7 @@ done
 # lambda descriptions hit CPython 3.11's thread-unsafe AST builder ("AST constructor recursion
 # depth mismatch", gh-106905), and one keeps the order of requests, so the run, repeatable.
 status=0
-"$venv/bin/schemathesis" --config-file tests/contract/schemathesis.toml run openapi.json \
+SCHEMATHESIS_HOOKS=tests/contract/hooks.py "$venv/bin/schemathesis" --config-file tests/contract/schemathesis.toml run openapi.json \
   --url "http://$data" \
   --checks all \
   --phases examples,coverage,fuzzing,stateful \
