@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fuzz targets for longer than scripts/test.sh runs them (ten seconds each there).
 #
-#   bench/fuzz.sh                 # every target 5 minutes (30 minutes in all)
+#   bench/fuzz.sh                 # every target 5 minutes (one per CPU: 15 minutes on two)
 #   bench/fuzz.sh 3600 config     # one target for an hour
 #   FUZZ_SANITIZER=address bench/fuzz.sh 600   # with AddressSanitizer (RUSTC_BOOTSTRAP=1)
 #
