@@ -11,6 +11,7 @@
 //! request can be read against what its HTTP layer takes by itself on the same machine.
 //!
 //!     cargo run --release --example http_floor -- 127.0.0.1:17072
+//!     cargo run --release --example http_floor -- unix:/tmp/floor.sock
 
 use std::time::Duration;
 
@@ -30,12 +31,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const SESSION: &str = r#"{"id":"0b7f6c3e-8f6a-4d8e-9a53-2f3c0c7c9d11","user_id":"user42","created_at":"2026-11-26T07:00:00.123456Z","updated_at":"2026-11-26T07:00:00.123456Z","expires_at":"2026-12-03T07:00:00.123456Z","ip_address":"127.0.0.1","user_agent":"Mozilla/5.0 (X11; Linux x86_64) pgsidecar-bench","data":{"role":"member"}}"#;
 
 fn main() {
-    let addr: std::net::SocketAddr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:17072".into())
-        .parse()
-        .expect("usage: http_floor HOST:PORT");
-    let listener = Listener::bind(&ListenAddr::Tcp(addr)).expect("bind");
+    // host:port, or unix:/path (the data API's unix socket, measured beside TCP).
+    let addr = ListenAddr::parse(
+        &std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "127.0.0.1:17072".into()),
+    )
+    .expect("usage: http_floor HOST:PORT | unix:/path");
+    let listener = Listener::bind(&addr).expect("bind");
     // The sidecar's default connection timers and grace, from its own default config.
     let defaults = Settings::load_from(None, &[]).expect("the default config");
     let timeouts = ConnTimeouts::from_settings(&defaults.server);

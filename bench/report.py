@@ -6,13 +6,18 @@ usage: report.py WORK_DIR RESULTS_DIR
 WORK_DIR holds what run.sh left:
   manifest.tsv   one line per measured run: round, tool, scenario, connections, raw output file,
                  extra (pgbench: its --log directory), then CPU clock ticks of the server and of
-                 Postgres and the load generator's CPU seconds during the run
+                 Postgres and the load generator's CPU seconds during the run, then (since issue
+                 17) the parser (wrk, oha, pgbench, redis) and the delay proxy's CPU ticks
+  raw/*.near     a near-cache sidecar's hit/miss/bypass counters before and after a run
+  fleet/         bench/coherence.rs's JSON: invalidation delay (idle, under load) and stampede
+  proxy_ping*.json  the delay proxy's measured added round trip
 With several rounds, every figure shown is the median over the rounds, and each ratio is the
 median of the per-round ratios (a sidecar run against the baseline runs next to it in time), with
 its range; the JSON keeps every round.
   meta.env       key=value lines: machine, versions, settings, sidecar memory
 Writes RESULTS_DIR/latest.json, RESULTS_DIR/<timestamp>.json, latest.txt (the printed tables) and
-latest.md (the main table in Markdown, for docs/performance.md).
+latest.md (the main table in Markdown, for docs/performance.md); a BENCH_QUICK run writes
+<timestamp>-quick.json and quick-latest.* instead, leaving the last full run's latest.* alone.
 """
 import glob
 import json
@@ -191,6 +196,55 @@ def parse_redis(path):
     }
 
 
+# --- oha ---------------------------------------------------------------------------------------
+
+
+def parse_oha(path):
+    """oha --output-format json: the JSON object after run.sh's "# command" line."""
+    text = open(path, encoding="utf-8", errors="replace").read()
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        j, _ = json.JSONDecoder().raw_decode(text[start:])
+    except ValueError:
+        return None
+    m = j.get("metrics", {})
+    lat = m.get("latency_ms", {})
+    codes = {k: int(v) for k, v in (j.get("statusCodeDistribution") or {}).items()}
+    errs = sum(int(v) for v in (j.get("errorDistribution") or {}).values())
+    non2xx = sum(v for k, v in codes.items() if not k.startswith("2"))
+    requests = sum(codes.values())
+    duration = (j.get("summary") or {}).get("total")
+    return {
+        # Completed answers per second (oha's own rate also counts failed requests).
+        "throughput_rps": requests / duration if duration else m.get("requests_per_sec"),
+        "p50_ms": lat.get("p50"),
+        "p99_ms": lat.get("p99"),
+        "requests": requests,
+        "duration_s": round(duration, 3) if duration else None,
+        "errors": errs + non2xx,
+        "non_2xx": non2xx,
+    }
+
+
+def parse_near(path):
+    """A near-cache sidecar's counters around one run: hit ratios of its two near caches."""
+    try:
+        v = [int(x) for x in open(path, encoding="utf-8").read().split()]
+    except (OSError, ValueError):
+        return None
+    if len(v) != 12:
+        return None
+    d = [b - a for a, b in zip(v[:6], v[6:])]
+    out = {}
+    for name, (hit, miss, bypass) in (("cache", d[0:3]), ("sessions", d[3:6])):
+        total = hit + miss + bypass
+        out[name] = {"hit": hit, "miss": miss, "bypass": bypass,
+                     "hit_ratio": hit / total if total else None}
+    return out
+
+
 # --- assembling ----------------------------------------------------------------------------------
 
 
@@ -219,7 +273,7 @@ def median(values):
 # Figures that are summarized as the median over the rounds.
 MEDIAN_KEYS = ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_us_per_request",
                "postgres_cpu_us_per_request", "client_cpu_us_per_request",
-               "p50_raw_ms", "p99_raw_ms", "max_ms")
+               "p50_raw_ms", "p99_raw_ms", "max_ms", "proxy_cpu_us_per_request", "near_hit_ratio")
 
 
 def summarize(rounds):
@@ -259,8 +313,8 @@ def fmt_ratio(v, width=6):
     return ((f"{v:.2f}x") if v is not None else "n/a").rjust(width)
 
 
-def markdown(record):
-    """The main table as Markdown, for the bench-table block of docs/performance.md."""
+def markdown(record, runs=None):
+    """The main tables as Markdown, for the bench-table block of docs/performance.md."""
 
     def trio(r):
         if not r:
@@ -301,6 +355,57 @@ def markdown(record):
     if rounds > 1:
         lines[-1] += (" A ratio is the median of the per-round ratios (each sidecar run against the"
                       " baseline runs next to it), so it can differ from the quotient of the medians shown.")
+    runs = runs or {}
+
+    def cell(key3):
+        return trio(runs.get(key3))
+
+    conns_all = sorted({k[1] for k in runs if k[0] != "ping"})
+    if any(k[2] == "near" for k in runs):
+        lines += ["", "Near cache on (filled before each run), local PostgreSQL:", "",
+                  "| scenario | conn | near cache | hits | near/defaults req/s | near/pgbench | near/Redis |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        for c in conns_all:
+            for scen, label in (("cache_get", "cache GET"), ("session_get", "session validate")):
+                n = runs.get((scen, c, "near"))
+                if not n:
+                    continue
+                rs = [ratio_cell(per_round(n, runs.get((scen, c, t)), "throughput_rps", "ratio"), 0) for t in ("sidecar", "pgbench", "redis")]
+                lines.append(f"| {label} | {c} | {cell((scen, c, 'near'))} | {pct(n.get('near_hit_ratio'))} | {' | '.join(rs)} |")
+    if any(k[2].startswith("oha_") for k in runs):
+        lines += ["", "Cache GET with oha, over TCP and over the unix socket:", "",
+                  "| server | conn | TCP | unix socket | unix/TCP p50 |", "|---|---:|---|---|---:|"]
+        for c in conns_all:
+            for who, label in (("sidecar", "sidecar (defaults)"), ("near", "sidecar, near cache"), ("floor", "HTTP floor")):
+                t, u = runs.get(("cache_get", c, f"oha_{who}_tcp")), runs.get(("cache_get", c, f"oha_{who}_unix"))
+                if t or u:
+                    lines.append(f"| {label} | {c} | {trio(t)} | {trio(u)} | {ratio_cell(per_round(u, t, 'p50_ms', 'ratio'), 0)} |")
+    if any(k[2].startswith("remote") for k in runs):
+        px = record.get("proxy") or {}
+        pp = px.get("proxy_ping") or {}
+        lines += ["", f"Remote mode (PostgreSQL through the delay proxy, {px.get('delay_us_asked')} µs each way"
+                  + (f"; measured added round trip p50 {pp['added_p50_us']:.0f} µs, p99 {pp['added_p99_us']:.0f} µs" if pp else "")
+                  + "), sidecar and pgbench alike:", "",
+                  "| scenario | conn | sidecar | pgbench | near cache | sidecar/pgbench req/s | proxy CPU µs/req (sidecar / pgbench) |",
+                  "|---|---:|---|---|---|---:|---:|"]
+        for c in conns_all:
+            for scen, label in SCENARIOS:
+                sc, pg = runs.get((scen, c, "remote")), runs.get((scen, c, "remote_pgbench"))
+                if not sc and not pg:
+                    continue
+                lines.append(f"| {label} | {c} | {trio(sc)} | {trio(pg)} | {cell((scen, c, 'remote_near'))} |"
+                             f" {ratio_cell(per_round(sc, pg, 'throughput_rps', 'ratio'), 0)} |"
+                             f" {fmt((sc or {}).get('proxy_cpu_us_per_request'), '.1f', 0)} / {fmt((pg or {}).get('proxy_cpu_us_per_request'), '.1f', 0)} |")
+    coh = record.get("coherence") or {}
+    if coh:
+        lines += ["", "Across sidecars with the near cache on:", ""]
+        lines += ["- " + l.strip() for l in coherence_lines(coh)[1:-1]]
+    t17 = [t for t in record.get("targets", []) if t.get("issue") == "issue 17"]
+    if t17:
+        lines += ["", "| target (issue 17) | goal | result | measured |", "|---|---|---|---|"]
+        for t in t17:
+            status = "not measured" if t["met"] is None else ("met" if t["met"] else "**MISSED**")
+            lines.append(f"| {t['target']} | {t['goal']} | {status} | {t['measured']} |")
     return "\n".join(lines).rstrip()
 
 
@@ -324,18 +429,267 @@ def floor_table(rows):
     return out
 
 
+# --- issue 17: near cache, unix socket, remote database, coherence --------------------------------
+
+
+def per_round(a, b, key, op):
+    """op(a, b) of one figure per round, for the rounds both runs completed."""
+    if not a or not b:
+        return []
+    bs = {r["round"]: r.get(key) for r in b["rounds"]}
+    out = []
+    for r in a["rounds"]:
+        x, y = r.get(key), bs.get(r["round"])
+        if x is not None and y is not None and (op != "ratio" or y):
+            out.append(x / y if op == "ratio" else x - y)
+    return out
+
+
+def cells3(r, w=9):
+    """req/s, p50, p99 of one summarized run."""
+    if not r:
+        return f"{'n/a':>{w}} {'n/a':>8} {'n/a':>8}"
+    flag = "!" if r.get("errors") else " "
+    return f"{fmt_rps(r.get('throughput_rps'), w - 1)}{flag} {fmt(r.get('p50_ms'), '.3f', 8)} {fmt(r.get('p99_ms'), '.3f', 8)}"
+
+
+def ratio_cell(vals, w=7):
+    return fmt_ratio(median(vals), w) if vals else "n/a".rjust(w)
+
+
+def pct(v):
+    return f"{v * 100:.1f}%" if v is not None else "n/a"
+
+
+def near_table(runs, conn_list):
+    """The near cache on (local database) beside the defaults, pgbench and Redis."""
+    out = ["Near cache on (cache.near and sessions.near, filled before each run; local PostgreSQL), wrk over TCP:"]
+    h = (f"{'scenario':<17}{'conn':>4} | {'near req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'hits':>6} {'CPU µs/r':>8} |"
+         f" {'/defaults':>9} {'/pgbench':>8} {'/Redis':>7} | {'p50 - floor':>11}")
+    out += [h, "-" * len(h)]
+    for conns in conn_list:
+        for scen, label in (("cache_get", "cache GET"), ("session_get", "session validate")):
+            n = runs.get((scen, conns, "near"))
+            if not n:
+                continue
+            sc, pg, rd, fl = (runs.get((scen, conns, t)) for t in ("sidecar", "pgbench", "redis", "floor"))
+            over_floor = (n["p50_ms"] - fl["p50_ms"]) if fl and n.get("p50_ms") is not None and fl.get("p50_ms") is not None else None
+            out.append(
+                f"{label:<17}{conns:>4} | {cells3(n)} {pct(n.get('near_hit_ratio')):>6} {fmt(n.get('server_cpu_us_per_request'), '.1f', 8)} |"
+                f" {ratio_cell(per_round(n, sc, 'throughput_rps', 'ratio'), 9)} {ratio_cell(per_round(n, pg, 'throughput_rps', 'ratio'), 8)}"
+                f" {ratio_cell(per_round(n, rd, 'throughput_rps', 'ratio'))} | {fmt(over_floor, '+.3f', 11)}"
+            )
+    out += ["  hits: the near cache's hit ratio during the measured runs (from its metrics); ratios are req/s, per round,"
+            " median; p50 - floor: the near cache's p50 minus the HTTP floor's (wrk, same scenario).", ""]
+    return out
+
+
+def unix_table(runs, conn_list):
+    """oha's cache GETs over TCP and over the data API's unix socket."""
+    out = ["Cache GET with oha over TCP and over the unix socket (the same load generator both ways):"]
+    h = (f"{'server':<22}{'conn':>4} | {'TCP req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/r':>8} |"
+         f" {'unix req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/r':>8} | {'unix/TCP':>8} {'p50':>7}")
+    out += [h, "-" * len(h)]
+    for conns in conn_list:
+        for who, label in (("sidecar", "sidecar (defaults)"), ("near", "sidecar, near cache"), ("floor", "HTTP floor")):
+            t, u = runs.get(("cache_get", conns, f"oha_{who}_tcp")), runs.get(("cache_get", conns, f"oha_{who}_unix"))
+            if not t and not u:
+                continue
+            extra = f" hits {pct(u.get('near_hit_ratio'))}" if u and u.get("near_hit_ratio") is not None else ""
+            out.append(
+                f"{label:<22}{conns:>4} | {cells3(t)} {fmt((t or {}).get('server_cpu_us_per_request'), '.1f', 8)} |"
+                f" {cells3(u)} {fmt((u or {}).get('server_cpu_us_per_request'), '.1f', 8)} |"
+                f" {ratio_cell(per_round(u, t, 'throughput_rps', 'ratio'), 8)} {ratio_cell(per_round(u, t, 'p50_ms', 'ratio'))}{extra}"
+            )
+    out.append("")
+    return out
+
+
+def remote_table(runs, conn_list, meta):
+    """Remote mode: PostgreSQL through the delay proxy, for the sidecar and pgbench alike."""
+    ping = {}
+    for k in ("proxy_ping_nominal", "proxy_ping", "proxy_ping_after"):
+        try:
+            ping[k] = json.loads(meta.get(k) or "null")
+        except ValueError:
+            ping[k] = None
+    p = ping.get("proxy_ping") or {}
+    pd, pr = runs.get(("ping", 1, "pgbench")), runs.get(("ping", 1, "remote_pgbench"))
+    added = (pr["p50_ms"] - pd["p50_ms"]) if pd and pr and pr.get("p50_ms") is not None and pd.get("p50_ms") is not None else None
+    out = [f"Remote mode: PostgreSQL through bench/delay_proxy.rs ({meta.get('proxy_delay_us_asked', '?')} µs each way asked,"
+           f" {meta.get('proxy_delay_us_set', '?')} µs set, {meta.get('proxy_threads', '?')} thread(s)); pgbench and the sidecar both through it."]
+    if p:
+        after = ping.get("proxy_ping_after") or {}
+        asked = 2 * int(meta.get("proxy_delay_us_asked") or 0)
+        out.append(f"  proxy ping (64-byte echo, {p.get('count')} round trips): added p50 {p['added_p50_us']:.0f} µs,"
+                   f" p99 {p['added_p99_us']:.0f} µs (asked {asked}); after the run: "
+                   + (f"p50 {after['added_p50_us']:.0f}, p99 {after['added_p99_us']:.0f} µs" if after else "n/a"))
+    if pd and pr:
+        out.append(f"  pgbench SELECT 1 @1: p50 {pd['p50_ms']:.3f} ms direct, {pr['p50_ms']:.3f} ms through the proxy"
+                   f" (+{added:.3f} ms); proxy CPU {fmt(pr.get('proxy_cpu_us_per_request'), '.1f', 0)} µs per query")
+    h = (f"{'scenario':<17}{'conn':>4} | {'sidecar req/s':>13} {'p50 ms':>8} {'p99 ms':>8} {'proxy':>6} |"
+         f" {'pgbench req/s':>13} {'p50 ms':>8} {'p99 ms':>8} {'proxy':>6} | {'near req/s':>10} {'p50 ms':>8} {'p99 ms':>8} |"
+         f" {'sc/pgb':>7} {'range':>9} {'near/pgb':>8}")
+    out += [h, "-" * len(h)]
+    for conns in conn_list:
+        for scen, label in SCENARIOS:
+            sc, pg, nr = (runs.get((scen, conns, t)) for t in ("remote", "remote_pgbench", "remote_near"))
+            if not sc and not pg:
+                continue
+            rr = per_round(sc, pg, "throughput_rps", "ratio")
+            out.append(
+                f"{label:<17}{conns:>4} | {cells3(sc, 13)} {fmt((sc or {}).get('proxy_cpu_us_per_request'), '.1f', 6)} |"
+                f" {cells3(pg, 13)} {fmt((pg or {}).get('proxy_cpu_us_per_request'), '.1f', 6)} | {cells3(nr, 10)} |"
+                f" {ratio_cell(rr)} {fmt_range(rr):>9} {ratio_cell(per_round(nr, pg, 'throughput_rps', 'ratio'), 8)}"
+            )
+    out += ["  proxy: the delay proxy's CPU µs per request (sidecar: per HTTP request; its batches share round trips).", ""]
+    return out
+
+
+def load_coherence(work):
+    """bench/coherence.rs's results, per mode: delay idle / under load, stampede with and without leases."""
+    d = os.path.join(work, "fleet")
+    res = {}
+    for mode in ("local", "remote"):
+        m = {}
+        for name in ("delay_%s_idle", "delay_%s_load", "stampede_%s_lease", "stampede_%s_plain", "load_%s_window"):
+            f = os.path.join(d, name % mode + ".json")
+            try:
+                m[name.split("_%s_")[0] + "_" + name.split("_%s_")[1]] = json.load(open(f, encoding="utf-8"))
+            except (OSError, ValueError):
+                pass
+        for kind in ("get", "put"):
+            f = os.path.join(d, f"load_{mode}_{kind}.txt")
+            if os.path.exists(f):
+                m[f"load_{kind}"] = parse_wrk(f)
+        if m:
+            res[mode] = m
+    return res
+
+
+def coherence_lines(coh):
+    out = ["Across sidecars with the near cache on (bench/coherence.rs): invalidation delay and stampede."]
+    for mode, m in coh.items():
+        for label in ("idle", "load"):
+            d = m.get(f"delay_{label}")
+            if not d:
+                continue
+            up, lo = d["delay_upper"], d["delay_lower"]
+            txt = (f"  {mode:<6} delay {label:<4}: p50 {fmt(up['p50_ms'], '.2f', 0)} / p99 {fmt(up['p99_ms'], '.2f', 0)}"
+                   f" / max {fmt(up['max_ms'], '.2f', 0)} ms (lower bound p50 {fmt(lo['p50_ms'], '.2f', 0)}, p99 {fmt(lo['p99_ms'], '.2f', 0)});"
+                   f" {d['measured']} samples, {d['timeouts']} timeouts, {d['not_cached_on_reader']} not cached on B,"
+                   f" first read already new in {d['first_read_already_new']}")
+            if label == "load":
+                g, pu = m.get("load_get") or {}, m.get("load_put") or {}
+                txt += (f"; load meanwhile: {fmt_rps(g.get('throughput_rps'), 0)} GET/s on B (p99 {fmt(g.get('p99_ms'), '.2f', 0)} ms),"
+                        f" {fmt_rps(pu.get('throughput_rps'), 0)} PUT/s on A (p99 {fmt(pu.get('p99_ms'), '.2f', 0)} ms)")
+            out.append(txt)
+        for label in ("lease", "plain"):
+            st = m.get(f"stampede_{label}")
+            if not st:
+                continue
+            out.append(f"  {mode:<6} stampede {label:<5}: {st['callers']} callers over {st['sidecars']} sidecars, fetcher {st['fetch_ms']} ms:"
+                       f" fetches per trial {st['fetches_per_trial']}; outcomes {json.dumps(st['outcomes'])}; errors {st['errors']};"
+                       f" latency p50 {fmt(st['latency']['p50_ms'], '.1f', 0)} / p99 {fmt(st['latency']['p99_ms'], '.1f', 0)} ms")
+    out += ["  delay: from A's write acknowledged to the end of the first read on B that returned the new value (upper"
+            " bound); lower bound: to the start of the last read that returned the old one.", ""]
+    return out
+
+
+def issue17_targets(runs, meta, coh, target):
+    """The targets of issue 17, each met / MISSED / not measured."""
+    def rr(a, b, key="throughput_rps", op="ratio"):
+        return per_round(runs.get(a), runs.get(b), key, op)
+
+    def ratio_text(v):
+        return fmt_ratio(median(v), 0) + (f" (rounds {fmt_range(v)})" if len(v) > 1 else "") if v else "n/a"
+
+    def med(key3, key):
+        r = runs.get(key3)
+        return r.get(key) if r else None
+
+    v = rr(("cache_get", 64, "near"), ("cache_get", 64, "redis"))
+    target("near: cache GET @64 vs Redis GET", ">= 1.30x", ratio_text(v), median(v) >= 1.3 if v else None)
+    n1, f1 = med(("cache_get", 1, "near"), "p50_ms"), med(("cache_get", 1, "floor"), "p50_ms")
+    target("near: cache GET @1 p50 vs the floor's", "<= floor + 0.005 ms",
+           f"{n1:.3f} ms vs floor {f1:.3f} ms ({n1 - f1:+.3f})" if n1 is not None and f1 is not None else "n/a",
+           n1 <= f1 + 0.005 if n1 is not None and f1 is not None else None)
+    u1, p1 = med(("cache_get", 1, "oha_near_unix"), "p50_ms"), med(("cache_get", 1, "pgbench"), "p50_ms")
+    target("near: unix socket GET @1 p50 vs pgbench (TCP)", "<= 0.70x",
+           f"{u1:.3f} ms vs pgbench {p1:.3f} ms ({u1 / p1:.2f}x)" if u1 is not None and p1 else "n/a",
+           u1 <= 0.7 * p1 if u1 is not None and p1 else None)
+    rn, rp, rs = (med(("cache_get", 1, t), "p50_ms") for t in ("remote_near", "remote_pgbench", "remote"))
+    target("remote: near GET @1 p50 vs pgbench's", "<= 0.20x",
+           f"{rn:.3f} ms vs pgbench {rp:.3f} ms ({rn / rp:.2f}x)" if rn is not None and rp else "n/a",
+           rn <= rp / 5 if rn is not None and rp else None)
+    target("remote: GET @1 p50 (near off) vs pgbench + floor", "<= pgbench + floor",
+           f"{rs:.3f} ms vs {rp:.3f} + {f1:.3f} = {rp + f1:.3f} ms" if None not in (rs, rp, f1) else "n/a",
+           rs <= rp + f1 if None not in (rs, rp, f1) else None)
+    for scen, label in SCENARIOS:
+        v = rr((scen, 64, "remote"), (scen, 64, "remote_pgbench"))
+        target(f"remote: {label} @64 vs pgbench", ">= 2.00x", ratio_text(v), median(v) >= 2 if v else None)
+    for scen, label, conns, need in (("cache_get", "cache GET", 64, 2), ("session_get", "session validation", 64, 2),
+                                     ("cache_put", "cache PUT", 64, 4), ("cache_get", "cache GET", 1, 8),
+                                     ("session_get", "session validation", 1, 8)):
+        v = rr((scen, conns, "sidecar"), (scen, conns, "floor"), "server_cpu_us_per_request", "diff")
+        sc, fl = med((scen, conns, "sidecar"), "server_cpu_us_per_request"), med((scen, conns, "floor"), "server_cpu_us_per_request")
+        target(f"defaults: CPU above the floor, {label} @{conns}", f"<= {need} µs",
+               (f"{median(v):+.1f} µs ({sc:.1f} - {fl:.1f})" + (f", rounds {min(v):+.1f} to {max(v):+.1f}" if len(v) > 1 else ""))
+               if v else "n/a", median(v) <= need if v else None)
+    for mode, m in coh.items():
+        st = m.get("stampede_lease")
+        target(f"stampede ({mode}): fetcher runs per trial", "1 in every trial",
+               f"{st['fetches_per_trial']} ({st['callers']} callers, {st['sidecars']} sidecars)" if st else "n/a",
+               (st["fetches_max"] == 1 and st["trials_with_one_fetch"] == st["trials"] and not st["errors"]) if st else None)
+        for label, need in (("idle", 5), ("load", 50)):
+            d = m.get(f"delay_{label}")
+            p99 = d["delay_upper"]["p99_ms"] if d else None
+            target(f"invalidation delay ({mode}, {label}) p99", f"<= {need} ms",
+                   f"{p99:.2f} ms (p50 {d['delay_upper']['p50_ms']:.2f}, max {d['delay_upper']['max_ms']:.2f}, {d['timeouts']} timeouts)"
+                   if p99 is not None else "n/a", (p99 <= need and not d["timeouts"]) if p99 is not None else None)
+    # Each near-cache sidecar against 30 MiB plus what its near caches may hold (cache.near.max_bytes
+    # + sessions.near.max_bytes, both on): the fleet's keep the shipped sizes and are filled past them.
+    checks = []
+    for k, v in meta.items():
+        if k.startswith("near_bytes_") and v.isdigit():
+            name = k[len("near_bytes_"):]
+            kib = meta.get(f"peak_rss_kib_{name}", "")
+            if kib.isdigit():
+                limit = 30 + int(v) / 1048576
+                held = meta.get(f"near_held_bytes_{name}", "")
+                held = int(held) / 1048576 if held.isdigit() else None
+                checks.append((int(kib) / 1024 - limit, name, int(kib) / 1024, limit, held))
+    if checks:
+        worst = max(checks)
+        # held: what pgsidecar_near_cache_bytes said at the end (the entries as the sidecar counts them).
+        target("near: peak RSS vs 30 MiB + near max_bytes", "<= 30 MiB + max_bytes",
+               f"worst: {worst[1]} {worst[2]:.1f} MiB of {worst[3]:.0f}"
+               + (f" (near caches held {worst[4]:.1f} MiB)" if worst[4] is not None else "") + "; "
+               + ", ".join(f"{n} {r:.1f}/{lim:.0f}" + (f" held {h:.0f}" if h is not None else "")
+                           for _, n, r, lim, h in sorted(checks, key=lambda c: c[1])),
+               worst[0] <= 0)
+    else:
+        target("near: peak RSS", "<= 30 MiB + max_bytes", "n/a", None)
+
+
 def main():
     work, results_dir = sys.argv[1], sys.argv[2]
     meta = read_meta(os.path.join(work, "meta.env"))
     clk_tck = int(meta.get("clk_tck", "100"))
     rounds_by_run = {}
     for line in open(os.path.join(work, "manifest.tsv"), encoding="utf-8"):
-        rnd, tool, scen, conns, raw, extra, server_ticks, pg_ticks, client_s = line.rstrip("\n").split("\t")
+        cols = line.rstrip("\n").split("\t")
+        rnd, tool, scen, conns, raw, extra, server_ticks, pg_ticks, client_s = cols[:9]
+        # Manifests before issue 17 have no parser or proxy column: the tool names the parser.
+        parser = cols[9] if len(cols) > 9 else {"sidecar": "wrk", "floor": "wrk"}.get(tool, tool)
+        proxy_ticks = cols[10] if len(cols) > 10 else "-"
         conns = int(conns)
-        if tool in ("sidecar", "floor"):
+        if parser == "wrk":
             r = parse_wrk(raw)
-        elif tool == "pgbench":
+        elif parser == "pgbench":
             r = parse_pgbench(raw, extra)
+        elif parser == "oha":
+            r = parse_oha(raw)
         else:
             r = parse_redis(raw)
         if r is None:
@@ -346,9 +700,16 @@ def main():
             if server_ticks != "-":
                 r["server_cpu_seconds"] = int(server_ticks) / clk_tck
                 r["server_cpu_us_per_request"] = per_req(r["server_cpu_seconds"])
-            if tool in ("sidecar", "pgbench"):
+            if parser in ("wrk", "oha", "pgbench") and not tool.startswith(("floor", "oha_floor")):
                 r["postgres_cpu_us_per_request"] = per_req(int(pg_ticks) / clk_tck)
             r["client_cpu_us_per_request"] = per_req(float(client_s))
+            if proxy_ticks != "-" and tool.startswith("remote"):
+                r["proxy_cpu_us_per_request"] = per_req(int(proxy_ticks) / clk_tck)
+        if r is not None and os.path.exists(raw + ".near"):
+            r["near"] = parse_near(raw + ".near")
+            kind = "sessions" if scen == "session_get" else "cache"
+            if r["near"]:
+                r["near_hit_ratio"] = r["near"][kind]["hit_ratio"]
         if r is not None:
             r["round"] = int(rnd)
             rounds_by_run.setdefault((scen, conns, tool), []).append(r)
@@ -455,6 +816,15 @@ def main():
     # The HTTP floor's own figures, beside the sidecar's (older work directories have none).
     if any(e["http_floor"] for e in rows):
         out += floor_table(rows)
+    if any(k[2] == "near" for k in runs):
+        out += near_table(runs, conn_list)
+    if any(k[2].startswith("oha_") for k in runs):
+        out += unix_table(runs, conn_list)
+    if any(k[2].startswith("remote") for k in runs):
+        out += remote_table(runs, sorted({k[1] for k in runs if k[2].startswith("remote") and k[0] != "ping"}), meta)
+    coh = load_coherence(work)
+    if coh:
+        out += coherence_lines(coh)
 
     peak_kib = int(meta["sidecar_peak_rss_kib"]) if meta.get("sidecar_peak_rss_kib", "").isdigit() else None
     peak_mib = peak_kib / 1024 if peak_kib is not None else None
@@ -498,11 +868,14 @@ def main():
 
     # --- the issue's targets ---
     targets = []
+    group = ["issue 17"]
 
     def target(name, goal, measured_text, met, stretch=False):
         targets.append({"target": name, "goal": goal, "measured": measured_text,
-                        "met": met, "stretch": stretch})
+                        "met": met, "stretch": stretch, "issue": group[0]})
 
+    issue17_targets(runs, meta, coh, target)
+    group[0] = "earlier"
     for scen, label, need in (("cache_get", "cache GET", 1.3), ("session_get", "session validation", 1.3),
                               ("cache_put", "cache PUT", 1.5)):
         e = next((e for e in rows if e["scenario"] == scen and e["connections"] == 64), None)
@@ -538,11 +911,16 @@ def main():
     r = e["ratios"]["sidecar_over_redis_throughput"] if e else None
     target("stretch: cache GET @64 throughput vs Redis GET", ">= 1.00x", fmt_ratio(r, 0), None if r is None else r >= 1.0, True)
 
-    out.append("targets (from the issue; a benchmark reports, it does not fail):")
     w = max(len(t["target"]) for t in targets)
-    for t in targets:
-        status = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        out.append(f"  {t['target']:<{w}}  {t['goal']:<22}  {status:<12}  {t['measured']}")
+    for g, title in (("issue 17", "targets of issue 17 (a benchmark reports, it does not fail):"),
+                     ("earlier", "targets of the earlier issues:")):
+        out.append(title)
+        for t in targets:
+            if t["issue"] != g:
+                continue
+            status = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")
+            out.append(f"  {t['target']:<{w}}  {t['goal']:<22}  {status:<12}  {t['measured']}")
+        out.append("")
 
     text = "\n".join(out)
     print(text)
@@ -567,6 +945,7 @@ def main():
             "postgres_full": meta.get("pg_version_full"),
             "redis": meta.get("redis_version"),
             "wrk": meta.get("wrk_version"),
+            "oha": meta.get("oha_version"),
             "pgbench": meta.get("pgbench_version"),
             "sidecar_commit": meta.get("git_commit"),
             "sidecar_binary_sha256": meta.get("sidecar_sha256"),
@@ -580,21 +959,34 @@ def main():
             "batch_settings": meta.get("sidecar_batch") or None,
         },
         "scenarios": rows,
+        # Every run of issue 17's tools (near, oha_*, remote*, ping), keyed "scenario@conns/tool".
+        "runs": {f"{k[0]}@{k[1]}/{k[2]}": v for k, v in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2]))
+                 if k[2] not in TOOLS + ("floor",)},
+        "modes": meta.get("modes"),
+        "near": {"enabled": meta.get("near") == "1", "max_bytes": int(meta.get("near_max_bytes") or 0)},
+        "proxy": {"delay_us_asked": meta.get("proxy_delay_us_asked"), "delay_us_set": meta.get("proxy_delay_us_set"),
+                  "threads": meta.get("proxy_threads"),
+                  **{k: json.loads(meta[k]) for k in ("proxy_ping_nominal", "proxy_ping", "proxy_ping_after")
+                     if meta.get(k, "").startswith("{")}},
+        "peak_rss_kib": {k[len("peak_rss_kib_"):]: int(v) for k, v in meta.items() if k.startswith("peak_rss_kib_") and v.isdigit()},
+        "coherence": coh,
         "targets": targets,
         "notes": notes,
     }
     os.makedirs(results_dir, exist_ok=True)
     stamp = re.sub(r"[^0-9A-Za-z]", "", meta.get("timestamp", "unknown"))
     name = stamp + ("-quick" if record["quick"] else "") + ".json"
-    for path in (os.path.join(results_dir, name), os.path.join(results_dir, "latest.json")):
+    # A smoke run (BENCH_QUICK) does not replace the last full run's latest.*: quick-latest.*.
+    latest = "quick-latest" if record["quick"] else "latest"
+    for path in (os.path.join(results_dir, name), os.path.join(results_dir, latest + ".json")):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, ensure_ascii=False)
             f.write("\n")
-    with open(os.path.join(results_dir, "latest.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(results_dir, latest + ".txt"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
-    with open(os.path.join(results_dir, "latest.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(record) + "\n")
-    print(f"\nwritten: {os.path.join(results_dir, name)} and latest.json, latest.txt, latest.md", file=sys.stderr)
+    with open(os.path.join(results_dir, latest + ".md"), "w", encoding="utf-8") as f:
+        f.write(markdown(record, runs) + "\n")
+    print(f"\nwritten: {os.path.join(results_dir, name)} and {latest}.json, {latest}.txt, {latest}.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,13 @@ cargo test --quiet -- --test-threads "${TEST_THREADS:-4}" "$@"
 # The TypeScript client and the Next.js/BetterAuth end-to-end test, against the binary built above.
 scripts/test-typescript.sh
 
-# With test names given, only those run (the contract test and the fuzzers are for a full run).
+# With test names given, only those run (the deployment check, the contract test and the
+# fuzzers are for a full run).
 if [ $# -eq 0 ]; then
+  # The deployment snippets of docs/deploy.md against the Kubernetes and Compose schemas and
+  # promtool (about 20 s the first time: a venv of pinned PyPI packages).
+  scripts/deploy-check.sh
+
   # The contract test: schemathesis drives every route of openapi.json against the binary just
   # built (docs/fuzzing.md). About two minutes.
   step=$SECONDS

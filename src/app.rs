@@ -15,6 +15,7 @@ use crate::http::{Guard, LaneRx, Listener, serve};
 use crate::ops::health::{Health, Prober};
 use crate::ops::{self, OpsState};
 use crate::shutdown::{self, Lifecycle};
+use crate::store::notify::Notifier;
 use crate::store::{DbError, DbStatus, Store, cleanup};
 
 /// A sidecar with its listeners bound but nothing running yet.
@@ -116,8 +117,11 @@ impl Application {
         }
         let guard = Guard::new(&settings.server);
         let answers = crate::api::AnswerBudget::new(&settings.server);
+        // The near caches, the change feed and the lease waiters: one for the process.
+        let notifier = Arc::new(Notifier::new(&settings));
         let store = Store::with_status(&settings.for_data_thread(0, threads), status.clone())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_notifier(notifier.clone());
         let (first_lane, first_rx) = crate::http::lane();
         let mut lanes = vec![first_lane];
         let mut stores = vec![store.clone()];
@@ -129,6 +133,7 @@ impl Application {
             let thread = DataThread {
                 settings: settings.for_data_thread(i, threads),
                 status: status.clone(),
+                notifier: notifier.clone(),
                 guard: guard.clone(),
                 answers: answers.clone(),
                 lifecycle: lifecycle.clone(),
@@ -167,6 +172,15 @@ impl Application {
             health.clone(),
         ))];
         tasks.push(tokio::spawn(keep_warm(store.clone(), lifecycle.clone())));
+        match settings.listen_url() {
+            Ok(_) => tasks.push(tokio::spawn(crate::store::listen::run(
+                store.clone(),
+                notifier.clone(),
+                settings.clone(),
+                lifecycle.clone(),
+            ))),
+            Err(why) => tracing::warn!("{why}"),
+        }
         tasks.push(tokio::spawn(ops::health::watch_postgres(
             store.clone(),
             health.clone(),
@@ -244,6 +258,7 @@ impl Application {
             settings.clone(),
             guard,
             answers,
+            lifecycle.clone(),
         ));
 
         // Wait for a signal (or a stop from the embedding code, e.g. a test).
@@ -339,9 +354,10 @@ async fn serve_data(
     settings: Settings,
     guard: Guard,
     answers: crate::api::AnswerBudget,
+    lifecycle: Lifecycle,
 ) {
     let app = crate::http::edge(
-        crate::api::router(store, &settings, answers),
+        crate::api::router(store, &settings, answers, lifecycle),
         "data",
         crate::api::route_table().into_iter().map(|(_, path)| path),
         Some(guard),
@@ -367,6 +383,7 @@ async fn serve_data(
 struct DataThread {
     settings: Settings,
     status: Arc<DbStatus>,
+    notifier: Arc<Notifier>,
     guard: Guard,
     answers: crate::api::AnswerBudget,
     lifecycle: Lifecycle,
@@ -387,6 +404,7 @@ impl DataThread {
         let Self {
             settings,
             status,
+            notifier,
             guard,
             answers,
             lifecycle,
@@ -395,15 +413,15 @@ impl DataThread {
         rt.block_on(async move {
             // Built here: the pool's connections and the batchers belong to this runtime.
             let store = match Store::with_status(&settings, status) {
-                Ok(s) => s,
+                Ok(s) => s.with_notifier(notifier),
                 Err(e) => {
                     let _ = started.send(Err(e.to_string()));
                     return;
                 }
             };
             let _ = started.send(Ok(store.clone()));
-            let warm = tokio::spawn(keep_warm(store.clone(), lifecycle));
-            serve_data(lane, store.clone(), settings, guard, answers).await;
+            let warm = tokio::spawn(keep_warm(store.clone(), lifecycle.clone()));
+            serve_data(lane, store.clone(), settings, guard, answers, lifecycle).await;
             warm.abort();
             close(store).await;
         });

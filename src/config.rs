@@ -253,6 +253,7 @@ pub struct Settings {
     pub sessions: SessionSettings,
     pub cache: CacheSettings,
     pub cleanup: CleanupSettings,
+    pub events: EventsSettings,
     pub health: HealthSettings,
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
@@ -299,6 +300,9 @@ pub struct DatabaseSettings {
     pub pooler_prepared_statements: bool,
     /// A pooled connection is closed after this long (0 = never).
     pub max_lifetime_seconds: u64,
+    /// The URL of the one listening connection (LISTEN needs a session); empty: `url`, except
+    /// behind a transaction-mode pooler, where notifications are then off.
+    pub listen_url: DatabaseUrl,
 }
 
 impl DatabaseSettings {
@@ -338,6 +342,34 @@ pub struct SessionSettings {
     pub max_data_bytes: usize,
     pub max_per_user: u32,
     pub max_list_bytes: usize,
+    pub near: NearSessionSettings,
+}
+
+/// `sessions.near`: validations answered from the sidecar's memory.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NearSessionSettings {
+    pub enabled: bool,
+    pub max_bytes: u64,
+}
+
+/// `cache.near`: cache reads answered from the sidecar's memory.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NearCacheSettings {
+    pub enabled: bool,
+    pub max_bytes: u64,
+    /// Past this since the last heartbeat that arrived was sent, both near caches are emptied
+    /// and bypassed.
+    pub max_staleness_ms: u64,
+}
+
+/// `events`: the change feed (`GET /v1/events`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    pub max_subscribers: usize,
+    pub queue_events: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -347,6 +379,7 @@ pub struct CacheSettings {
     pub max_value_bytes: usize,
     pub max_bytes: u64,
     pub max_mget_bytes: usize,
+    pub near: NearCacheSettings,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -437,12 +470,13 @@ impl DatabaseSettings {
 }
 
 /// Keys whose environment values are taken verbatim, never parsed as numbers or lists.
-const TEXT_KEYS: [&str; 8] = [
+const TEXT_KEYS: [&str; 9] = [
     "server.auth_token",
     "server.data_listen",
     "server.ops_listen",
     "database.url",
     "database.migrate_url",
+    "database.listen_url",
     "database.schema",
     "log.level",
     "log.access",
@@ -613,6 +647,18 @@ impl Settings {
                 "must be empty or a PostgreSQL URL (postgres:// or postgresql://)",
             ));
         }
+        let listen_url = d.listen_url.expose();
+        if !listen_url.is_empty()
+            && (!(listen_url.starts_with("postgres://") || listen_url.starts_with("postgresql://"))
+                || listen_url
+                    .parse::<sqlx::postgres::PgConnectOptions>()
+                    .is_err())
+        {
+            return Err(ConfigError::new(
+                "database.listen_url",
+                "must be empty or a PostgreSQL URL (postgres:// or postgresql://)",
+            ));
+        }
         if d.pooler_prepared_statements && d.pooler != Pooler::Transaction {
             return Err(ConfigError::new(
                 "database.pooler_prepared_statements",
@@ -713,6 +759,38 @@ impl Settings {
             return Err(ConfigError::new(
                 "server.max_response_bytes_in_flight",
                 "must be at least cache.max_mget_bytes and sessions.max_list_bytes (one largest answer must fit)",
+            ));
+        }
+
+        let near = &self.cache.near;
+        if near.enabled && near.max_bytes < 1024 * 1024 {
+            return Err(ConfigError::new(
+                "cache.near.max_bytes",
+                "must be at least 1048576 (1 MiB) when cache.near.enabled",
+            ));
+        }
+        if self.sessions.near.enabled && self.sessions.near.max_bytes < 1024 * 1024 {
+            return Err(ConfigError::new(
+                "sessions.near.max_bytes",
+                "must be at least 1048576 (1 MiB) when sessions.near.enabled",
+            ));
+        }
+        if !(50..=60_000).contains(&near.max_staleness_ms) {
+            return Err(ConfigError::new(
+                "cache.near.max_staleness_ms",
+                "must be between 50 and 60000",
+            ));
+        }
+        if !(1..=100_000).contains(&self.events.max_subscribers) {
+            return Err(ConfigError::new(
+                "events.max_subscribers",
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(16..=1_000_000).contains(&self.events.queue_events) {
+            return Err(ConfigError::new(
+                "events.queue_events",
+                "must be between 16 and 1000000",
             ));
         }
 
@@ -835,6 +913,26 @@ impl Settings {
     /// `database.idle_timeout_seconds`, at least a second.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.database.idle_timeout_seconds.max(1))
+    }
+
+    /// The URL of the listening connection, or why there is none (notifications off): the
+    /// explicit `database.listen_url`, else `database.url` unless that is a transaction-mode
+    /// pooler (which cannot keep a LISTEN).
+    pub fn listen_url(&self) -> Result<&DatabaseUrl, &'static str> {
+        let d = &self.database;
+        if !d.listen_url.expose().is_empty() {
+            return Ok(&d.listen_url);
+        }
+        if d.pooler == Pooler::Transaction {
+            return Err(
+                "database.pooler = \"transaction\" without database.listen_url: a \
+                 transaction-mode pooler cannot keep a LISTEN, so change notifications, the near \
+                 caches, the change feed (/v1/events answers 503) and lease wake-ups are off \
+                 (leases still work: waiters poll); set database.listen_url to a direct or \
+                 session-mode URL to turn them on",
+            );
+        }
+        Ok(&d.url)
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -24,6 +24,14 @@ pub enum ApiError {
     /// An If-Match / If-None-Match condition did not hold; nothing was written.
     #[error("a precondition (If-Match / If-None-Match) did not hold; nothing was changed")]
     PreconditionFailed,
+    /// A PUT's fill lease was voided (or never was); nothing was written.
+    #[error(
+        "the fill lease was voided (the key was deleted or a tag invalidated since it was granted, or another caller took it over) or is unknown; nothing was written"
+    )]
+    LeaseVoided,
+    /// The change feed needs the listening connection, which this sidecar cannot have.
+    #[error("{0}")]
+    EventsUnavailable(&'static str),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("the sidecar is overloaded")]
@@ -53,6 +61,8 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            Self::LeaseVoided => StatusCode::CONFLICT,
+            Self::EventsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -70,6 +80,8 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PreconditionFailed => "precondition_failed",
+            Self::LeaseVoided => "lease_voided",
+            Self::EventsUnavailable(_) => "events_unavailable",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::Timeout => "request_timeout",

@@ -32,6 +32,13 @@ pub const SESSIONS_CREATED: &str = "pgsidecar_sessions_created_total";
 pub const SESSIONS_REVOKED: &str = "pgsidecar_sessions_revoked_total";
 pub const EXPIRED_ROWS_DELETED: &str = "pgsidecar_expired_rows_deleted_total";
 pub const CACHE_EVICTED: &str = "pgsidecar_cache_evicted_total";
+pub const NEAR_REQUESTS: &str = "pgsidecar_near_cache_requests_total";
+pub const NEAR_BYTES: &str = "pgsidecar_near_cache_bytes";
+pub const NOTIFICATIONS_RECEIVED: &str = "pgsidecar_notifications_received_total";
+pub const LISTENER_LAG: &str = "pgsidecar_listener_lag_seconds";
+pub const LISTENER_UP: &str = "pgsidecar_listener_up";
+pub const EVENT_SUBSCRIBERS: &str = "pgsidecar_events_subscribers";
+pub const FILL_LEASES: &str = "pgsidecar_fill_leases_total";
 // The standard process metrics (see `ops::process`).
 pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
@@ -150,6 +157,36 @@ fn describe() {
     describe_counter!(
         CACHE_EVICTED,
         "Live cache entries evicted, oldest first, to keep the cache within cache.max_bytes."
+    );
+    describe_counter!(
+        NEAR_REQUESTS,
+        "Near-cache lookups, by cache (cache, sessions) and result (hit, miss, bypass: the near cache was off because the listener was not current, or the request asked for Postgres)."
+    );
+    describe_gauge!(
+        NEAR_BYTES,
+        Unit::Bytes,
+        "Bytes held by a near cache (keys, values, bookkeeping), by cache."
+    );
+    describe_counter!(
+        NOTIFICATIONS_RECEIVED,
+        "Change notifications received by the listening connection (heartbeats not counted)."
+    );
+    describe_gauge!(
+        LISTENER_LAG,
+        Unit::Seconds,
+        "Round trip of the last heartbeat: from sending it through the pool to receiving it on the listening connection."
+    );
+    describe_gauge!(
+        LISTENER_UP,
+        "1 while the listening connection is up (LISTEN done), else 0."
+    );
+    describe_gauge!(
+        EVENT_SUBSCRIBERS,
+        "Open change-feed streams (GET /v1/events)."
+    );
+    describe_counter!(
+        FILL_LEASES,
+        "Fill-lease outcomes, by result (granted, waited_hit, waited_timeout, written, voided)."
     );
 }
 

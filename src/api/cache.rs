@@ -28,6 +28,36 @@ pub const MAX_INVALIDATE_TAGS: usize = 100;
 pub const WRITTEN_AT: HeaderName = HeaderName::from_static("pgsidecar-written-at");
 /// On a tag-checked read: a tag was invalidated after the entry was written.
 pub const STALE: HeaderName = HeaderName::from_static("pgsidecar-stale");
+/// `near` on a read answered from this sidecar's near cache.
+pub const SERVED_FROM: HeaderName = HeaderName::from_static("pgsidecar-cache");
+/// On a miss with `fill_lease_ms`: this caller's fill lease (pass it as `?lease=` to the PUT).
+pub const FILL_LEASE: HeaderName = HeaderName::from_static("pgsidecar-fill-lease");
+
+/// The longest fill lease and wait a GET may ask for.
+pub const MAX_FILL_LEASE_MS: u64 = 60_000;
+pub const MAX_WAIT_MS: u64 = 30_000;
+
+/// `Cache-Control: no-cache` (in any field, any case): read Postgres, not the near cache.
+pub struct NoCache(pub bool);
+
+impl<S: Send + Sync> FromRequestParts<S> for NoCache {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(Self(
+            parts
+                .headers
+                .get_all(header::CACHE_CONTROL)
+                .iter()
+                .any(|v| {
+                    v.as_bytes().split(|&b| b == b',').any(|d| {
+                        let d = d.trim_ascii();
+                        d.eq_ignore_ascii_case(b"no-cache")
+                    })
+                }),
+        ))
+    }
+}
 
 fn key(raw: String) -> Result<CacheKey, ApiError> {
     CacheKey::parse(raw).map_err(|why| ApiError::bad_request("invalid_key", why))
@@ -59,6 +89,19 @@ fn tag_list(list: &str, max: usize, code: &'static str, what: &str) -> Result<Ve
     Ok(tags)
 }
 
+/// [`tag_list`], as the tags' text.
+pub(crate) fn tag_list_public(
+    list: &str,
+    max: usize,
+    code: &'static str,
+    what: &str,
+) -> Result<Vec<String>, ApiError> {
+    Ok(tag_list(list, max, code, what)?
+        .iter()
+        .map(|t| t.as_str().to_string())
+        .collect())
+}
+
 fn millis(t: DateTime<Utc>) -> HeaderValue {
     HeaderValue::from(t.timestamp_millis())
 }
@@ -66,42 +109,106 @@ fn millis(t: DateTime<Utc>) -> HeaderValue {
 #[derive(Deserialize)]
 pub struct GetParams {
     check_tags: Option<String>,
+    fill_lease_ms: Option<String>,
+    wait_ms: Option<String>,
 }
 
-/// The tags of a tag-checked read (`None`: a plain read). A request without a query string,
-/// the common case, skips the query parser.
-pub struct CheckTags(Option<Vec<Tag>>);
+/// A read's query: the tags of a tag-checked read (`None`: a plain read), and a fill lease to
+/// take on a miss (its length and how long to wait for another holder's write). A request
+/// without a query string, the common case, skips the query parser.
+pub struct GetQuery {
+    check_tags: Option<Vec<Tag>>,
+    lease: Option<(std::time::Duration, std::time::Duration)>,
+}
 
-impl<S: Send + Sync> FromRequestParts<S> for CheckTags {
+/// `name` as milliseconds in `min..=max`, else 400 `invalid_lease`.
+fn lease_millis(raw: &str, name: &str, min: u64, max: u64) -> Result<u64, ApiError> {
+    raw.parse::<u64>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_lease",
+                format!("{name} must be an integer from {min} to {max}"),
+            )
+        })
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for GetQuery {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         if parts.uri.query().is_none() {
-            return Ok(Self(None));
+            return Ok(Self {
+                check_tags: None,
+                lease: None,
+            });
         }
         let QueryParams(q) = QueryParams::<GetParams>::from_request_parts(parts, state).await?;
-        q.check_tags
+        let check_tags = q
+            .check_tags
             .map(|list| tag_list(&list, MAX_INVALIDATE_TAGS, "invalid_tag", "in check_tags"))
-            .transpose()
-            .map(Self)
+            .transpose()?;
+        let lease = match (q.fill_lease_ms, q.wait_ms) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "invalid_lease",
+                    "wait_ms needs fill_lease_ms",
+                ));
+            }
+            (Some(n), wait) => {
+                let n = lease_millis(&n, "fill_lease_ms", 1, MAX_FILL_LEASE_MS)?;
+                let wait = match wait {
+                    None => 0,
+                    Some(w) => lease_millis(&w, "wait_ms", 0, MAX_WAIT_MS)?,
+                };
+                Some((
+                    std::time::Duration::from_millis(n),
+                    std::time::Duration::from_millis(wait),
+                ))
+            }
+        };
+        Ok(Self { check_tags, lease })
     }
 }
 
-/// `GET /v1/cache/{key}[?check_tags=a,b]`: the stored bytes with their `Content-Type`, and
-/// `ETag`, `Expires`, `Pgsidecar-Written-At` (and `Pgsidecar-Stale` on a tag-checked read of
-/// a stale entry); 304 when `If-None-Match` matches.
+/// `GET /v1/cache/{key}[?check_tags=a,b][&fill_lease_ms=N[&wait_ms=M]]`: the stored bytes
+/// with their `Content-Type`, and `ETag`, `Expires`, `Pgsidecar-Written-At` (and
+/// `Pgsidecar-Stale` on a tag-checked read of a stale entry, `Pgsidecar-Cache: near` when
+/// answered from the near cache); 304 when `If-None-Match` matches. With `fill_lease_ms`, a
+/// miss may carry `Pgsidecar-Fill-Lease` (see `store::leases`).
 pub async fn get(
     State(s): State<AppState>,
     PathParam(raw): PathParam<PARAM_KEY>,
-    CheckTags(check_tags): CheckTags,
+    query: GetQuery,
     IfNoneMatch(if_none_match): IfNoneMatch,
+    NoCache(no_cache): NoCache,
 ) -> Result<Response, ApiError> {
     let key = key(raw)?;
-    let entry = s
-        .store
-        .cache_get(key, check_tags)
-        .await?
-        .ok_or(ApiError::NotFound("no such key, or it expired"))?;
+    let GetQuery { check_tags, lease } = query;
+    let entry = match lease {
+        None => s.store.cache_get(key, check_tags, no_cache).await?,
+        Some((lease, wait)) => {
+            use crate::store::leases::LeaseRead;
+            match s
+                .store
+                .cache_get_leased(key, check_tags, no_cache, lease, wait)
+                .await?
+            {
+                LeaseRead::Hit(e) => Some(e),
+                LeaseRead::Miss => None,
+                LeaseRead::Lease(token) => {
+                    let mut resp = ApiError::NotFound("no such key, or it expired").into_response();
+                    if let Ok(v) = HeaderValue::from_str(&token) {
+                        resp.headers_mut().insert(FILL_LEASE, v);
+                    }
+                    return Ok(resp);
+                }
+            }
+        }
+    };
+    let entry = entry.ok_or(ApiError::NotFound("no such key, or it expired"))?;
     let (etag, not_modified) =
         etag_header(|out| entry.version.write_etag(out), if_none_match.as_ref());
     if not_modified {
@@ -141,12 +248,16 @@ fn entry_headers(h: &mut HeaderMap, entry: &CacheEntry, etag: Option<HeaderValue
     if entry.stale {
         h.insert(STALE, HeaderValue::from_static("1"));
     }
+    if entry.near {
+        h.insert(SERVED_FROM, HeaderValue::from_static("near"));
+    }
 }
 
 #[derive(Deserialize)]
 pub struct PutParams {
     ttl_seconds: Option<String>,
     tags: Option<String>,
+    lease: Option<String>,
 }
 
 /// Parses a TTL given as text (query string) into 1..=one year.
@@ -196,6 +307,22 @@ pub async fn put(
             s.limits.cache_max_value_bytes
         )));
     }
+    let lease = match q.lease {
+        None => None,
+        Some(token) if crate::store::leases::well_formed(&token) => Some(token),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_lease",
+                "lease must be a token from a Pgsidecar-Fill-Lease header",
+            ));
+        }
+    };
+    if lease.is_some() && !precondition.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid_lease",
+            "a PUT with a lease cannot carry If-Match or If-None-Match",
+        ));
+    }
     let value = match kind {
         BodyKind::Json => PutValue::Json(json_text(&body)?),
         BodyKind::Raw(content_type) => PutValue::Raw {
@@ -203,17 +330,25 @@ pub async fn put(
             bytes: body,
         },
     };
-    let written = s
-        .store
-        .cache_put(CachePut {
-            key,
-            value,
-            ttl_seconds,
-            tags,
-            precondition,
-        })
-        .await?
-        .ok_or(ApiError::PreconditionFailed)?;
+    let put = CachePut {
+        key,
+        value,
+        ttl_seconds,
+        tags,
+        precondition,
+    };
+    let written = match lease {
+        None => s
+            .store
+            .cache_put(put)
+            .await?
+            .ok_or(ApiError::PreconditionFailed)?,
+        Some(token) => s
+            .store
+            .cache_put_leased(put, &token)
+            .await?
+            .ok_or(ApiError::LeaseVoided)?,
+    };
     let mut resp = StatusCode::NO_CONTENT.into_response();
     if let (Some(v), _) = etag_header(|out| written.write_etag(out), None) {
         resp.headers_mut().insert(header::ETAG, v);
@@ -243,7 +378,11 @@ struct MgetBody {
 /// `POST /v1/cache/_mget`: `{"hits": {key: value}, "misses": [key]}`, plus `"unprocessed":
 /// [key]` when the values would exceed `cache.max_mget_bytes` (as DynamoDB's BatchGetItem
 /// returns `UnprocessedKeys`): the keys, in the order asked, from the first that did not fit.
-pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
+pub async fn mget(
+    State(s): State<AppState>,
+    NoCache(no_cache): NoCache,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
     let req: MgetBody = parse_json(&body)?;
     if req.keys.is_empty() || req.keys.len() > MAX_MGET_KEYS {
         return Err(ApiError::bad_request(
@@ -274,7 +413,11 @@ pub async fn mget(State(s): State<AppState>, Body(body): Body) -> Result<Respons
         .await?;
     let slots = s
         .store
-        .cache_mget_bounded(&keys, permit.num_permits().saturating_sub(key_bytes))
+        .cache_mget_bounded(
+            &keys,
+            permit.num_permits().saturating_sub(key_bytes),
+            no_cache,
+        )
         .await?;
     // JSON values are stored, validated JSON: spliced in as they are instead of re-encoded.
     let mut hits = Vec::new();

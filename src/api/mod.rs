@@ -3,6 +3,7 @@
 
 pub mod cache;
 mod conditional;
+pub mod events;
 mod media_type;
 pub mod sessions;
 
@@ -28,6 +29,8 @@ pub struct AppState {
     pub store: Store,
     pub limits: Arc<Limits>,
     pub answers: AnswerBudget,
+    /// Open change-feed streams end when the sidecar stops.
+    pub lifecycle: crate::shutdown::Lifecycle,
 }
 
 /// Bytes of answers whose size the request does not bound (`_mget` answers, session list
@@ -142,10 +145,16 @@ pub struct Limits {
 
 /// Builds the data router. Its guard (auth, load shedding, request timeout) and body limit are
 /// put around it by [`crate::http::edge`]. `answers` is shared by every data thread's router.
-pub fn router(store: Store, settings: &Settings, answers: AnswerBudget) -> Router {
+pub fn router(
+    store: Store,
+    settings: &Settings,
+    answers: AnswerBudget,
+    lifecycle: crate::shutdown::Lifecycle,
+) -> Router {
     let state = AppState {
         answers,
         store,
+        lifecycle,
         limits: Arc::new(Limits {
             session_default_ttl: settings.sessions.default_ttl_seconds,
             session_max_data_bytes: settings.sessions.max_data_bytes,
@@ -189,6 +198,7 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
             "/v1/users/{user_id}/sessions/{session_id}",
             delete(sessions::revoke_one),
         ),
+        ("GET", "/v1/events", get(events::events)),
         ("DELETE", "/v1/cache", delete(cache::delete_prefix)),
         ("POST", "/v1/cache/_mget", post(cache::mget)),
         ("POST", "/v1/cache/_invalidate", post(cache::invalidate)),

@@ -9,9 +9,11 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use super::cache::NoCache;
 use super::{AppState, Body, PARAM_TOKEN, PARAM_USER, PathParam, QueryParams, parse_json};
 use crate::config::MAX_TTL_SECONDS;
 use crate::error::ApiError;
+use crate::store::sessions::SessionAnswer;
 use crate::store::{ListPage, NewSession, SessionRecord, TokenHash};
 
 const MAX_USER_ID_BYTES: usize = 256;
@@ -194,14 +196,16 @@ pub async fn create(State(s): State<AppState>, Body(body): Body) -> Result<Respo
 pub async fn validate(
     State(s): State<AppState>,
     PathParam(token): PathParam<PARAM_TOKEN>,
+    NoCache(no_cache): NoCache,
 ) -> Result<Response, ApiError> {
-    validate_token(&s, &token).await
+    validate_token(&s, &token, no_cache).await
 }
 
 /// `POST /v1/sessions/_validate` with `{"token": "..."}`: what `GET /v1/sessions/{token}`
 /// does, without the token in the URL (which proxies and tracing tools record).
 pub async fn validate_body(
     State(s): State<AppState>,
+    NoCache(no_cache): NoCache,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
     // A JSON object, so that `["<token>"]` (which serde would take for the struct) is refused.
@@ -223,20 +227,30 @@ pub async fn validate_body(
             "token is required and must be a string",
         ));
     };
-    validate_token(&s, &token).await
+    validate_token(&s, &token, no_cache).await
 }
 
-async fn validate_token(s: &AppState, token: &str) -> Result<Response, ApiError> {
+async fn validate_token(s: &AppState, token: &str, no_cache: bool) -> Result<Response, ApiError> {
     let Some(hash) = TokenHash::of(token) else {
         crate::store::sessions::count_validation(false);
         return Err(not_found());
     };
-    let session = s
+    match s
         .store
-        .session_validate(hash)
+        .session_validate(hash, no_cache)
         .await?
-        .ok_or_else(not_found)?;
-    Ok(super::json_response(&session))
+        .ok_or_else(not_found)?
+    {
+        SessionAnswer::Record(session) => Ok(super::json_response(&session)),
+        SessionAnswer::Json(json) => Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            json,
+        )
+            .into_response()),
+    }
 }
 
 #[derive(Deserialize)]

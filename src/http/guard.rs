@@ -79,13 +79,15 @@ impl Guard {
                 Err(e) => return e.into_response(),
             }
         };
+        // A read that may wait for another caller's fill (`wait_ms`) gets that wait on top.
+        let timeout = self.timeout + lease_wait(parts.uri.query());
         let req = Request::from_parts(parts, body);
         let Ok(_permit) = self.permits.try_acquire() else {
             self.shed.increment(1);
             return ApiError::Overloaded.into_response();
         };
         let _in_flight = InFlight::enter(&self.in_flight);
-        match tokio::time::timeout(self.timeout, inner.oneshot(req)).await {
+        match tokio::time::timeout(timeout, inner.oneshot(req)).await {
             Ok(resp) => resp.unwrap_or_else(|e| match e {}),
             Err(_) => ApiError::Timeout.into_response(),
         }
@@ -150,6 +152,20 @@ impl Guard {
             .await
             .unwrap_or(Err(BodyError::Timeout))
     }
+}
+
+/// The `wait_ms` of a query string (at most the 30 s a read may ask for), or zero. Malformed
+/// values are the handler's to refuse.
+fn lease_wait(query: Option<&str>) -> Duration {
+    let Some(q) = query else {
+        return Duration::ZERO;
+    };
+    q.split('&')
+        .find_map(|pair| pair.strip_prefix("wait_ms="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(Duration::ZERO, |ms| {
+            Duration::from_millis(ms.min(crate::api::cache::MAX_WAIT_MS))
+        })
 }
 
 /// Why a request body was not read.

@@ -18,6 +18,6 @@ pub mod serve;
 pub use edge::{AccessPolicy, Edge, edge};
 pub use guard::Guard;
 pub use listener::{Accepted, AcceptedIo, Lane, LaneRx, Listener, Slot, accept, lane};
-pub use serve::{ConnTimeouts, serve, serve_lane};
+pub use serve::{ConnTimeouts, Streaming, serve, serve_lane};
 
 pub const REQUEST_ID: &str = "x-request-id";

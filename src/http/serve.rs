@@ -219,9 +219,61 @@ where
         if let Some(v) = this.keep_alive.take() {
             resp.headers_mut().insert(KEEP_ALIVE, v);
         }
+        if resp.extensions().get::<Streaming>().is_some() {
+            // Busy until the body has been sent: the idle and header timers must not run
+            // while a stream is open (hyper reads the socket meanwhile, to see the client go).
+            let state = this.state.clone();
+            resp = resp.map(|inner| {
+                axum::body::Body::new(UntilSent {
+                    inner,
+                    state: Some(state),
+                })
+            });
+            return Poll::Ready(Ok(resp));
+        }
         this.state.answered.fetch_add(1, Ordering::Release);
         this.state.busy.store(false, Ordering::Release);
         Poll::Ready(Ok(resp))
+    }
+}
+
+/// A response extension marking a long-lived streaming answer (the change feed): its
+/// connection counts as busy until the body has been sent, not only until its head is ready.
+#[derive(Clone, Copy, Debug)]
+pub struct Streaming;
+
+/// A streaming body that marks its connection idle (an answer sent) when it is done.
+struct UntilSent {
+    inner: axum::body::Body,
+    state: Option<Arc<ConnState>>,
+}
+
+impl Drop for UntilSent {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            state.answered.fetch_add(1, Ordering::Release);
+            state.busy.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl axum::body::HttpBody for UntilSent {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

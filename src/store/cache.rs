@@ -99,6 +99,11 @@ pub struct CacheEntry {
     /// A tag-checked read found a tag invalidated after the entry was written (serve, but
     /// revalidate). Always false for plain reads.
     pub stale: bool,
+    /// Served from this sidecar's near cache (see `near`), not read from Postgres.
+    pub near: bool,
+    /// On a tag-checked read that found the entry fresh: the next moment a tag's delayed
+    /// expiry (`_invalidate` with `expire_seconds`) turns it expired, if any.
+    pub tag_expiry: Option<DateTime<Utc>>,
 }
 
 /// What a read asks for: keys, and for a tag-checked read the tags to check besides each
@@ -251,6 +256,8 @@ fn read_entry(cols: &mut Cols<'_>) -> Result<CacheEntry, sqlx::Error> {
         expires_at: cols.next("expires_at")?,
         version: Version::read(cols)?,
         stale: false,
+        near: false,
+        tag_expiry: None,
     })
 }
 
@@ -307,18 +314,23 @@ impl CacheSql {
             // One row per (key, tags to check) asked, numbered by `i`. `tag_state`: 0 fresh,
             // 1 stale (a tag invalidated after the write), 2 expired (a tag's expiry passed
             // after the write). The tag records are found through their primary key.
+            // `tag_expiry`: the next moment a tag's delayed expiry turns a fresh entry expired
+            // (for the near cache: how long a fresh answer stays true without a notification).
             read_checked: schema.sql(concat!(
                 "SELECT u.i, ",
                 entry_columns!(),
-                ", CASE WHEN u.t IS NULL THEN 0 ELSE coalesce(( \
-                   SELECT max(CASE WHEN r.expires_at > c.updated_at AND r.expires_at <= now() THEN 2 \
-                                   WHEN r.invalidated_at > c.updated_at THEN 1 ELSE 0 END) \
-                   FROM {schema}.cache_tags AS r \
-                   WHERE r.tag = ANY(c.tags || ",
-                tag_array!("u.t"),
-                ")), 0) END AS tag_state \
+                ", coalesce(s.state, 0) AS tag_state, s.tag_expiry \
                  FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u(k, t, i) \
-                 JOIN {schema}.cache AS c ON c.key = u.k WHERE c.expires_at > now()"
+                 JOIN {schema}.cache AS c ON c.key = u.k \
+                 LEFT JOIN LATERAL ( \
+                   SELECT max(CASE WHEN r.expires_at > c.updated_at AND r.expires_at <= now() THEN 2 \
+                                   WHEN r.invalidated_at > c.updated_at THEN 1 ELSE 0 END) AS state, \
+                          min(r.expires_at) FILTER (WHERE r.expires_at > c.updated_at \
+                                                      AND r.expires_at > now()) AS tag_expiry \
+                   FROM {schema}.cache_tags AS r \
+                   WHERE u.t IS NOT NULL AND r.tag = ANY(c.tags || ",
+                tag_array!("u.t"),
+                ")) AS s ON true WHERE c.expires_at > now()"
             )),
             // The keys in the order asked, with the running total of their sizes in the answer
             // (a value that is not JSON travels in base64, with its media type): values past
@@ -364,7 +376,11 @@ impl CacheSql {
             )),
             write_if: schema.sql(super::cache_write::WRITE_IF),
             update_if: schema.sql(super::cache_write::UPDATE_IF),
-            delete: schema.sql("DELETE FROM {schema}.cache WHERE key = $1"),
+            // A delete voids the key's fill lease (see `leases`).
+            delete: schema.sql(
+                "WITH lease AS (DELETE FROM {schema}.cache_leases WHERE key = $1) \
+                 DELETE FROM {schema}.cache WHERE key = $1",
+            ),
             // A conditional delete: the row is locked first, so the verdict and the delete see
             // the same version. $2 / $4: If-Match / If-None-Match, 0 absent, 1 `*`, 2 the
             // tags in $3 / $5. An absent or expired entry fails If-Match and passes
@@ -383,35 +399,57 @@ impl CacheSql {
                  ), gone AS ( \
                    DELETE FROM {schema}.cache AS c USING verdict \
                    WHERE verdict.ok AND c.key = verdict.key RETURNING 1 \
+                 ), lease AS ( \
+                   DELETE FROM {schema}.cache_leases AS l USING verdict \
+                   WHERE verdict.ok AND l.key = $1 \
                  ) SELECT ok FROM verdict"
             )),
             // starts_with keeps a database that is not UTF8 (unsupported), where byte order is
             // not code point order, from deleting keys outside the prefix; it cannot find keys
             // the range misses there.
+            // The triggers announce it as one prefix delete (see the migration), and the keys'
+            // fill leases are voided.
             delete_range: schema.sql(
-                "DELETE FROM {schema}.cache WHERE key >= $1 AND key < $2 AND starts_with(key, $1)",
+                "WITH op AS MATERIALIZED (SELECT set_config('pgsidecar.op', 'prefix', true), \
+                   set_config('pgsidecar.arg', $1, true)), \
+                 lease AS (DELETE FROM {schema}.cache_leases \
+                   WHERE key >= $1 AND key < $2 AND starts_with(key, $1)) \
+                 DELETE FROM {schema}.cache WHERE key >= $1 AND key < $2 AND starts_with(key, $1) \
+                   AND EXISTS (SELECT 1 FROM op)",
             ),
-            delete_from: schema
-                .sql("DELETE FROM {schema}.cache WHERE key >= $1 AND starts_with(key, $1)"),
+            delete_from: schema.sql(
+                "WITH op AS MATERIALIZED (SELECT set_config('pgsidecar.op', 'prefix', true), \
+                   set_config('pgsidecar.arg', $1, true)), \
+                 lease AS (DELETE FROM {schema}.cache_leases WHERE key >= $1 AND starts_with(key, $1)) \
+                 DELETE FROM {schema}.cache WHERE key >= $1 AND starts_with(key, $1) \
+                   AND EXISTS (SELECT 1 FROM op)",
+            ),
             // Records the tags (in key order, like the writes, so two invalidations cannot
             // deadlock on them), then deletes. The cardinality condition matches the partial GIN
             // index's predicate, so the index is used.
+            // The triggers announce the deleted (or expiring) entries as dropped by an
+            // invalidation, not as deletes (see the migration). `keys`: the keys touched, for
+            // this sidecar's near cache.
             invalidate: schema.sql(
-                "WITH rec AS ( \
+                "WITH op AS MATERIALIZED (SELECT set_config('pgsidecar.op', 'invalidate', true)), \
+                 rec AS ( \
                    INSERT INTO {schema}.cache_tags AS r (tag, invalidated_at, expires_at) \
                    SELECT t, now(), now() FROM UNNEST($1::text[]) AS t \
                    ON CONFLICT (tag) DO UPDATE \
                    SET invalidated_at = EXCLUDED.invalidated_at, expires_at = EXCLUDED.expires_at \
                  ), gone AS ( \
                    DELETE FROM {schema}.cache WHERE tags && $1::text[] AND cardinality(tags) > 0 \
-                   RETURNING 1 \
-                 ) SELECT count(*) AS n, now() AS at FROM gone",
+                     AND EXISTS (SELECT 1 FROM op) \
+                   RETURNING key \
+                 ) SELECT count(*) AS n, now() AS at, \
+                   array_agg(key) FILTER (WHERE $2) AS keys FROM gone",
             ),
             // Stale-while-revalidate: the entries stay, their expiry moves to at most now + $2.
             // `updated_at` is left alone: it is when the value was written, which is what
             // the tag records are compared with.
             invalidate_later: schema.sql(
-                "WITH rec AS ( \
+                "WITH op AS MATERIALIZED (SELECT set_config('pgsidecar.op', 'invalidate', true)), \
+                 rec AS ( \
                    INSERT INTO {schema}.cache_tags AS r (tag, invalidated_at, expires_at) \
                    SELECT t, now(), now() + make_interval(secs => $2) FROM UNNEST($1::text[]) AS t \
                    ON CONFLICT (tag) DO UPDATE \
@@ -420,8 +458,10 @@ impl CacheSql {
                    UPDATE {schema}.cache SET expires_at = now() + make_interval(secs => $2) \
                    WHERE tags && $1::text[] AND cardinality(tags) > 0 \
                      AND expires_at > now() + make_interval(secs => $2) \
-                   RETURNING 1 \
-                 ) SELECT count(*) AS n, now() AS at FROM moved",
+                     AND EXISTS (SELECT 1 FROM op) \
+                   RETURNING key \
+                 ) SELECT count(*) AS n, now() AS at, \
+                   array_agg(key) FILTER (WHERE $3) AS keys FROM moved",
             ),
             tags: schema.sql(
                 "SELECT tag, invalidated_at, expires_at FROM {schema}.cache_tags WHERE tag = ANY($1)",
@@ -546,7 +586,16 @@ impl ReadBatch {
         for (i, entry, state) in decode_all(&rows, |cols| {
             let i: i64 = cols.next("i")?;
             let entry = read_entry(cols)?;
-            Ok((i, entry, cols.next::<i32>("tag_state")?))
+            let state = cols.next::<i32>("tag_state")?;
+            let tag_expiry: Option<DateTime<Utc>> = cols.next("tag_expiry")?;
+            Ok((
+                i,
+                CacheEntry {
+                    tag_expiry,
+                    ..entry
+                },
+                state,
+            ))
         })? {
             let Some(slot) = usize::try_from(i - 1).ok().filter(|&s| s < found.len()) else {
                 return Err(DbError::Other(format!("cache read answered row {i}")));
@@ -602,13 +651,38 @@ fn count_hits(operation: &'static str, hits: usize, misses: usize) {
     counter("miss", misses);
 }
 
+fn count_near(cache: &'static str, result: &'static str, n: u64) {
+    if n > 0 {
+        m::cached::increment(m::NEAR_REQUESTS, &[("cache", cache), ("result", result)], n);
+    }
+}
+
+/// Bytes a hit adds to an `_mget` answer, as `read_bounded` counts them.
+fn mget_size(key: &str, e: &CacheEntry) -> usize {
+    key.len()
+        + 4
+        + match &e.value {
+            CacheValue::Json(b) => b.len(),
+            CacheValue::Raw {
+                content_type,
+                bytes,
+            } => bytes.len().div_ceil(3) * 4 + content_type.len() + 40,
+        }
+}
+
 impl Store {
-    /// Reads one key; with `check_tags`, a tag-checked read (see [`CacheRead`]).
+    /// Reads one key; with `check_tags`, a tag-checked read (see [`CacheRead`]). With the near
+    /// cache on, answered from memory when it can be, unless `no_cache` (`Cache-Control:
+    /// no-cache`: read Postgres, and keep what it answered).
     pub async fn cache_get(
         &self,
         key: CacheKey,
         check_tags: Option<Vec<Tag>>,
+        no_cache: bool,
     ) -> Result<Option<CacheEntry>, DbError> {
+        if let Some(near) = &self.notifier.cache {
+            return self.cache_get_near(near, key, check_tags, no_cache).await;
+        }
         self.ensure_available()?;
         let read = CacheRead {
             keys: vec![key],
@@ -616,6 +690,53 @@ impl Store {
         };
         let entry = self.cache.reads.call(read).await?.pop().flatten();
         count_hits("get", entry.is_some() as usize, entry.is_none() as usize);
+        Ok(entry)
+    }
+
+    async fn cache_get_near(
+        &self,
+        near: &super::near::NearCache,
+        key: CacheKey,
+        check_tags: Option<Vec<Tag>>,
+        no_cache: bool,
+    ) -> Result<Option<CacheEntry>, DbError> {
+        use super::near::Lookup;
+        let check = check_tags
+            .as_ref()
+            .map(|t| t.iter().map(Tag::as_str).collect::<Vec<_>>().join(","));
+        let lookup = if no_cache {
+            Lookup::Bypass
+        } else {
+            near.get(key.as_str(), check.as_deref(), super::near::now_ns())
+        };
+        match lookup {
+            Lookup::Hit(e) => {
+                count_near("cache", "hit", 1);
+                count_hits("get", 1, 0);
+                return Ok(Some(e));
+            }
+            Lookup::Miss => count_near("cache", "miss", 1),
+            Lookup::Bypass => count_near("cache", "bypass", 1),
+        }
+        self.ensure_available()?;
+        let ticket = near.ticket(key.as_str());
+        let read = CacheRead {
+            keys: vec![key.clone()],
+            check_tags,
+        };
+        let entry = self.cache.reads.call(read).await?.pop().flatten();
+        count_hits("get", entry.is_some() as usize, entry.is_none() as usize);
+        #[cfg(debug_assertions)]
+        super::near::test_fill_delay().await;
+        if let Some(e) = &entry {
+            match &check {
+                None => near.fill(key.as_str(), e, None, ticket),
+                Some(tags) if !e.stale => {
+                    near.fill(key.as_str(), e, Some((tags, e.tag_expiry)), ticket)
+                }
+                Some(_) => near.fill(key.as_str(), e, None, ticket),
+            }
+        }
         Ok(entry)
     }
 
@@ -639,6 +760,65 @@ impl Store {
     /// the order asked are [`MgetSlot::Unprocessed`]); one slot per key, in order. Not batched
     /// with other reads: its budget is its own.
     pub async fn cache_mget_bounded(
+        &self,
+        keys: &[CacheKey],
+        max_bytes: usize,
+        no_cache: bool,
+    ) -> Result<Vec<MgetSlot>, DbError> {
+        let Some(near) = &self.notifier.cache else {
+            return self.mget_bounded_db(keys, max_bytes).await;
+        };
+        use super::near::Lookup;
+        // Hits from memory first, within the budget; the rest from Postgres, with what is left.
+        let now = super::near::now_ns();
+        let mut slots: Vec<Option<MgetSlot>> = vec![None; keys.len()];
+        let mut left = max_bytes;
+        let mut rest = Vec::new();
+        let (mut hits, mut misses, mut bypassed) = (0, 0, 0);
+        for (i, k) in keys.iter().enumerate() {
+            let lookup = if no_cache {
+                Lookup::Bypass
+            } else {
+                near.get(k.as_str(), None, now)
+            };
+            match lookup {
+                Lookup::Hit(e) if mget_size(k.as_str(), &e) <= left => {
+                    left -= mget_size(k.as_str(), &e);
+                    slots[i] = Some(MgetSlot::Hit(e));
+                    hits += 1;
+                }
+                Lookup::Bypass => {
+                    bypassed += 1;
+                    rest.push(i);
+                }
+                _ => {
+                    misses += 1;
+                    rest.push(i);
+                }
+            }
+        }
+        count_near("cache", "hit", hits);
+        count_near("cache", "miss", misses);
+        count_near("cache", "bypass", bypassed);
+        count_hits("mget", hits as usize, 0);
+        if !rest.is_empty() {
+            let asked: Vec<CacheKey> = rest.iter().map(|&i| keys[i].clone()).collect();
+            let tickets: Vec<_> = asked.iter().map(|k| near.ticket(k.as_str())).collect();
+            let read = self.mget_bounded_db(&asked, left).await?;
+            for (((&i, slot), k), t) in rest.iter().zip(read).zip(&asked).zip(tickets) {
+                if let MgetSlot::Hit(e) = &slot {
+                    near.fill(k.as_str(), e, None, t);
+                }
+                slots[i] = Some(slot);
+            }
+        }
+        Ok(slots
+            .into_iter()
+            .map(|s| s.unwrap_or(MgetSlot::Miss))
+            .collect())
+    }
+
+    async fn mget_bounded_db(
         &self,
         keys: &[CacheKey],
         max_bytes: usize,
@@ -674,6 +854,8 @@ impl Store {
                     expires_at,
                     version,
                     stale: false,
+                    near: false,
+                    tag_expiry: None,
                 }),
             ))
         })?
@@ -696,7 +878,14 @@ impl Store {
     /// precondition failed (nothing written).
     pub async fn cache_put(&self, put: CachePut) -> Result<Option<Written>, DbError> {
         self.ensure_available()?;
-        self.cache.writes.call(put).await?
+        let Some(near) = &self.notifier.cache else {
+            return self.cache.writes.call(put).await?;
+        };
+        let key = put.key.clone();
+        let written = self.cache.writes.call(put).await;
+        // Whatever the outcome (a failure may have committed): read back from Postgres next.
+        near.invalidate(key.as_str());
+        written?
     }
 
     /// Deletes one entry when the preconditions hold (there is nothing to delete when it is
@@ -707,6 +896,18 @@ impl Store {
         precondition: &Precondition,
     ) -> Result<bool, DbError> {
         self.ensure_available()?;
+        let done = self.cache_delete_db(key, precondition).await;
+        if let Some(near) = &self.notifier.cache {
+            near.invalidate(key.as_str());
+        }
+        done
+    }
+
+    async fn cache_delete_db(
+        &self,
+        key: &CacheKey,
+        precondition: &Precondition,
+    ) -> Result<bool, DbError> {
         let sql = &self.cache.sql;
         if precondition.is_none() {
             run!(self.conns, "cache_delete", |c| sqlx::query(
@@ -745,8 +946,11 @@ impl Store {
                 .execute(c),
             None => sqlx::query(sql.delete_from.clone()).bind(prefix).execute(c),
         })
-        .await?;
-        Ok(done.rows_affected())
+        .await;
+        if let Some(near) = &self.notifier.cache {
+            near.invalidate_prefix(prefix);
+        }
+        Ok(done?.rows_affected())
     }
 
     /// Records the invalidation of `tags` (now; entries written before it are stale) and
@@ -764,18 +968,33 @@ impl Store {
         tags.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         tags.dedup();
         let sql = &self.cache.sql;
-        let (n, at): (i64, DateTime<Utc>) =
+        let near = self.notifier.cache.as_ref();
+        // Rows touched, the invalidation's time, the keys deleted (asked for by a near cache).
+        type Done = (i64, DateTime<Utc>, Option<Vec<String>>);
+        let done: Result<Done, DbError> =
             run!(self.conns, "cache_invalidate", |c| if expire_seconds == 0 {
                 sqlx::query_as(sql.invalidate.clone())
                     .bind(&tags)
+                    .bind(near.is_some())
                     .fetch_one(c)
             } else {
                 sqlx::query_as(sql.invalidate_later.clone())
                     .bind(&tags)
                     .bind(expire_seconds as f64)
+                    .bind(near.is_some())
                     .fetch_one(c)
             })
-            .await?;
+            .await;
+        if let Some(near) = near {
+            // The entries it deleted or made expire, and every tag-checked answer known.
+            near.invalidate_tags();
+            match &done {
+                Ok((_, _, Some(keys))) => keys.iter().for_each(|k| near.invalidate(k)),
+                Ok(_) => {}
+                Err(_) => near.clear(),
+            }
+        }
+        let (n, at, _) = done?;
         Ok(Invalidated {
             deleted: if expire_seconds == 0 { n as u64 } else { 0 },
             at,

@@ -36,13 +36,15 @@ pub struct PassReport {
 }
 
 /// Tables cleaned, with their key column and how long a row is kept after its `expires_at`.
-const TABLES: [(&str, &str, u32); 3] = [
+const TABLES: [(&str, &str, u32); 4] = [
     ("sessions", "id", 0),
     ("cache", "key", 0),
     // A tag record matters while an entry written before its expiry may still live: at most the
     // longest TTL after it (and a day, for good measure). Then `_tags` answers null for the tag,
     // which no live entry can tell apart.
     ("cache_tags", "tag", MAX_TTL_SECONDS + 86_400),
+    // An expired fill lease still lets its slow holder write while nobody has taken it over.
+    ("cache_leases", "key", 3600),
 ];
 
 /// The statement that deletes one batch of expired rows of `table`. `SKIP LOCKED` keeps the
@@ -184,7 +186,8 @@ impl Store {
                 match table {
                     "sessions" => report.sessions_deleted += n,
                     "cache" => report.cache_deleted += n,
-                    _ => report.tags_deleted += n,
+                    "cache_tags" => report.tags_deleted += n,
+                    _ => {}
                 }
                 if n < batch {
                     break;

@@ -14,6 +14,8 @@
 //! - [`batch`]: coalescing concurrent calls into one statement.
 //! - [`cache`] (with its writes in `cache_write`), [`sessions`]: the data, in SQL.
 //! - [`cleanup`]: the fleet-wide deletion of expired rows and the cache's size cap.
+//! - [`listen`]: the listening connection and its heartbeats; [`notify`]: what its change
+//!   notifications drive; [`near`]: the near caches; [`leases`]: fill leases.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -95,7 +97,11 @@ pub mod circuit;
 pub mod cleanup;
 pub mod conns;
 pub mod error;
+pub mod leases;
+pub mod listen;
 pub mod migrate;
+pub mod near;
+pub mod notify;
 pub mod pool;
 pub mod pooler;
 mod rows;
@@ -120,6 +126,8 @@ pub struct Store {
     pub(crate) cache: Arc<cache::CacheBatchers>,
     pub(crate) sessions: Arc<sessions::SessionBatchers>,
     pub(crate) settings: Arc<StoreSettings>,
+    /// The near caches, the feed and the lease waiters, shared by every data thread's store.
+    pub(crate) notifier: Arc<notify::Notifier>,
 }
 
 /// The settings the store reads, copied out of [`Settings`].
@@ -205,7 +213,19 @@ impl Store {
                 schema,
                 database: d.clone(),
             }),
+            notifier: Arc::new(notify::Notifier::off()),
         }
+    }
+
+    /// This store with `notifier` (shared by every data thread's store) in place of its own,
+    /// which has notifications off.
+    pub fn with_notifier(mut self, notifier: Arc<notify::Notifier>) -> Self {
+        self.notifier = notifier;
+        self
+    }
+
+    pub fn notifier(&self) -> &Arc<notify::Notifier> {
+        &self.notifier
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -45,6 +45,24 @@ impl TokenHash {
         }
         Some(Self(Sha256::digest(token.as_bytes()).into()))
     }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// From the hex text notifications carry.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        let b = hex.as_bytes();
+        if b.len() != 64 {
+            return None;
+        }
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut out = [0u8; 32];
+        for (i, pair) in b.chunks(2).enumerate() {
+            out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(Self(out))
+    }
 }
 
 /// A session as clients see it. It never holds the token.
@@ -116,6 +134,13 @@ impl SessionRow {
     }
 }
 
+/// A validated session as the store answers it: the record, or (from the near cache, or to be
+/// kept there) its JSON already.
+pub enum SessionAnswer {
+    Record(SessionRecord),
+    Json(bytes::Bytes),
+}
+
 /// Which page of a user's sessions to read.
 #[derive(Clone, Copy, Debug)]
 pub struct ListPage {
@@ -174,7 +199,7 @@ impl SessionSql {
             read: schema.sql(concat!(
                 "SELECT ",
                 columns!(),
-                ", expires_at - make_interval(secs => ttl_seconds) \
+                ", ttl_seconds, expires_at - make_interval(secs => ttl_seconds) \
                    + make_interval(secs => least($2, ttl_seconds * 0.5::float8)) <= now() AS needs_refresh \
                  FROM {schema}.sessions WHERE token_hash = ANY($1) AND expires_at > now()"
             )),
@@ -194,12 +219,13 @@ impl SessionSql {
             create: schema.sql(concat!(
                 "WITH evicted AS (DELETE FROM {schema}.sessions WHERE id IN \
                    (SELECT id FROM {schema}.sessions WHERE user_id = $3 AND expires_at > now() \
-                    ORDER BY updated_at DESC, created_at DESC, id OFFSET $8) RETURNING 1) \
+                    ORDER BY updated_at DESC, created_at DESC, id OFFSET $8) RETURNING token_hash) \
                  INSERT INTO {schema}.sessions \
                    (id, token_hash, user_id, expires_at, ttl_seconds, ip_address, user_agent, data) \
                  VALUES ($1, $2, $3, now() + make_interval(secs => $4), $4, $5, $6, $7) RETURNING ",
                 columns!(),
-                ", (SELECT count(*) FROM evicted) AS evicted"
+                ", (SELECT count(*) FROM evicted) AS evicted, \
+                   (SELECT array_agg(token_hash) FROM evicted) AS evicted_hashes"
             )),
             update: schema.sql(concat!(
                 "UPDATE {schema}.sessions SET data = $2, updated_at = now() \
@@ -207,7 +233,9 @@ impl SessionSql {
                 columns!()
             )),
             revoke: schema.sql("DELETE FROM {schema}.sessions WHERE token_hash = $1"),
-            revoke_id: schema.sql("DELETE FROM {schema}.sessions WHERE id = $1 AND user_id = $2"),
+            revoke_id: schema.sql(
+                "DELETE FROM {schema}.sessions WHERE id = $1 AND user_id = $2 RETURNING token_hash",
+            ),
             // One page, newest first, after the cursor ($2, $3) when given: at most $4 rows, and
             // of those only the ones that start within $5 bytes (so the first row past the
             // byte budget comes back too, telling the caller the page was cut there). `size`
@@ -228,10 +256,16 @@ impl SessionSql {
                  WHERE before <= $5 ORDER BY created_at DESC, id"
             )),
             // Expired rows of the user go too, but only live ones count as revoked.
+            // Announced by the triggers as one revoke-all (see the migration); the live
+            // sessions' token hashes come back for this sidecar's near cache.
             revoke_user: schema.sql(
-                "WITH gone AS (DELETE FROM {schema}.sessions \
-                   WHERE user_id = $1 AND ($2::uuid IS NULL OR id <> $2) RETURNING expires_at) \
-                 SELECT count(*) FILTER (WHERE expires_at > now()) FROM gone",
+                "WITH op AS MATERIALIZED (SELECT set_config('pgsidecar.op', 'revoke_user', true), \
+                   set_config('pgsidecar.arg', $1, true)), \
+                 gone AS (DELETE FROM {schema}.sessions \
+                   WHERE user_id = $1 AND ($2::uuid IS NULL OR id <> $2) AND EXISTS (SELECT 1 FROM op) \
+                   RETURNING expires_at, token_hash) \
+                 SELECT count(*) FILTER (WHERE expires_at > now()), \
+                   array_agg(token_hash) FILTER (WHERE expires_at > now()) FROM gone",
             ),
         }
     }
@@ -273,9 +307,10 @@ impl SessionBatchers {
     }
 }
 
-/// A validation read's row: the session, then whether it is due for sliding.
+/// A validation read's row: the session, its TTL, then whether it is due for sliding.
 struct ReadRow {
     row: SessionRow,
+    ttl_seconds: i32,
     needs_refresh: bool,
 }
 
@@ -291,8 +326,8 @@ struct ReadBatch {
     update_age_seconds: f64,
 }
 
-/// A live session and whether it is due for sliding.
-type ReadOutcome = Option<(SessionRow, bool)>;
+/// A live session, whether it is due for sliding, and its TTL.
+type ReadOutcome = Option<(SessionRow, bool, i32)>;
 
 impl BatchOp for ReadBatch {
     type Item = TokenHash;
@@ -312,6 +347,7 @@ impl BatchOp for ReadBatch {
         let rows = decode_all(&rows, |cols| {
             Ok(ReadRow {
                 row: SessionRow::read(cols)?,
+                ttl_seconds: cols.next("ttl_seconds")?,
                 needs_refresh: cols.next("needs_refresh")?,
             })
         })?;
@@ -333,9 +369,13 @@ impl BatchOp for ReadBatch {
                     *n
                 });
                 if left == Some(0) {
-                    found.remove(&h.0).map(|r| (r.row, r.needs_refresh))
+                    found
+                        .remove(&h.0)
+                        .map(|r| (r.row, r.needs_refresh, r.ttl_seconds))
                 } else {
-                    found.get(&h.0).map(|r| (r.row.clone(), r.needs_refresh))
+                    found
+                        .get(&h.0)
+                        .map(|r| (r.row.clone(), r.needs_refresh, r.ttl_seconds))
                 }
             })
             .collect();
@@ -413,11 +453,16 @@ impl Store {
         .bind(keep)
         .fetch_one(c))
         .await?;
-        let (row, evicted) = decode_all(std::slice::from_ref(&row), |cols| {
-            Ok((SessionRow::read(cols)?, cols.next::<i64>("evicted")?))
+        let (row, evicted, evicted_hashes) = decode_all(std::slice::from_ref(&row), |cols| {
+            Ok((
+                SessionRow::read(cols)?,
+                cols.next::<i64>("evicted")?,
+                cols.next::<Option<Vec<Vec<u8>>>>("evicted_hashes")?,
+            ))
         })?
         .pop()
         .ok_or_else(|| DbError::Other("session insert returned no row".into()))?;
+        self.near_sessions_drop(evicted_hashes.iter().flatten());
         metrics::counter!(m::SESSIONS_CREATED).increment(1);
         if evicted > 0 {
             metrics::counter!(m::SESSIONS_EVICTED).increment(evicted as u64);
@@ -425,26 +470,123 @@ impl Store {
         Ok((token, row.into_record()?))
     }
 
-    /// Validates a session and slides its expiry when it is due. `None`: unknown, expired or revoked.
+    /// Validates a session and slides its expiry when it is due. `None`: unknown, expired or
+    /// revoked. With the sessions' near cache on, answered from memory when it can be (the
+    /// answer is then its JSON), unless `no_cache`.
     pub async fn session_validate(
         &self,
         hash: TokenHash,
-    ) -> Result<Option<SessionRecord>, DbError> {
+        no_cache: bool,
+    ) -> Result<Option<SessionAnswer>, DbError> {
+        if let Some(near) = &self.notifier.sessions {
+            return self.session_validate_near(near, hash, no_cache).await;
+        }
         self.ensure_available()?;
-        let outcome = match self.sessions.reads.call(hash).await? {
-            None => None,
-            Some((row, false)) => Some(row),
-            Some((row, true)) => match self.sessions.refreshes.call(hash).await? {
-                Some(refreshed) => Some(refreshed),
-                // Refreshed by someone else meanwhile, or revoked: read again to tell which.
-                None => {
-                    drop(row);
-                    self.sessions.reads.call(hash).await?.map(|(r, _)| r)
-                }
-            },
-        };
+        let outcome = self.session_validate_db(hash).await?;
         count_validation(outcome.is_some());
-        outcome.map(SessionRow::into_record).transpose()
+        outcome
+            .map(|(row, _)| row.into_record().map(SessionAnswer::Record))
+            .transpose()
+    }
+
+    /// The validation in Postgres; with the session, when it was read without sliding, its
+    /// TTL (for the near cache).
+    async fn session_validate_db(
+        &self,
+        hash: TokenHash,
+    ) -> Result<Option<(SessionRow, Option<i32>)>, DbError> {
+        Ok(match self.sessions.reads.call(hash).await? {
+            None => None,
+            Some((row, false, ttl)) => Some((row, Some(ttl))),
+            Some((row, true, _)) => {
+                let refreshed = self.sessions.refreshes.call(hash).await;
+                // Slid (or maybe slid): any copy in memory is older.
+                self.near_sessions_drop([hash.0.to_vec()].iter());
+                match refreshed? {
+                    Some(refreshed) => Some((refreshed, None)),
+                    // Refreshed by someone else meanwhile, or revoked: read again to tell which.
+                    None => {
+                        drop(row);
+                        self.sessions
+                            .reads
+                            .call(hash)
+                            .await?
+                            .map(|(r, _, _)| (r, None))
+                    }
+                }
+            }
+        })
+    }
+
+    async fn session_validate_near(
+        &self,
+        near: &super::near::NearSessions,
+        hash: TokenHash,
+        no_cache: bool,
+    ) -> Result<Option<SessionAnswer>, DbError> {
+        use super::near::Lookup;
+        let lookup = if no_cache {
+            Lookup::Bypass
+        } else {
+            near.get(&hash, super::near::now_ns())
+        };
+        let count = |result| {
+            m::cached::increment(
+                m::NEAR_REQUESTS,
+                &[("cache", "sessions"), ("result", result)],
+                1,
+            )
+        };
+        match lookup {
+            Lookup::Hit(json) => {
+                count("hit");
+                count_validation(true);
+                return Ok(Some(SessionAnswer::Json(json)));
+            }
+            Lookup::Miss => count("miss"),
+            Lookup::Bypass => count("bypass"),
+        }
+        self.ensure_available()?;
+        let ticket = near.ticket(&hash);
+        let outcome = self.session_validate_db(hash).await?;
+        count_validation(outcome.is_some());
+        #[cfg(debug_assertions)]
+        super::near::test_fill_delay().await;
+        let Some((row, ttl)) = outcome else {
+            return Ok(None);
+        };
+        let record = row.into_record()?;
+        let json = bytes::Bytes::from(
+            serde_json::to_vec(&record)
+                .map_err(|e| DbError::Other(format!("cannot encode a session: {e}")))?,
+        );
+        if let Some(ttl) = ttl {
+            // Due for sliding at (expires_at - ttl) + min(update_age, ttl / 2), as the read
+            // judges it: served from memory only until then.
+            let ttl = chrono::Duration::seconds(i64::from(ttl));
+            let age =
+                chrono::Duration::seconds(i64::from(self.settings.session_update_age_seconds))
+                    .min(ttl / 2);
+            near.fill(
+                &hash,
+                json.clone(),
+                record.expires_at,
+                record.expires_at - ttl + age,
+                ticket,
+            );
+        }
+        Ok(Some(SessionAnswer::Json(json)))
+    }
+
+    /// Drops sessions from this sidecar's near cache (changed through it).
+    fn near_sessions_drop<'a>(&self, hashes: impl Iterator<Item = &'a Vec<u8>>) {
+        if let Some(near) = &self.notifier.sessions {
+            for h in hashes {
+                if let Ok(h) = <[u8; 32]>::try_from(&h[..]) {
+                    near.invalidate(&h);
+                }
+            }
+        }
     }
 
     /// Replaces a live session's data. `None` when there is no such live session.
@@ -454,14 +596,16 @@ impl Store {
         data: String,
     ) -> Result<Option<SessionRecord>, DbError> {
         self.ensure_available()?;
-        let row: Option<SessionRow> = run!(self.conns, "session_update", |c| sqlx::query_as(
-            self.sessions.sql.update.clone()
-        )
-        .bind(hash.0.as_slice())
-        .bind(&data)
-        .fetch_optional(c))
-        .await?;
-        row.map(SessionRow::into_record).transpose()
+        let row: Result<Option<SessionRow>, DbError> =
+            run!(self.conns, "session_update", |c| sqlx::query_as(
+                self.sessions.sql.update.clone()
+            )
+            .bind(hash.0.as_slice())
+            .bind(&data)
+            .fetch_optional(c))
+            .await;
+        self.near_sessions_drop([hash.0.to_vec()].iter());
+        row?.map(SessionRow::into_record).transpose()
     }
 
     /// Revokes a session; revoking one that is already gone is not an error.
@@ -472,8 +616,9 @@ impl Store {
         )
         .bind(hash.0.as_slice())
         .execute(c))
-        .await?;
-        metrics::counter!(m::SESSIONS_REVOKED).increment(done.rows_affected());
+        .await;
+        self.near_sessions_drop([hash.0.to_vec()].iter());
+        metrics::counter!(m::SESSIONS_REVOKED).increment(done?.rows_affected());
         Ok(())
     }
 
@@ -481,14 +626,15 @@ impl Store {
     /// another user's) is not an error.
     pub async fn session_revoke_id(&self, user_id: &str, id: Uuid) -> Result<(), DbError> {
         self.ensure_available()?;
-        let done = run!(self.conns, "session_revoke", |c| sqlx::query(
+        let gone: Vec<Vec<u8>> = run!(self.conns, "session_revoke", |c| sqlx::query_scalar(
             self.sessions.sql.revoke_id.clone()
         )
         .bind(id)
         .bind(user_id)
-        .execute(c))
+        .fetch_all(c))
         .await?;
-        metrics::counter!(m::SESSIONS_REVOKED).increment(done.rows_affected());
+        self.near_sessions_drop(gone.iter());
+        metrics::counter!(m::SESSIONS_REVOKED).increment(gone.len() as u64);
         Ok(())
     }
 
@@ -540,13 +686,15 @@ impl Store {
         keep: Option<Uuid>,
     ) -> Result<u64, DbError> {
         self.ensure_available()?;
-        let revoked: i64 = run!(self.conns, "session_revoke_user", |c| sqlx::query_scalar(
-            self.sessions.sql.revoke_user.clone()
-        )
-        .bind(user_id)
-        .bind(keep)
-        .fetch_one(c))
-        .await?;
+        let (revoked, hashes): (i64, Option<Vec<Vec<u8>>>) =
+            run!(self.conns, "session_revoke_user", |c| sqlx::query_as(
+                self.sessions.sql.revoke_user.clone()
+            )
+            .bind(user_id)
+            .bind(keep)
+            .fetch_one(c))
+            .await?;
+        self.near_sessions_drop(hashes.iter().flatten());
         metrics::counter!(m::SESSIONS_REVOKED).increment(revoked as u64);
         Ok(revoked as u64)
     }

@@ -584,10 +584,11 @@ async fn tag_invalidation_uses_the_index() {
     .execute(&mut sql)
     .await
     .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE invalidate(ARRAY['t8']::text[])")
-        .fetch_all(&mut sql)
-        .await
-        .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar("EXPLAIN EXECUTE invalidate(ARRAY['t8']::text[], false)")
+            .fetch_all(&mut sql)
+            .await
+            .unwrap();
     let plan = plan.join("\n");
     assert!(
         plan.contains("$1"),

@@ -20,8 +20,10 @@ impl Frozen {
             .fetch_one(&mut c)
             .await
             .unwrap();
-        drop(c);
+        // Read while the backend lives: once the connection is dropped it exits, and its
+        // /proc entry can be gone before we look.
         let postmaster = parent_of(backend).expect("the backend's parent");
+        drop(c);
         let mut pids = vec![postmaster];
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             if let Some(pid) = entry

@@ -49,6 +49,12 @@ async fn every_route_in_the_table_is_served() {
             .replace("{token}", "x")
             .replace("{key}", "k")
             .replace("{user_id}", "u");
+        if path == "/v1/events" {
+            // A stream that does not end: its head is the answer.
+            let r = s.http.get(s.url(path)).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{method} {path}");
+            continue;
+        }
         let r = s
             .http
             .request(method.parse().unwrap(), s.url(&concrete))

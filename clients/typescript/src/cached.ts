@@ -1,12 +1,42 @@
 // `getCached(key, fetcher, { ttlSeconds, tags })`: the scaling guide's cache-aside helper on the
-// sidecar, with one fetcher per key at a time in the process and a fail-open path.
+// sidecar, with one fetcher per key at a time in the process (single flight), one per key at a
+// time in the fleet (the sidecar's fill leases), and a fail-open path.
 
-import { MAX_TTL_SECONDS, PgsidecarClient, PgsidecarError, checkTagList, isUnavailable, type ClientOptions } from './client.js'
+import {
+  MAX_FILL_LEASE_MS,
+  MAX_LEASE_WAIT_MS,
+  MAX_TTL_SECONDS,
+  PgsidecarClient,
+  PgsidecarError,
+  checkTagList,
+  isUnavailable,
+  type ClientOptions,
+  type LeaseOptions,
+} from './client.js'
 
 /** The guide's default TTL: one hour. */
 export const DEFAULT_CACHE_TTL_SECONDS = 3600
+/** How long a fill lease lasts by default: a fetcher slower than this may be doubled by another container. */
+export const DEFAULT_FILL_LEASE_MS = 10_000
+/** How long a miss waits by default for another container's fill before computing the value itself. */
+export const DEFAULT_LEASE_WAIT_MS = 5000
 
-export interface CacheOptions {
+/** Lease durations: `fillLeaseMs` 0 turns leases off (a plain read, every container computes its own miss). */
+export interface LeaseSettings {
+  /**
+   * How long the fill lease of a missing key lasts (1 to 60000 ms): while it does, the rest of
+   * the fleet waits for this caller's value instead of calling its own fetcher. Set it above
+   * the fetcher's usual time. 0: no leases. Default 10000.
+   */
+  fillLeaseMs?: number
+  /**
+   * How long a miss waits (0 to 30000 ms) for the value another container is computing (or for
+   * its lease to lapse) before calling the fetcher itself. Default 5000.
+   */
+  leaseWaitMs?: number
+}
+
+export interface CacheOptions extends LeaseSettings {
   /** The client, or options to make one. Default: a client from `PGSIDECAR_URL` / `PGSIDECAR_TOKEN`. */
   client?: PgsidecarClient | ClientOptions
   /**
@@ -21,7 +51,7 @@ export interface CacheOptions {
   defaultTtlSeconds?: number
 }
 
-export interface GetCachedOptions {
+export interface GetCachedOptions extends LeaseSettings {
   /** 1 to 31536000 seconds. Default 3600 (or the cache's `defaultTtlSeconds`). */
   ttlSeconds?: number
   /** Tags for `invalidateTags` (and Next.js's `revalidateTag`, which shares them). */
@@ -32,7 +62,9 @@ export interface Cache {
   readonly client: PgsidecarClient
   /**
    * The cached JSON value of `key`; on a miss, `fetcher()`'s result, stored for `ttlSeconds`.
-   * Concurrent calls for one key in this process share one read and one fetcher call.
+   * Concurrent calls for one key in this process share one read and one fetcher call; across
+   * the fleet, the sidecar's fill lease lets one caller compute a missing key while the others
+   * wait for its value.
    */
   getCached<T>(key: string, fetcher: () => T | Promise<T>, options?: GetCachedOptions): Promise<T>
 }
@@ -50,6 +82,8 @@ class SidecarCache implements Cache {
   readonly #failOpen: boolean
   readonly #warn: (message: string) => void
   readonly #defaultTtl: number
+  readonly #fillLeaseMs: number
+  readonly #leaseWaitMs: number
   /** Fills in progress, by key: later callers join them instead of calling the fetcher again. */
   readonly #inflight = new Map<string, Promise<unknown>>()
   /** Set after the outage warning, cleared by the next call the sidecar serves: one warning per outage. */
@@ -65,20 +99,27 @@ class SidecarCache implements Cache {
     this.#warn = options.warn ?? ((message) => console.warn(message))
     this.#defaultTtl = options.defaultTtlSeconds ?? DEFAULT_CACHE_TTL_SECONDS
     checkTtl(this.#defaultTtl)
+    this.#fillLeaseMs = options.fillLeaseMs ?? DEFAULT_FILL_LEASE_MS
+    this.#leaseWaitMs = options.leaseWaitMs ?? DEFAULT_LEASE_WAIT_MS
+    checkLease(this.#fillLeaseMs, this.#leaseWaitMs)
   }
 
   getCached<T>(key: string, fetcher: () => T | Promise<T>, options: GetCachedOptions = {}): Promise<T> {
     if (typeof fetcher !== 'function') return Promise.reject(new TypeError('pgsidecar: fetcher must be a function'))
     const ttlSeconds = options.ttlSeconds ?? this.#defaultTtl
+    const fillLeaseMs = options.fillLeaseMs ?? this.#fillLeaseMs
+    const waitMs = options.leaseWaitMs ?? this.#leaseWaitMs
     try {
       checkTtl(ttlSeconds)
       checkTagList(options.tags)
+      checkLease(fillLeaseMs, waitMs)
     } catch (err) {
       return Promise.reject(err)
     }
     const running = this.#inflight.get(key)
     if (running) return running as Promise<T>
-    const flight = this.#fill(key, fetcher, ttlSeconds, options.tags ?? [])
+    const lease = fillLeaseMs === 0 ? null : { fillLeaseMs, waitMs }
+    const flight = this.#fill(key, fetcher, ttlSeconds, options.tags ?? [], lease)
     this.#inflight.set(key, flight)
     const forget = () => {
       if (this.#inflight.get(key) === flight) this.#inflight.delete(key)
@@ -87,27 +128,30 @@ class SidecarCache implements Cache {
     return flight
   }
 
-  async #fill<T>(key: string, fetcher: () => T | Promise<T>, ttlSeconds: number, tags: readonly string[]): Promise<T> {
-    // 1. Read. Issue 17 (fleet-wide fill leases) adds `fill_lease_ms`/`wait_ms` to this read,
-    //    so one container of the fleet computes a missing key while the others wait for it.
+  async #fill<T>(key: string, fetcher: () => T | Promise<T>, ttlSeconds: number, tags: readonly string[], leasing: LeaseOptions | null): Promise<T> {
+    // 1. Read. With leases, a miss either makes this caller the key's filler (a lease), or
+    //    waits while another container fills it and returns that value.
+    let lease: string | undefined
     try {
-      const entry = await this.client.getEntry<T>(key)
+      const entry = leasing ? await this.client.getOrLease<T>(key, leasing) : await this.client.getEntry<T>(key)
       this.#served()
       if (entry?.kind === 'json') return entry.value
-      // absent, or bytes someone else stored under this key: compute and overwrite
+      if (entry?.kind === 'lease') lease = entry.lease
+      // absent (no lease: the wait ran out, or leases are off), or bytes someone else stored
+      // under this key: compute and overwrite
     } catch (err) {
       if (!isUnavailable(err)) throw err
       this.#unavailable(err)
       return fetcher()
     }
-    // 2. Compute (with a lease, issue 17: `PUT ?lease=` below then releases it).
+    // 2. Compute. A fetcher that fails leaves the lease to lapse: the others then take it over.
     const value = await fetcher()
     // 3. Write before answering, so the next caller in this process finds it.
-    await this.#write(key, value, ttlSeconds, tags)
+    await this.#write(key, value, ttlSeconds, tags, lease)
     return value
   }
 
-  async #write(key: string, value: unknown, ttlSeconds: number, tags: readonly string[]): Promise<void> {
+  async #write(key: string, value: unknown, ttlSeconds: number, tags: readonly string[], lease: string | undefined): Promise<void> {
     let body: string | undefined
     try {
       body = JSON.stringify(value)
@@ -119,7 +163,10 @@ class SidecarCache implements Cache {
       return
     }
     try {
-      await this.client.setBytes(key, body, { ttlSeconds, tags, contentType: 'application/json' })
+      // With a lease, null means it was voided (the key was deleted or invalidated meanwhile, or
+      // the lease lapsed and another caller took it): the value may be outdated, so it is
+      // returned but not written, and not retried.
+      await this.client.setBytes(key, body, { ttlSeconds, tags, contentType: 'application/json', lease })
       this.#served()
     } catch (err) {
       if (err instanceof PgsidecarError && err.code === 'payload_too_large') {
@@ -141,6 +188,15 @@ class SidecarCache implements Cache {
     if (this.#warned) return
     this.#warned = true
     this.#warn(`pgsidecar: the sidecar is unavailable (${describe(err)}); getCached calls fetchers directly, uncached, until it answers again`)
+  }
+}
+
+function checkLease(fillLeaseMs: number, waitMs: number): void {
+  if (!(Number.isInteger(fillLeaseMs) && fillLeaseMs >= 0 && fillLeaseMs <= MAX_FILL_LEASE_MS)) {
+    throw new PgsidecarError('invalid_lease', 400, `fillLeaseMs must be an integer from 0 (no leases) to ${MAX_FILL_LEASE_MS}`)
+  }
+  if (!(Number.isInteger(waitMs) && waitMs >= 0 && waitMs <= MAX_LEASE_WAIT_MS)) {
+    throw new PgsidecarError('invalid_lease', 400, `leaseWaitMs must be an integer from 0 to ${MAX_LEASE_WAIT_MS}`)
   }
 }
 

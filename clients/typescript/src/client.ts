@@ -1,7 +1,15 @@
 // The HTTP client of pgsidecar's data API: one class, one error type, one method per route.
 //
 // Every call has a timeout (`AbortSignal.timeout`). Nothing here logs: errors carry the API's
-// `code`, HTTP `status` and message, never a token, a key or a value.
+// `code`, HTTP `status` and message, never a token, a key or a value. Calls go over `fetch`, or
+// over `node:http` to a unix socket for a `unix:` URL (./unix.ts); the change feed's stream
+// is read by ./events.ts.
+
+import { openSubscription, type ChangeEvent, type SubscribeOptions, type Subscription, type CallbackSubscription } from './events.js'
+import { PgsidecarError, isUnavailable } from './errors.js'
+import { unixTransport, type Transport } from './unix.js'
+
+export { PgsidecarError, isUnavailable }
 
 /** The data API's address when neither the option nor `PGSIDECAR_URL` says otherwise. */
 export const DEFAULT_URL = 'http://127.0.0.1:7070'
@@ -15,13 +23,16 @@ export const MAX_TAGS_PER_ENTRY = 64
 export const MAX_TAGS_PER_REQUEST = 100
 
 export interface ClientOptions {
-  /** Base URL of the data API. Default: `PGSIDECAR_URL`, else `http://127.0.0.1:7070`. */
+  /**
+   * Base URL of the data API (`http://host:port`), or `unix:/path/to.sock` for a data API on a
+   * unix socket. Default: `PGSIDECAR_URL`, else `http://127.0.0.1:7070`.
+   */
   url?: string
   /** Shared secret (`server.auth_token`), sent as `Authorization: Bearer`. Default: `PGSIDECAR_TOKEN`. */
   token?: string
   /** Timeout of each call in milliseconds, body included. Default 5000. */
   timeoutMs?: number
-  /** The `fetch` to use (for instrumentation or tests). Default: the global `fetch`. */
+  /** The `fetch` to use (for instrumentation or tests; `http(s)` URLs only). Default: the global `fetch`. */
   fetch?: typeof fetch
 }
 
@@ -31,35 +42,6 @@ export interface CallOptions {
   signal?: AbortSignal
   /** Overrides the client's timeout for this call. */
   timeoutMs?: number
-}
-
-/**
- * Every failure of a call: an error answer of the API (`code` and `status` as the API sent
- * them), or a failure to reach it (`status` 0, `code` `unreachable` or `timeout`).
- */
-export class PgsidecarError extends Error {
-  override readonly name = 'PgsidecarError'
-  /** The API's error code (`invalid_key`, `not_found`, ...), or `unreachable`, `timeout`, `invalid_response`. */
-  readonly code: string
-  /** The HTTP status, or 0 when no answer arrived. */
-  readonly status: number
-  /** The sidecar's `x-request-id` for this call, when it answered. */
-  readonly requestId: string | undefined
-
-  constructor(code: string, status: number, message: string, options?: { cause?: unknown; requestId?: string }) {
-    super(message, options?.cause === undefined ? undefined : { cause: options.cause })
-    this.code = code
-    this.status = status
-    this.requestId = options?.requestId
-  }
-}
-
-/**
- * True when the error means "the sidecar cannot serve this now" (not reachable, timed out,
- * overloaded, database down): the cases a cache should fail open on. False for bad input.
- */
-export function isUnavailable(err: unknown): boolean {
-  return err instanceof PgsidecarError && (err.status === 0 || err.status >= 500)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -146,11 +128,37 @@ export interface WriteOptions extends CallOptions {
   ifMatch?: string | string[]
   /** `*`: write only when the key is absent or expired; ETags: only when the live entry has none of them. */
   ifNoneMatch?: string | string[]
+  /**
+   * Fill lease token (from `getOrLease`): write only while it is still this key's lease and no
+   * delete or invalidation touched the key since it was granted; releases it. Otherwise nothing
+   * is written and the call returns null (`409 lease_voided`).
+   */
+  lease?: string
 }
 
 export interface SetBytesOptions extends WriteOptions {
   /** Stored and returned with the bytes. Default `application/octet-stream`. */
   contentType?: string
+}
+
+/** Most and least a fill lease may last, and longest a lease read may wait (the API's bounds). */
+export const MAX_FILL_LEASE_MS = 60_000
+export const MAX_LEASE_WAIT_MS = 30_000
+
+export interface LeaseOptions extends CallOptions {
+  /** How long the fill lease lasts when this call gets it: 1 to 60000 ms. */
+  fillLeaseMs: number
+  /**
+   * How long to wait, 0 to 30000 ms, while another caller anywhere in the fleet holds the
+   * lease: for its value, or for its lease to expire. The call's timeout is extended by as much.
+   */
+  waitMs: number
+}
+
+/** A miss that made this caller the key's filler: compute the value, then write it with `{ lease }`. */
+export interface Lease {
+  kind: 'lease'
+  lease: string
 }
 
 /** A write that happened: the ETag of the version written (null from an older sidecar). */
@@ -266,10 +274,10 @@ const CONTROL = /[\u0000-\u001f\u007f-\u009f]/
  * Tags travel comma-separated in query strings, so a comma inside one would silently split it:
  * refused here, with the API's code, before any request. Throws a `PgsidecarError` (`invalid_tag`).
  */
-export function checkTagList(tags: readonly string[] | undefined): void {
+export function checkTagList(tags: readonly string[] | undefined, code = 'invalid_tag'): void {
   for (const tag of tags ?? []) {
     if (typeof tag !== 'string' || tag === '' || tag.includes(',') || CONTROL.test(tag) || Buffer.byteLength(tag) > 256) {
-      throw new PgsidecarError('invalid_tag', 400, 'a tag must be 1 to 256 bytes without commas or control characters')
+      throw new PgsidecarError(code, 400, 'a tag must be 1 to 256 bytes without commas or control characters')
     }
   }
 }
@@ -284,24 +292,42 @@ async function discard(res: Response): Promise<void> {
 }
 
 export class PgsidecarClient {
-  /** Base URL of the data API, without a trailing slash. */
+  /** Base URL of the data API, without a trailing slash, or `unix:/path/to.sock`. */
   readonly url: string
   readonly timeoutMs: number
   readonly #token: string | undefined
   readonly #fetch: typeof fetch | undefined
+  /** What request paths are appended to: `url`, or a placeholder origin for a unix socket. */
+  readonly #base: string
+  /** Set for a `unix:` URL: every call goes over `node:http` to that socket. */
+  readonly #unix: Transport | undefined
 
   constructor(options: ClientOptions = {}) {
     const url = options.url ?? env('PGSIDECAR_URL') ?? DEFAULT_URL
-    let parsed: URL
-    try {
-      parsed = new URL(url)
-    } catch {
-      throw new TypeError('pgsidecar: url must be an absolute http:// or https:// URL')
+    if (url.startsWith('unix:')) {
+      const socketPath = url.slice('unix:'.length)
+      if (socketPath === '' || socketPath.includes('\0')) {
+        throw new TypeError('pgsidecar: a unix: url needs the socket path: unix:/path/to.sock')
+      }
+      // A custom fetch would send the calls over TCP instead, to whatever `localhost` is.
+      if (options.fetch) throw new TypeError('pgsidecar: the fetch option cannot be combined with a unix: url')
+      this.url = url
+      this.#base = 'http://localhost'
+      this.#unix = unixTransport(socketPath)
+    } else {
+      let parsed: URL
+      try {
+        parsed = new URL(url)
+      } catch {
+        throw new TypeError('pgsidecar: url must be an absolute http:// or https:// URL, or unix:/path/to.sock')
+      }
+      if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
+        throw new TypeError('pgsidecar: url must be an absolute http:// or https:// URL, or unix:/path/to.sock')
+      }
+      this.url = url.replace(/\/+$/, '')
+      this.#base = this.url
+      this.#unix = undefined
     }
-    if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
-      throw new TypeError('pgsidecar: url must be an absolute http:// or https:// URL')
-    }
-    this.url = url.replace(/\/+$/, '')
     this.#token = options.token ?? env('PGSIDECAR_TOKEN')
     const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS
     if (!(Number.isFinite(timeoutMs) && timeoutMs > 0)) {
@@ -328,25 +354,69 @@ export class PgsidecarClient {
    * API's error body and throws a `PgsidecarError`.
    */
   async #send(spec: RequestSpec, ok: readonly number[]): Promise<Response> {
-    let url = this.url + spec.path
+    const timeout = AbortSignal.timeout(spec.timeoutMs ?? this.timeoutMs)
+    const signal = spec.signal ? AbortSignal.any([spec.signal, timeout]) : timeout
+    let res: Response
+    try {
+      res = await this.#transport()(this.#urlOf(spec), { method: spec.method, headers: this.#headersOf(spec), body: spec.body ?? null, signal, cache: 'no-store' } as RequestInit)
+    } catch (cause) {
+      throw this.#transportError(cause, timeout, spec.signal)
+    }
+    if (ok.includes(res.status)) return res
+    throw await this.#errorOf(res)
+  }
+
+  #transport(): Transport {
+    return this.#unix ?? this.#fetch ?? unpatchedFetch()
+  }
+
+  #urlOf(spec: Pick<RequestSpec, 'path' | 'query'>): string {
+    let url = this.#base + spec.path
     if (spec.query) {
       const q = new URLSearchParams()
       for (const [k, v] of Object.entries(spec.query)) if (v !== undefined) q.set(k, v)
       const s = q.toString()
       if (s) url += `?${s}`
     }
+    return url
+  }
+
+  #headersOf(spec: Pick<RequestSpec, 'headers'>): Record<string, string> {
     const headers: Record<string, string> = { ...spec.headers }
     if (this.#token) headers.authorization = `Bearer ${this.#token}`
-    const timeout = AbortSignal.timeout(spec.timeoutMs ?? this.timeoutMs)
-    const signal = spec.signal ? AbortSignal.any([spec.signal, timeout]) : timeout
-    let res: Response
+    return headers
+  }
+
+  /**
+   * Opens a streaming GET (the change feed): the timeout bounds the wait for the response's
+   * headers only, `signal` ends the stream whenever it aborts. Resolves to a 200 response whose
+   * body is `text/event-stream`; throws a `PgsidecarError` otherwise.
+   */
+  async #openStream(spec: Pick<RequestSpec, 'path' | 'query'>, signal: AbortSignal): Promise<Response> {
+    const timer = new AbortController()
+    const timeout = setTimeout(() => timer.abort(new DOMException('the response headers did not arrive in time', 'TimeoutError')), this.timeoutMs)
     try {
-      res = await (this.#fetch ?? unpatchedFetch())(url, { method: spec.method, headers, body: spec.body ?? null, signal, cache: 'no-store' } as RequestInit)
-    } catch (cause) {
-      throw this.#transportError(cause, timeout, spec.signal)
+      let res: Response
+      try {
+        res = await this.#transport()(this.#urlOf(spec), {
+          method: 'GET',
+          headers: this.#headersOf({ headers: { accept: 'text/event-stream' } }),
+          signal: AbortSignal.any([signal, timer.signal]),
+          cache: 'no-store',
+        } as RequestInit)
+      } catch (cause) {
+        throw this.#transportError(cause, timer.signal, signal)
+      }
+      if (res.status !== 200) throw await this.#errorOf(res)
+      const type = contentTypeOf(res).split(';', 1)[0]!.trim().toLowerCase()
+      if (type !== 'text/event-stream') {
+        await discard(res)
+        throw new PgsidecarError('invalid_response', 200, `pgsidecar answered the change feed with ${type}, not text/event-stream`)
+      }
+      return res
+    } finally {
+      clearTimeout(timeout)
     }
-    if (ok.includes(res.status)) return res
-    throw await this.#errorOf(res)
   }
 
   #transportError(cause: unknown, timeout: AbortSignal, user: AbortSignal | undefined): unknown {
@@ -514,6 +584,42 @@ export class PgsidecarClient {
     return { ...meta, kind: 'bytes', value: await this.#bytes(res) }
   }
 
+  /**
+   * `GET /v1/cache/{key}?fill_lease_ms=N&wait_ms=M` (fill leases, as memcache's): the entry when
+   * it is there; on a miss that nobody is filling, a `Lease` (this caller fills the key and
+   * writes with `set(..., { lease })`); while another caller in the fleet fills it, waits up to
+   * `waitMs` for its value (or for a lease of its own, should the filler's lapse). Null when the
+   * wait ran out, or from a sidecar without leases: compute and write without one.
+   */
+  async getOrLease<T = unknown>(key: string, options: LeaseOptions): Promise<CacheEntry<T> | Lease | null> {
+    const { fillLeaseMs, waitMs } = options
+    if (!(Number.isInteger(fillLeaseMs) && fillLeaseMs >= 1 && fillLeaseMs <= MAX_FILL_LEASE_MS)) {
+      throw new PgsidecarError('invalid_lease', 400, `fillLeaseMs must be an integer from 1 to ${MAX_FILL_LEASE_MS}`)
+    }
+    if (!(Number.isInteger(waitMs) && waitMs >= 0 && waitMs <= MAX_LEASE_WAIT_MS)) {
+      throw new PgsidecarError('invalid_lease', 400, `waitMs must be an integer from 0 to ${MAX_LEASE_WAIT_MS}`)
+    }
+    const res = await this.#send(
+      {
+        ...options,
+        // the sidecar may hold the answer up to waitMs before it starts sending it
+        timeoutMs: (options.timeoutMs ?? this.timeoutMs) + waitMs,
+        method: 'GET',
+        path: `/v1/cache/${segment(key, 'key')}`,
+        query: { fill_lease_ms: String(fillLeaseMs), wait_ms: String(waitMs) },
+      },
+      [200, 404],
+    )
+    if (res.status === 404) {
+      const lease = res.headers.get('pgsidecar-fill-lease')
+      await this.#notFound(res)
+      return lease ? { kind: 'lease', lease } : null
+    }
+    const meta = metaOf(res)
+    if (isJsonType(meta.contentType)) return { ...meta, kind: 'json', value: await this.#json<T>(res) }
+    return { ...meta, kind: 'bytes', value: await this.#bytes(res) }
+  }
+
   /** The JSON value of a key, or null. A non-JSON entry is an error (`not_json`): use `getBytes`. */
   async get<T = unknown>(key: string, options: CallOptions & Pick<GetOptions, 'checkTags'> = {}): Promise<T | null> {
     const entry = await this.getEntry<T>(key, options)
@@ -537,7 +643,7 @@ export class PgsidecarClient {
 
   /**
    * `PUT /v1/cache/{key}` of a JSON value. Returns the written version's ETag, or null when a
-   * condition (`ifMatch`, `ifNoneMatch`) failed and nothing was written.
+   * condition (`ifMatch`, `ifNoneMatch`, `lease`) failed and nothing was written.
    */
   async set(key: string, value: unknown, options: WriteOptions = {}): Promise<Written | null> {
     const body = JSON.stringify(value)
@@ -553,6 +659,10 @@ export class PgsidecarClient {
   async #put(key: string, body: Uint8Array | string, contentType: string, options: WriteOptions): Promise<Written | null> {
     checkTtl(options.ttlSeconds)
     checkTagList(options.tags)
+    if (options.lease !== undefined && (options.ifMatch !== undefined || options.ifNoneMatch !== undefined)) {
+      // the API refuses the combination too: the lease already says which write may happen
+      throw new PgsidecarError('invalid_lease', 400, 'a write with a lease cannot also carry ifMatch or ifNoneMatch')
+    }
     const headers: Record<string, string> = { 'content-type': contentType }
     if (options.ifMatch !== undefined) headers['if-match'] = etagList(options.ifMatch)
     if (options.ifNoneMatch !== undefined) headers['if-none-match'] = etagList(options.ifNoneMatch)
@@ -564,22 +674,27 @@ export class PgsidecarClient {
         query: {
           ttl_seconds: options.ttlSeconds === undefined ? undefined : String(options.ttlSeconds),
           tags: options.tags?.length ? options.tags.join(',') : undefined,
+          lease: options.lease,
         },
         headers,
         body: body as RequestInit['body'],
       },
-      [204, 412],
+      options.lease === undefined ? [204, 412] : [204, 409, 412],
     )
     const etag = res.headers.get('etag')
     if (res.status === 412) {
       await this.#expectCode(res, 'precondition_failed')
       return null
     }
+    if (res.status === 409) {
+      await this.#expectCode(res, 'lease_voided')
+      return null
+    }
     await discard(res)
     return { etag }
   }
 
-  /** A 412 must be the API's `precondition_failed`; anything else is an error. */
+  /** A 412 must be the API's `precondition_failed` (a 409 `lease_voided`); anything else is an error. */
   async #expectCode(res: Response, code: string): Promise<void> {
     const err = await this.#errorOf(res)
     if (err.code !== code) throw err
@@ -642,6 +757,34 @@ export class PgsidecarClient {
     checkTagList(tags)
     const res = await this.#send({ ...options, method: 'GET', path: '/v1/cache/_tags', query: { tags: tags.join(',') } }, [200])
     return this.#json<TagRecords>(res)
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Change feed
+
+  /**
+   * `GET /v1/events`: the fleet's changes as they commit, as an async iterable (`for await`), or
+   * handed to `onEvent` one at a time. Filters combine with AND. Reconnects with back-off when
+   * the connection drops, and then yields a `reset` event (changes may have been missed), as it
+   * does when the sidecar says so. Ends on `close()` or when `signal` aborts; throws (or, with
+   * `onEvent`, rejects `done`) on an error reconnecting cannot fix: bad filters, a wrong token,
+   * a sidecar without `/v1/events`.
+   */
+  subscribe(options?: SubscribeOptions): Subscription
+  subscribe(options: SubscribeOptions, onEvent: (event: ChangeEvent) => void | Promise<void>): CallbackSubscription
+  subscribe(options: SubscribeOptions = {}, onEvent?: (event: ChangeEvent) => void | Promise<void>): Subscription | CallbackSubscription {
+    // An empty list is refused (as the API refuses `tags=`) rather than read as "no filter":
+    // a subscriber whose computed tag set came out empty would otherwise get every change.
+    if (options.tags !== undefined && !(Array.isArray(options.tags) && options.tags.length >= 1 && options.tags.length <= MAX_TAGS_PER_REQUEST)) {
+      throw new PgsidecarError('invalid_tags', 400, `tags must name 1 to ${MAX_TAGS_PER_REQUEST} tags`)
+    }
+    checkTagList(options.tags, 'invalid_tags')
+    const query = {
+      cache_prefix: options.cachePrefix,
+      tags: options.tags?.join(','),
+      user_id: options.userId,
+    }
+    return openSubscription((signal) => this.#openStream({ path: '/v1/events', query }, signal), options, onEvent)
   }
 }
 

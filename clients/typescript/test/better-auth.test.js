@@ -1,5 +1,5 @@
 // pgsidecarStorage (BetterAuth's secondaryStorage) against the real sidecar: values, TTLs, hashed
-// keys, and the atomic getAndDelete and increment across two containers.
+// keys, and the atomic getAndDelete and increment across two containers (B over a unix socket).
 
 import assert from 'node:assert/strict'
 import { createHash } from 'node:crypto'
@@ -16,7 +16,7 @@ describe('pgsidecarStorage', () => {
   let storeB
   before(async () => {
     a = await startSidecar()
-    b = await startSidecar({ db: a.db }) // a second container of the same fleet
+    b = await startSidecar({ db: a.db, unix: true }) // a second container of the same fleet, on a unix socket
     storeA = pgsidecarStorage({ client: { url: a.url } })
     storeB = pgsidecarStorage({ client: { url: b.url } })
   })

@@ -5,13 +5,13 @@ import assert from 'node:assert/strict'
 import { after, before, describe, test } from 'node:test'
 
 import { PgsidecarError, createCache, createClient, getCached } from '../dist/index.js'
-import { closedPort, startSidecar } from './helpers.js'
+import { closedPort, socketPath, startSidecar } from './helpers.js'
 
-describe('getCached', () => {
+for (const transport of ['tcp', 'unix']) describe(`getCached (${transport})`, () => {
   let sidecar
   let client
   before(async () => {
-    sidecar = await startSidecar()
+    sidecar = await startSidecar({ unix: transport === 'unix' })
     client = createClient({ url: sidecar.url })
   })
   after(() => sidecar.stop())
@@ -46,7 +46,7 @@ describe('getCached', () => {
   })
 
   test('another container (another client, same database) reads what this one stored', async () => {
-    const other = await startSidecar({ db: sidecar.db })
+    const other = await startSidecar({ db: sidecar.db, unix: transport === 'tcp' })
     try {
       await createCache({ client }).getCached('gc:shared', () => 'from A')
       const fromB = await createCache({ client: { url: other.url } }).getCached('gc:shared', () => 'B computed its own')
@@ -120,6 +120,14 @@ describe('getCached with the sidecar unreachable', () => {
     assert.equal(warnings.length, 1)
     assert.match(warnings[0], /unavailable/)
     assert.ok(!warnings[0].includes('secret'))
+  })
+
+  test('fails open over a unix socket as over TCP', async () => {
+    const warnings = []
+    const cache = createCache({ client: { url: `unix:${socketPath()}` }, warn: (m) => warnings.push(m) })
+    assert.equal(await cache.getCached('gc:k', () => 'computed'), 'computed')
+    assert.equal(warnings.length, 1)
+    assert.match(warnings[0], /unreachable/)
   })
 
   test('single flight holds while failing open', async () => {

@@ -1,12 +1,13 @@
 // The client against the real sidecar and PostgreSQL: every route, bytes, conditional requests,
-// tag records, error mapping, timeouts and an unreachable sidecar.
+// tag records, error mapping, timeouts and an unreachable sidecar; each over TCP and over a unix
+// socket (`unix:/path`), with the same answers.
 
 import assert from 'node:assert/strict'
 import { after, before, describe, test } from 'node:test'
 import { inspect } from 'node:util'
 
 import { MAX_TTL_SECONDS, PgsidecarError, createClient, isUnavailable } from '../dist/index.js'
-import { closedPort, silentServer, startSidecar } from './helpers.js'
+import { closedPort, silentServer, socketPath, startSidecar } from './helpers.js'
 
 /** Asserts that `promise` rejects with a PgsidecarError of this code and status. */
 async function rejectsWith(promise, code, status) {
@@ -40,24 +41,44 @@ describe('createClient', () => {
     }
   })
 
-  test('refuses a URL that is not http(s) and a timeout that is not positive', () => {
+  test('refuses a URL that is not http(s) or unix: and a timeout that is not positive', () => {
     assert.throws(() => createClient({ url: 'not a url' }), TypeError)
     assert.throws(() => createClient({ url: 'ftp://127.0.0.1/' }), TypeError)
+    assert.throws(() => createClient({ url: 'unix:' }), TypeError)
     assert.throws(() => createClient({ url: 'http://127.0.0.1:1', timeoutMs: 0 }), TypeError)
     assert.throws(() => createClient({ url: 'http://127.0.0.1:1', timeoutMs: Number.NaN }), TypeError)
+    // a custom fetch would reach whatever listens on TCP localhost instead of the socket
+    assert.throws(() => createClient({ url: 'unix:/tmp/x.sock', fetch }), TypeError)
+  })
+
+  test('a unix: URL, from the option or PGSIDECAR_URL, is kept as it is', () => {
+    const saved = process.env.PGSIDECAR_URL
+    try {
+      process.env.PGSIDECAR_URL = 'unix:/run/pgsidecar/data.sock'
+      assert.equal(createClient().url, 'unix:/run/pgsidecar/data.sock')
+      assert.equal(createClient({ url: 'unix:relative/data.sock' }).url, 'unix:relative/data.sock')
+      assert.equal(JSON.stringify(createClient({ token: 'secret-token-xyz' })), '{"url":"unix:/run/pgsidecar/data.sock","timeoutMs":5000}')
+    } finally {
+      if (saved === undefined) delete process.env.PGSIDECAR_URL
+      else process.env.PGSIDECAR_URL = saved
+    }
   })
 })
 
-describe('sessions', () => {
+for (const transport of ['tcp', 'unix']) {
+const unix = transport === 'unix'
+
+describe(`sessions (${transport})`, () => {
   let sidecar
   let c
   before(async () => {
-    sidecar = await startSidecar()
+    sidecar = await startSidecar({ unix })
     c = createClient({ url: sidecar.url })
   })
   after(() => sidecar.stop())
 
   test('create, validate (token in the body), update, list, revoke', async () => {
+    assert.ok(c.url.startsWith(unix ? 'unix:/' : 'http://127.0.0.1:'), c.url)
     const { token, session } = await c.createSession({
       user_id: 'user "42" ✓',
       ttl_seconds: 3600,
@@ -121,7 +142,7 @@ describe('sessions', () => {
     await rejectsWith(c.createSession({ user_id: 'u', extra: 1 }), 'invalid_json', 400)
   })
 
-  test('the token stays out of URLs when validating', async () => {
+  test('the token stays out of URLs when validating', { skip: unix && 'a custom fetch is for http(s) URLs' }, async () => {
     const seen = []
     const spy = createClient({
       url: sidecar.url,
@@ -136,11 +157,11 @@ describe('sessions', () => {
   })
 })
 
-describe('cache: JSON values', () => {
+describe(`cache: JSON values (${transport})`, () => {
   let sidecar
   let c
   before(async () => {
-    sidecar = await startSidecar()
+    sidecar = await startSidecar({ unix })
     c = createClient({ url: sidecar.url })
   })
   after(() => sidecar.stop())
@@ -219,11 +240,11 @@ describe('cache: JSON values', () => {
   })
 })
 
-describe('cache: bytes, conditional requests and tag records', () => {
+describe(`cache: bytes, conditional requests and tag records (${transport})`, () => {
   let sidecar
   let c
   before(async () => {
-    sidecar = await startSidecar()
+    sidecar = await startSidecar({ unix })
     c = createClient({ url: sidecar.url })
   })
   after(() => sidecar.stop())
@@ -324,19 +345,22 @@ describe('cache: bytes, conditional requests and tag records', () => {
   })
 })
 
-describe('errors, timeouts and an unreachable sidecar', () => {
+describe(`errors, timeouts and an unreachable sidecar (${transport})`, () => {
   test('an unreachable sidecar is code unreachable, status 0', async () => {
-    const c = createClient({ url: `http://127.0.0.1:${await closedPort()}` })
-    await assert.rejects(c.get('k'), (err) => {
-      assert.equal(err.code, 'unreachable')
-      assert.equal(err.status, 0)
-      assert.ok(isUnavailable(err))
-      return true
-    })
+    // over a unix socket: no file at the path, and a socket file nobody listens on
+    const urls = unix ? [`unix:${socketPath()}`, (await startSidecar({ unix: true }).then(async (s) => (await s.stop(), s.url)))] : [`http://127.0.0.1:${await closedPort()}`]
+    for (const url of urls) {
+      await assert.rejects(createClient({ url }).get('k'), (err) => {
+        assert.equal(err.code, 'unreachable')
+        assert.equal(err.status, 0)
+        assert.ok(isUnavailable(err))
+        return true
+      })
+    }
   })
 
   test('a sidecar that does not answer times out', async () => {
-    const silent = await silentServer()
+    const silent = await silentServer({ unix })
     try {
       const c = createClient({ url: silent.url, timeoutMs: 300 })
       await assert.rejects(c.get('k'), (err) => {
@@ -351,8 +375,19 @@ describe('errors, timeouts and an unreachable sidecar', () => {
     }
   })
 
+  test('a sidecar that stops in the middle of a body times out too', async () => {
+    const silent = await silentServer({ unix, answer: 'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"a":' })
+    try {
+      const c = createClient({ url: silent.url, timeoutMs: 300 })
+      await rejectsWith(c.get('k'), 'timeout', 0)
+      await rejectsWith(c.getBytes('k'), 'timeout', 0)
+    } finally {
+      await silent.close()
+    }
+  })
+
   test("the caller's own signal aborts with the caller's reason", async () => {
-    const silent = await silentServer()
+    const silent = await silentServer({ unix })
     try {
       const c = createClient({ url: silent.url, timeoutMs: 10_000 })
       const controller = new AbortController()
@@ -366,7 +401,7 @@ describe('errors, timeouts and an unreachable sidecar', () => {
 
   test('auth: without the token 401 unauthorized; with it, served; never in a message', async () => {
     const token = 'a-long-enough-shared-secret'
-    const sidecar = await startSidecar({ env: { PGSIDECAR_SERVER__AUTH_TOKEN: token } })
+    const sidecar = await startSidecar({ unix, env: { PGSIDECAR_SERVER__AUTH_TOKEN: token } })
     try {
       await rejectsWith(createClient({ url: sidecar.url, token: '' }).get('k'), 'unauthorized', 401)
       const wrong = createClient({ url: sidecar.url, token: 'the-wrong-secret-value' })
@@ -391,9 +426,10 @@ describe('errors, timeouts and an unreachable sidecar', () => {
       res.writeHead(404, { 'content-type': 'text/html' })
       res.end('<h1>Not Found</h1>')
     })
-    await new Promise((r) => server.listen(0, '127.0.0.1', r))
+    const path = unix ? socketPath() : undefined
+    await new Promise((r) => (path ? server.listen(path, r) : server.listen(0, '127.0.0.1', r)))
     try {
-      const c = createClient({ url: `http://127.0.0.1:${server.address().port}` })
+      const c = createClient({ url: path ? `unix:${path}` : `http://127.0.0.1:${server.address().port}` })
       await rejectsWith(c.validateSession('t'), 'http_404', 404)
       await rejectsWith(c.get('k'), 'http_404', 404)
     } finally {
@@ -401,3 +437,4 @@ describe('errors, timeouts and an unreachable sidecar', () => {
     }
   })
 })
+}

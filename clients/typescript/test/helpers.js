@@ -3,8 +3,9 @@
 
 import { spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
+import { mkdtempSync, rmSync } from 'node:fs'
 import { createServer } from 'node:net'
-import { dirname, resolve } from 'node:path'
+import { dirname, join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
 
@@ -52,16 +53,30 @@ export async function query(url, text, params = []) {
 }
 
 const running = new Set()
+const socketDirs = new Set()
 process.on('exit', () => {
   for (const child of running) child.kill('SIGKILL')
+  for (const dir of socketDirs) rmSync(dir, { recursive: true, force: true })
 })
 
 /**
- * Starts the sidecar against `db` (a fresh database when absent) and waits until it is ready.
- * Returns `{ url, ops, db, logs, stop }`.
+ * A path for a unix socket in a new private directory, removed when the process exits. Under
+ * /tmp rather than TMPDIR: a socket path must fit in 108 bytes.
  */
-export async function startSidecar({ db, env = {} } = {}) {
+export function socketPath(name = 'data.sock') {
+  const dir = mkdtempSync('/tmp/pgsc-')
+  socketDirs.add(dir)
+  return join(dir, name)
+}
+
+/**
+ * Starts the sidecar against `db` (a fresh database when absent) and waits until it is ready;
+ * with `unix`, its data API listens on a unix socket (a fresh path, or the path given) and `url`
+ * is `unix:/path`. Returns `{ url, ops, db, logs, stop }`.
+ */
+export async function startSidecar({ db, env = {}, unix = false } = {}) {
   db ??= await freshDb()
+  if (unix) env = { PGSIDECAR_SERVER__DATA_LISTEN: `unix:${unix === true ? socketPath() : unix}`, ...env }
   const child = spawn(BIN, [], {
     env: {
       PATH: process.env.PATH ?? '',
@@ -98,7 +113,7 @@ export async function startSidecar({ db, env = {} } = {}) {
   })
   const { data, ops } = await started
   const sidecar = {
-    url: `http://${data}`,
+    url: data.startsWith('unix:') ? data : `http://${data}`,
     ops: `http://${ops}`,
     db,
     logs,
@@ -135,18 +150,23 @@ export async function closedPort() {
   return port
 }
 
-/** A server that accepts connections and never answers: for timeouts. Returns `{ url, close }`. */
-export async function silentServer() {
+/**
+ * A server that accepts connections and never answers (with `answer`, answers each request's
+ * first bytes with it and then says nothing more): for timeouts. On TCP, or with `unix`, on a
+ * unix socket. Returns `{ url, close }`.
+ */
+export async function silentServer({ unix = false, answer } = {}) {
   const sockets = new Set()
   const server = createServer((s) => {
     sockets.add(s)
     s.on('error', () => {})
     s.on('close', () => sockets.delete(s))
+    if (answer !== undefined) s.once('data', () => s.write(answer))
   })
-  await new Promise((r) => server.listen(0, '127.0.0.1', r))
-  const { port } = server.address()
+  const path = unix ? socketPath() : undefined
+  await new Promise((r) => (path ? server.listen(path, r) : server.listen(0, '127.0.0.1', r)))
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: path ? `unix:${path}` : `http://127.0.0.1:${server.address().port}`,
     async close() {
       for (const s of sockets) s.destroy()
       await new Promise((r) => server.close(r))

@@ -1,6 +1,6 @@
 // The Next.js handlers driven as Next.js 16 drives them, against two real sidecars sharing one
-// database (two containers): entries written by one are read by the other, bytes stay bytes, and
-// tag invalidation on one reaches the other.
+// database (two containers; B's data API on a unix socket): entries written by one are read by
+// the other, bytes stay bytes, and tag invalidation on one reaches the other.
 
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
@@ -44,7 +44,7 @@ describe('next cacheHandler (incremental cache)', () => {
   let B
   before(async () => {
     a = await startSidecar()
-    b = await startSidecar({ db: a.db })
+    b = await startSidecar({ db: a.db, unix: true })
     const dist = distDir('build-1')
     A = new (createCacheHandler({ client: { url: a.url } }))({ serverDistDir: dist })
     B = new (createCacheHandler({ client: { url: b.url } }))({ serverDistDir: dist })
@@ -194,7 +194,7 @@ describe("next 'use cache' handler (cacheHandlers)", () => {
   let B
   before(async () => {
     a = await startSidecar()
-    b = await startSidecar({ db: a.db })
+    b = await startSidecar({ db: a.db, unix: true })
     A = createUseCacheHandler({ client: { url: a.url } })
     B = createUseCacheHandler({ client: { url: b.url } })
   })

@@ -1,7 +1,8 @@
 // End to end with the real frameworks: the Next.js 16 app in e2e/ (its packages from the
 // registry, the client from its packed tarball), built once, then run as two containers would
 // run it: two `next start` processes, each from its own copy of the build, each with its own
-// sidecar, one PostgreSQL database. Proves the shared cache through both Next.js handlers,
+// sidecar (A's over TCP, B's over a unix socket: `PGSIDECAR_URL=unix:/path`), one PostgreSQL
+// database. Proves the shared cache through both Next.js handlers,
 // invalidation across the fleet, BetterAuth sessions across instances, and getCached's single
 // flight inside one Next.js process.
 
@@ -42,14 +43,14 @@ function run(cmd, args, options) {
   })
 }
 
-/** One `next start` from its own copy of the build, with its own sidecar. */
-async function startInstance(name, buildDir, db) {
+/** One `next start` from its own copy of the build, with its own sidecar (on a unix socket with `unix`). */
+async function startInstance(name, buildDir, db, { unix = false } = {}) {
   const dir = mkdtempSync(join(tmpdir(), `pgsidecar-e2e-${name}-`))
   // Everything `next start` reads, but not `.next/cache`: each instance gets its own, as each container would.
   cpSync(join(buildDir, '.next'), join(dir, '.next'), { recursive: true, filter: (src) => !src.startsWith(join(buildDir, '.next', 'cache')) })
   for (const f of ['next.config.ts', 'package.json', 'tsconfig.json']) cpSync(join(buildDir, f), join(dir, f))
   symlinkSync(join(buildDir, 'node_modules'), join(dir, 'node_modules'), 'dir') // code, not state
-  const sidecar = await startSidecar({ db })
+  const sidecar = await startSidecar({ db, unix })
   const port = await closedPort()
   const url = `http://127.0.0.1:${port}`
   const child = spawn(process.execPath, [NEXT_BIN, 'start', '-p', String(port), '-H', '127.0.0.1'], {
@@ -138,7 +139,8 @@ describe('Next.js 16 + BetterAuth on two instances, two sidecars, one PostgreSQL
     const manifest = JSON.parse(readFileSync(join(APP, '.next', 'server', 'server-reference-manifest.json'), 'utf8'))
     actionId = Object.entries(manifest.node).find(([, v]) => v.exportedName === 'expireTag')?.[0]
     assert.ok(actionId, 'the expireTag server action is in the build')
-    ;[A, B] = await Promise.all([startInstance('A', APP, db), startInstance('B', APP, db)])
+    ;[A, B] = await Promise.all([startInstance('A', APP, db), startInstance('B', APP, db, { unix: true })])
+    assert.ok(B.sidecar.url.startsWith('unix:/'), B.sidecar.url)
     const setup = await fetch(`${A.url}/api/setup`, { method: 'POST' })
     assert.equal(setup.status, 200, await setup.text())
   })
