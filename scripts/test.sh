@@ -55,8 +55,22 @@ cargo test --quiet -- --test-threads "${TEST_THREADS:-4}" "$@"
 # The TypeScript client and the Next.js/BetterAuth end-to-end test, against the binary built above.
 scripts/test-typescript.sh
 
-# The deployment snippets of docs/deploy.md against the Kubernetes and Compose schemas and
-# promtool (about 20 s the first time: a venv of pinned PyPI packages).
+# With test names given, only those run (the deployment check, the contract test and the
+# fuzzers are for a full run).
 if [ $# -eq 0 ]; then
+  # The deployment snippets of docs/deploy.md against the Kubernetes and Compose schemas and
+  # promtool (about 20 s the first time: a venv of pinned PyPI packages).
   scripts/deploy-check.sh
+
+  # The contract test: schemathesis drives every route of openapi.json against the binary just
+  # built (docs/fuzzing.md). About two minutes.
+  step=$SECONDS
+  scripts/contract.sh
+  echo "test.sh: contract test passed in $((SECONDS - step)) s" >&2
+
+  # The fuzz targets, briefly: ten seconds each (bench/fuzz.sh runs them for longer).
+  step=$SECONDS
+  scripts/fuzz.sh build
+  scripts/fuzz.sh run "${FUZZ_SECONDS:-10}"
+  echo "test.sh: fuzz targets built and run in $((SECONDS - step)) s" >&2
 fi

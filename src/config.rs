@@ -504,6 +504,19 @@ impl Settings {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
+        Self::layer_env(figment, env)
+    }
+
+    /// Like [`Settings::load_from`] with the file's text given instead of its path: what the
+    /// configuration fuzz target (`fuzz/fuzz_targets/config.rs`) drives, with no file per input.
+    pub fn load_from_toml(toml: &str, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let figment = Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(toml));
+        Self::layer_env(figment, env)
+    }
+
+    /// The environment's layers over `figment` (defaults and file), then extraction and
+    /// validation.
+    fn layer_env(mut figment: Figment, env: &[(String, String)]) -> Result<Self, ConfigError> {
         // Only PGSIDECAR_<SECTION>__<KEY> names are keys; PGSIDECAR_CONFIG names the file.
         // Values are parsed like TOML scalars ("20" is a number, "true" a bool).
         for (name, value) in env {

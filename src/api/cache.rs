@@ -272,8 +272,9 @@ pub fn parse_ttl(raw: Option<&str>, default: u32) -> Result<u32, ApiError> {
     }
 }
 
-/// Checks that `body` is exactly one JSON value and returns it as text, trimmed.
-fn json_text(body: &[u8]) -> Result<String, ApiError> {
+/// Checks that `body` is exactly one JSON value and returns it as text, trimmed (public for
+/// the `json_value` fuzz target).
+pub fn json_text(body: &[u8]) -> Result<String, ApiError> {
     serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| {
         ApiError::bad_request("invalid_json", format!("the body is not a JSON value: {e}"))
     })?;
@@ -542,7 +543,7 @@ pub async fn invalidate(State(s): State<AppState>, Body(body): Body) -> Result<R
     }
     let expire_seconds = match req.expire_seconds {
         None | Some(serde_json::Value::Null) => 0,
-        Some(v) => match v.as_u64() {
+        Some(v) => match super::json_integer(&v) {
             Some(n) if n <= MAX_TTL_SECONDS as u64 => n as u32,
             _ => {
                 return Err(ApiError::bad_request(

@@ -255,6 +255,18 @@ pub fn json_response<T: serde::Serialize>(value: &T) -> axum::response::Response
     }
 }
 
+/// A JSON number read as a non-negative integer the way JSON Schema's `integer` (and so
+/// openapi.json) reads it: any number with no fractional part, so `86400.0` and `8.64e4` are
+/// the integer 86400, as much as `86400`. JavaScript clients cannot tell them apart either.
+pub fn json_integer(v: &serde_json::Value) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    // Exact below 2^53; larger values are beyond every integer field here anyway.
+    let f = v.as_f64()?;
+    (f.fract() == 0.0 && (0.0..9_007_199_254_740_992.0).contains(&f)).then_some(f as u64)
+}
+
 /// A JSON body parsed into `T`; malformed JSON is 400 `invalid_json`.
 pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {

@@ -154,7 +154,7 @@ pub async fn create(State(s): State<AppState>, Body(body): Body) -> Result<Respo
     };
     let ttl_seconds = match req.ttl_seconds {
         None | Some(serde_json::Value::Null) => s.limits.session_default_ttl,
-        Some(v) => match v.as_u64() {
+        Some(v) => match super::json_integer(&v) {
             Some(t) if (1..=MAX_TTL_SECONDS as u64).contains(&t) => t as u32,
             _ => {
                 return Err(ApiError::bad_request(

@@ -418,6 +418,50 @@ async fn user_ids_and_data_are_stored_exactly() {
     assert!(text.contains(r#""data":{"n":1.50,"e":1e400}"#), "{text}");
 }
 
+/// openapi.json declares `ttl_seconds` a JSON Schema `integer`, which any number without a
+/// fractional part is (`7200.0`, `7.2e3`): schemathesis sent one and got a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_number_written_with_a_fraction_or_exponent_is_an_integer_ttl() {
+    let s = Sidecar::start().await;
+    for body in [
+        r#"{"user_id":"u","ttl_seconds":7200.0}"#,
+        r#"{"user_id":"u","ttl_seconds":7.2e3}"#,
+        r#"{"user_id":"u","ttl_seconds":72E2}"#,
+    ] {
+        let r = s
+            .http
+            .post(s.url("/v1/sessions"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{body}");
+        let v: Value = r.json().await.unwrap();
+        let at = |k: &str| {
+            chrono::DateTime::parse_from_rfc3339(v["session"][k].as_str().unwrap()).unwrap()
+        };
+        assert_eq!(
+            (at("expires_at") - at("created_at")).num_seconds(),
+            7200,
+            "{body}"
+        );
+    }
+    for body in [
+        r#"{"user_id":"u","ttl_seconds":7200.5}"#,
+        r#"{"user_id":"u","ttl_seconds":3.2e7}"#,
+        r#"{"user_id":"u","ttl_seconds":-0.0}"#,
+    ] {
+        let r = s
+            .http
+            .post(s.url("/v1/sessions"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, 400, "invalid_ttl").await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_are_400_with_a_code() {
     let s = Sidecar::builder()

@@ -93,6 +93,11 @@ async fn invalidate_records_and_answers_times() {
     assert_eq!(s.get_cache("c").await.status(), 200);
     // Invalidated again: the record moves.
     tokio::time::sleep(Duration::from_millis(5)).await;
+    // 600.0 is the integer JSON Schema (and openapi.json) says it is.
+    let v = invalidate(&s, json!({"tags": ["t3"], "expire_seconds": 600.0})).await;
+    assert_eq!(v["deleted"], 0);
+    let at3 = v["invalidated_at"].as_i64().unwrap();
+    assert_eq!(tag_records(&s, "t3").await["expires"]["t3"], at3 + 600_000);
     let v = invalidate(&s, json!({"tags": ["t1"], "expire_seconds": null})).await;
     let again = v["invalidated_at"].as_i64().unwrap();
     assert!(again > at);
