@@ -363,8 +363,14 @@ impl Notifier {
 
     /// The registration is effective until `until` ([`now_ns`]; 0: no longer).
     pub fn set_effective_until(&self, until: u64) {
-        self.effective_until.store(until, Ordering::Release);
+        let was = self.effective_until.swap(until, Ordering::AcqRel);
         if until > 0 {
+            if was <= now_ns() {
+                // Effective again after a lapse: changes committed meanwhile may not have been
+                // announced. (A new subscriber subscribes only after this: it gets none.)
+                self.feed.send(Event::reset());
+                self.waiters.wake_all();
+            }
             self.effective_changed.notify_waiters();
         }
     }

@@ -49,7 +49,10 @@ pub async fn run(store: Store, notifier: Arc<Notifier>, lifecycle: Lifecycle) {
     let mut registered = false;
     metrics::gauge!(m::NOTIFICATIONS_REGISTERED).set(0.0);
     loop {
-        let wanted = notifier.needed() && notifier.is_listening();
+        // Renewed only while listening; kept through a short loss of the listening connection
+        // (which empties the near caches and resets the feed by itself).
+        let needed = notifier.needed();
+        let wanted = needed && notifier.is_listening();
         let effective = notifier.is_effective();
         if !effective && notifier.effective_until() != 0 {
             tracing::warn!(
@@ -96,8 +99,8 @@ pub async fn run(store: Store, notifier: Arc<Notifier>, lifecycle: Lifecycle) {
                 }
                 Err(e) => tracing::debug!(error = %e, "notification registration not renewed"),
             }
-        } else if registered {
-            // No longer needed (or the listener is down, and it lapses anyway).
+        } else if registered && !needed {
+            // No longer needed.
             if notifier.effective_until() != 0 {
                 notifier.lapsed();
             }
