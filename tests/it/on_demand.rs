@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use sqlx::Executor;
 use sqlx::postgres::PgListener;
 
 use crate::events::Feed;
@@ -115,4 +116,44 @@ async fn the_registration_goes_with_the_last_subscriber() {
     assert_eq!(other.put_cache("k", "3", "").await.status(), 204);
     let e = feed.next_within(Duration::from_secs(20)).await;
     assert_eq!(e.0, "cache.put", "{e:?}");
+}
+
+/// A sidecar whose registration cannot be renewed (here: the table locked against writes, as a
+/// database it cannot reach would do) stops counting on notifications once it lapses: writers
+/// whose triggers see no live row do not notify, so its near cache must not serve what it held.
+#[tokio::test]
+async fn a_registration_that_lapsed_closes_the_near_cache() {
+    let a = crate::near::near(Sidecar::builder()).start().await;
+    let b = Sidecar::builder().db(&a.db).start().await;
+    assert_eq!(b.put_cache("k", "1", "").await.status(), 204);
+    assert_eq!(crate::near::until_near(&a, "k").await, "1");
+    // Renewals block (and time out); reads of the table, the triggers' check, do not.
+    let mut lock = b
+        .hold_lock("LOCK TABLE pgsidecar.listeners IN EXCLUSIVE MODE")
+        .await;
+    let mut expired = false;
+    for _ in 0..900 {
+        if listeners(&b).await == 0 {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(expired, "the row was renewed through the lock");
+    // Not announced: nobody is registered.
+    assert_eq!(b.put_cache("k", "2", "").await.status(), 204);
+    for _ in 0..20 {
+        let (status, body, near) = crate::near::get(&a, "k").await;
+        assert_eq!((status, body.as_str(), near), (200, "2", false));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        a.logs
+            .wait_for("registration lapsed", Duration::from_secs(20)),
+        "{:?}",
+        a.logs.lines()
+    );
+    // Renewed again: served from memory again, the new value.
+    lock.execute("ROLLBACK").await.unwrap();
+    assert_eq!(crate::near::until_near(&a, "k").await, "2");
 }
