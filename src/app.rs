@@ -173,12 +173,19 @@ impl Application {
         ))];
         tasks.push(tokio::spawn(keep_warm(store.clone(), lifecycle.clone())));
         match settings.listen_url() {
-            Ok(_) => tasks.push(tokio::spawn(crate::store::listen::run(
-                store.clone(),
-                notifier.clone(),
-                settings.clone(),
-                lifecycle.clone(),
-            ))),
+            Ok(_) => {
+                tasks.push(tokio::spawn(crate::store::listen::run(
+                    store.clone(),
+                    notifier.clone(),
+                    settings.clone(),
+                    lifecycle.clone(),
+                )));
+                tasks.push(tokio::spawn(crate::store::registry::run(
+                    store.clone(),
+                    notifier.clone(),
+                    lifecycle.clone(),
+                )));
+            }
             Err(why) => tracing::warn!("{why}"),
         }
         tasks.push(tokio::spawn(ops::health::watch_postgres(

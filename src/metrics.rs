@@ -37,6 +37,7 @@ pub const NEAR_BYTES: &str = "pgsidecar_near_cache_bytes";
 pub const NOTIFICATIONS_RECEIVED: &str = "pgsidecar_notifications_received_total";
 pub const LISTENER_LAG: &str = "pgsidecar_listener_lag_seconds";
 pub const LISTENER_UP: &str = "pgsidecar_listener_up";
+pub const NOTIFICATIONS_REGISTERED: &str = "pgsidecar_notifications_registered";
 pub const EVENT_SUBSCRIBERS: &str = "pgsidecar_events_subscribers";
 pub const FILL_LEASES: &str = "pgsidecar_fill_leases_total";
 // The standard process metrics (see `ops::process`).
@@ -179,6 +180,10 @@ fn describe() {
     describe_gauge!(
         LISTENER_UP,
         "1 while the listening connection is up (LISTEN done), else 0."
+    );
+    describe_gauge!(
+        NOTIFICATIONS_REGISTERED,
+        "1 while this sidecar's registration makes every writer send change notifications (it needs them: a near cache on, a change-feed subscriber or a lease waiter), else 0."
     );
     describe_gauge!(
         EVENT_SUBSCRIBERS,

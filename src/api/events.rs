@@ -24,6 +24,8 @@ use crate::store::notify::{Event, EventKind};
 
 /// A comment line this often keeps proxies and clients from taking a quiet stream for dead.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How long a new subscriber waits for the registration to become effective before a 503.
+const REGISTER_WAIT: Duration = Duration::from_secs(5);
 /// Most tags one subscription may filter on.
 const MAX_TAGS: usize = 100;
 const MAX_USER_ID_BYTES: usize = 256;
@@ -194,9 +196,19 @@ pub async fn events(
     let Ok(permit) = notifier.feed.subscribers.clone().try_acquire_owned() else {
         return Err(ApiError::Overloaded);
     };
+    // Writers notify only while some sidecar is registered (see store::registry): register,
+    // and answer once every change committed from now on is announced.
+    let demand = notifier.demand();
+    if !notifier.wait_effective(REGISTER_WAIT).await {
+        return Err(ApiError::EventsUnavailable(
+            "change notifications are not available yet (the listening connection or its \
+             registration is not up); retry",
+        ));
+    }
     // Subscribed before the answer's head goes out: every change committed after the client
     // has it is in the stream.
     let rx = notifier.feed.subscribe();
+    drop(demand);
     let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
     keep_alive.reset();
     let sub = Subscriber {

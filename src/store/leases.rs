@@ -105,6 +105,8 @@ impl Store {
     ) -> Result<LeaseRead, DbError> {
         let deadline = Instant::now() + wait;
         let waiting = self.notifier.waiters.register(key.as_str());
+        // Registered (see super::registry) once this caller waits for another's lease.
+        let mut demand = None;
         let mut no_cache = no_cache;
         // Set after an acquisition found an entry that the read had missed.
         let mut present = false;
@@ -148,13 +150,16 @@ impl Store {
                     }
                     // Wake on the key's notification, at the lease's expiry (looked at again at
                     // least every 500 ms: clocks differ), or at the deadline; without a
-                    // listening connection, poll.
+                    // listening connection or before the registration is effective (writers
+                    // may not notify), poll.
                     let left = until
                         .map(|u| (u - Utc::now()).to_std().unwrap_or_default())
                         .unwrap_or(Duration::ZERO)
                         + Duration::from_millis(5);
                     let mut wake = now + left.min(Duration::from_millis(500));
-                    if !self.notifier.is_listening() {
+                    let notifier = &self.notifier;
+                    demand.get_or_insert_with(|| notifier.demand());
+                    if !notifier.is_listening() || !notifier.is_effective() {
                         wake = wake.min(now + Duration::from_millis(50));
                     }
                     tokio::select! {

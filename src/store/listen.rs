@@ -11,6 +11,9 @@
 //! open again. A heartbeat that committed but has not arrived 5 s later means the connection
 //! is dead without having said so (a partition): it is replaced.
 //!
+//! The window also never reaches past this sidecar's registration (see [`super::registry`]):
+//! writers notify only while some sidecar is registered.
+//!
 //! The connection is replaced with capped, jittered back-off whenever it fails; after every
 //! (re)connect the feed's subscribers get `reset` (messages may have been missed) and the near
 //! caches stay emptied until a heartbeat arrives on the new connection.
@@ -182,12 +185,18 @@ fn arrived(notifier: &Notifier, pending: &Pending, payload: &str, staleness: Dur
     let now = now_ns();
     metrics::gauge!(m::LISTENER_LAG).set(now.saturating_sub(sent) as f64 / 1e9);
     if notifier.has_near() {
+        // Never past this sidecar's registration: without it writers may not notify (see
+        // super::registry); so a window that reopens after it lapsed empties the caches first.
+        let until = sent
+            .saturating_add(staleness.as_nanos() as u64)
+            .min(notifier.effective_until());
+        if until <= now {
+            return;
+        }
         if !notifier.window.is_open(now) {
             notifier.clear_near();
         }
-        notifier
-            .window
-            .open_until(sent.saturating_add(staleness.as_nanos() as u64));
+        notifier.window.open_until(until);
     }
 }
 

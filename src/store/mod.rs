@@ -104,6 +104,7 @@ pub mod near;
 pub mod notify;
 pub mod pool;
 pub mod pooler;
+pub mod registry;
 mod rows;
 pub mod sessions;
 mod sql;

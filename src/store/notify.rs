@@ -4,7 +4,7 @@
 //! invalidate its near caches directly, before they are answered (read-your-writes).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use foldhash::HashMap;
@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore, broadcast};
 
-use super::near::{NearCache, NearSessions, Window};
+use super::near::{NearCache, NearSessions, Window, now_ns};
 use super::sessions::TokenHash;
 use crate::config::Settings;
 use crate::metrics as m;
@@ -260,6 +260,25 @@ pub struct Notifier {
     pub waiters: Waiters,
     /// The listening connection is up (LISTEN done).
     listening: AtomicBool,
+    /// [`now_ns`] time until which this sidecar's registration (a row of `listeners`) makes
+    /// every writer notify (see [`super::registry`]); 0: not registered.
+    effective_until: AtomicU64,
+    /// Woken when the registration becomes effective.
+    pub effective_changed: Notify,
+    /// Requests that need notifications besides the near caches and the feed's subscribers:
+    /// subscribers waiting for their answer's head, lease waiters (see [`Demand`]).
+    demand: AtomicUsize,
+    /// Woken when the need may have appeared (the registrar sleeps on it).
+    pub demand_changed: Notify,
+}
+
+/// Counts one request that needs notifications until dropped (see [`Notifier::demand`]).
+pub struct Demand<'a>(&'a Notifier);
+
+impl Drop for Demand<'_> {
+    fn drop(&mut self) {
+        self.0.demand.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Notifier {
@@ -280,6 +299,10 @@ impl Notifier {
             },
             waiters: Waiters::default(),
             listening: AtomicBool::new(false),
+            effective_until: AtomicU64::new(0),
+            effective_changed: Notify::new(),
+            demand: AtomicUsize::new(0),
+            demand_changed: Notify::new(),
         }
     }
 
@@ -297,6 +320,10 @@ impl Notifier {
             },
             waiters: Waiters::default(),
             listening: AtomicBool::new(false),
+            effective_until: AtomicU64::new(0),
+            effective_changed: Notify::new(),
+            demand: AtomicUsize::new(0),
+            demand_changed: Notify::new(),
         }
     }
 
@@ -309,11 +336,79 @@ impl Notifier {
         self.listening.load(Ordering::Acquire)
     }
 
+    /// Whether this sidecar needs notifications now: a near cache on, a change-feed
+    /// subscriber, or a request waiting for them.
+    pub fn needed(&self) -> bool {
+        self.enabled
+            && (self.has_near() || self.feed.wanted() || self.demand.load(Ordering::Acquire) > 0)
+    }
+
+    /// Marks a request as needing notifications (until the guard is dropped) and wakes the
+    /// registrar.
+    pub fn demand(&self) -> Demand<'_> {
+        self.demand.fetch_add(1, Ordering::AcqRel);
+        self.demand_changed.notify_one();
+        Demand(self)
+    }
+
+    /// Whether every writer notifies now: this sidecar's registration is effective.
+    pub fn is_effective(&self) -> bool {
+        now_ns() < self.effective_until()
+    }
+
+    /// [`now_ns`] time until which the registration is effective (0: it is not).
+    pub fn effective_until(&self) -> u64 {
+        self.effective_until.load(Ordering::Acquire)
+    }
+
+    /// The registration is effective until `until` ([`now_ns`]; 0: no longer).
+    pub fn set_effective_until(&self, until: u64) {
+        let was = self.effective_until.swap(until, Ordering::AcqRel);
+        if until > 0 {
+            if was <= now_ns() {
+                // Effective again after a lapse: changes committed meanwhile may not have been
+                // announced. (A new subscriber subscribes only after this: it gets none.)
+                self.feed.send(Event::reset());
+                self.waiters.wake_all();
+            }
+            self.effective_changed.notify_waiters();
+        }
+    }
+
+    /// The registration lapsed (not renewed in time, or given up): writers may have stopped
+    /// notifying, so the near caches are emptied and closed, subscribers get `reset` and lease
+    /// waiters look again (and poll until it is effective again).
+    pub fn lapsed(&self) {
+        self.set_effective_until(0);
+        self.close_near();
+        self.feed.send(Event::reset());
+        self.waiters.wake_all();
+    }
+
+    /// Waits until the registration is effective, at most `max`; whether it is.
+    pub async fn wait_effective(&self, max: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let changed = self.effective_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_effective() {
+                return true;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => return self.is_effective(),
+            }
+        }
+    }
+
     /// The listening connection is up again: messages may have been missed while it was not,
     /// so subscribers get `reset` and waiters look again. (The near caches stay closed until a
     /// heartbeat arrives.)
     pub fn listening_again(&self) {
         self.listening.store(true, Ordering::Release);
+        // The registrar registers only while listening.
+        self.demand_changed.notify_one();
         self.feed.send(Event::reset());
         self.waiters.wake_all();
     }

@@ -19,6 +19,14 @@ type Ev = (String, Value);
 /// An open subscription, read in the background.
 pub struct Feed {
     rx: mpsc::UnboundedReceiver<Option<Ev>>,
+    /// The task reading the stream: dropping the feed closes the stream.
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl Feed {
@@ -50,7 +58,7 @@ impl Feed {
         assert_eq!(r.headers()["cache-control"], "no-cache");
         let (tx, rx) = mpsc::unbounded_channel();
         let mut body = r.bytes_stream();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut buf = String::new();
             while let Some(Ok(chunk)) = body.next().await {
                 buf.push_str(std::str::from_utf8(&chunk).unwrap());
@@ -74,7 +82,10 @@ impl Feed {
             }
             let _ = tx.send(None);
         });
-        Feed { rx }
+        Feed {
+            rx,
+            reader: reader.abort_handle(),
+        }
     }
 
     /// The next event (panics after 10 s without one, or at the end of the stream).

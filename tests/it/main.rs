@@ -18,6 +18,7 @@ mod lifecycle;
 mod limits;
 mod logs;
 mod near;
+mod on_demand;
 mod openapi;
 mod ops;
 mod pooler;
