@@ -8,13 +8,23 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, for a server that binds it later (PostgreSQL, PgBouncer).
+///
+/// Chosen at random below Linux's ephemeral range (32768-60999), never from it: a port the
+/// kernel hands out for `bind(0)` is released here and may then be taken, before the server
+/// binds it, as the source port of one of the suite's many outgoing connections or by another
+/// test's `bind(0)`, and twice the server failed to start with "Address already in use". Below
+/// the range only another call of this function competes, and no port is handed out twice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A private PostgreSQL server this test may stop and start (through scripts/pg.sh).

@@ -11,6 +11,7 @@ use serde_json::Value;
 use sqlx::{Connection, Executor, PgConnection};
 
 use crate::helpers::*;
+use crate::servers::free_port;
 
 /// CAs and certificates in a temporary directory: `ca` signed the server's certificate (for
 /// `localhost` only) and the client's (CN `certuser`); `other-ca` is a stranger's, and signed
@@ -124,14 +125,6 @@ impl Pki {
 fn pg_script() -> String {
     std::env::var("PGSIDECAR_TEST_PG_SCRIPT")
         .unwrap_or_else(|_| format!("{}/scripts/pg.sh", env!("CARGO_MANIFEST_DIR")))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A PostgreSQL server of this module's: `ssl = on`, the test CA for client certificates, and
