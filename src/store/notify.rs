@@ -149,6 +149,18 @@ impl Event {
             data: Bytes::from_static(b"{}"),
         }
     }
+
+    /// `session.revoke` of one session (`data` names it) or of all of a user's.
+    fn session_revoke(user_id: String, data: serde_json::Value) -> Self {
+        Self {
+            kind: EventKind::SessionRevoke,
+            key: None,
+            prefix: None,
+            tags: Vec::new(),
+            user_id: Some(user_id),
+            data: data.to_string().into(),
+        }
+    }
 }
 
 /// Lease waiters by key: each waits on the key's [`Notify`], woken by any change of the key.
@@ -526,29 +538,15 @@ impl Notifier {
                         s.invalidate(hash.as_bytes());
                     }
                     if feed {
-                        let data = json!({"user_id": user_id, "session_id": id}).to_string();
-                        self.feed.send(Event {
-                            kind: EventKind::SessionRevoke,
-                            key: None,
-                            prefix: None,
-                            tags: Vec::new(),
-                            user_id: Some(user_id),
-                            data: data.into(),
-                        });
+                        let data = json!({"user_id": user_id, "session_id": id});
+                        self.feed.send(Event::session_revoke(user_id, data));
                     }
                 }
             }
             Change::RevokeAll { user_id } => {
                 if feed {
-                    let data = json!({"user_id": user_id, "all": true}).to_string();
-                    self.feed.send(Event {
-                        kind: EventKind::SessionRevoke,
-                        key: None,
-                        prefix: None,
-                        tags: Vec::new(),
-                        user_id: Some(user_id),
-                        data: data.into(),
-                    });
+                    let data = json!({"user_id": user_id, "all": true});
+                    self.feed.send(Event::session_revoke(user_id, data));
                 }
             }
             Change::Leases(Some(keys)) => {
