@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test: unit tests and the integration suite against real PostgreSQL.
+# Runs every test: the Rust unit tests and the integration suite against real PostgreSQL and
+# PgBouncer; the TypeScript client's tests (clients/typescript, node --test) and the Next.js +
+# BetterAuth end-to-end test (scripts/test-typescript.sh); and, on a full run, the deployment
+# snippets, the schemathesis contract test and the fuzz targets.
 # Reuses DATABASE_URL when set (a superuser URL: each test creates its own database);
 # otherwise starts a throwaway PostgreSQL in .pgdata/test on port PGSIDECAR_TEST_PG_PORT (default
 # 54321), new for each run (the tests leave their databases behind), and deletes it afterwards.
@@ -52,7 +55,8 @@ export PGSIDECAR_TEST_PG_SCRIPT="$PWD/scripts/pg.sh"
 cargo build --quiet
 cargo test --quiet -- --test-threads "${TEST_THREADS:-4}" "$@"
 
-# The TypeScript client and the Next.js/BetterAuth end-to-end test, against the binary built above.
+# The TypeScript client (clients/typescript: npm ci, build, node --test) and the Next.js/BetterAuth
+# end-to-end test, against the binary built above.
 scripts/test-typescript.sh
 
 # With test names given, only those run (the deployment check, the contract test and the
