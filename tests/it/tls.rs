@@ -516,52 +516,29 @@ async fn client_certificates() {
     );
     drop(s);
 
-    let s = Sidecar::builder()
-        .db(&pg.url("certuser", "localhost", &db, &verify))
-        .no_wait()
-        .start()
-        .await;
-    assert_refused(
-        &s,
-        "tls: client certificate refused by the server (none sent)",
-    )
-    .await;
-    drop(s);
-
-    // certuser's certificate, presented for another user.
-    let s = Sidecar::builder()
-        .db(&pg.url(
+    // Refused: no certificate; certuser's certificate presented for another user; one signed
+    // by a CA the server does not know (its ssl_ca_file is the test CA).
+    for (user, params, reason) in [
+        ("certuser", verify.clone(), "none sent"),
+        (
             "other",
-            "localhost",
-            &db,
-            &format!("{verify}&{}", keys("client")),
-        ))
-        .no_wait()
-        .start()
-        .await;
-    assert_refused(
-        &s,
-        "tls: client certificate refused by the server (not accepted for this user)",
-    )
-    .await;
-    drop(s);
-
-    // Signed by a CA the server does not know (its ssl_ca_file is the test CA).
-    let s = Sidecar::builder()
-        .db(&pg.url(
+            format!("{verify}&{}", keys("client")),
+            "not accepted for this user",
+        ),
+        (
             "certuser",
-            "localhost",
-            &db,
-            &format!("{verify}&{}", keys("stranger")),
-        ))
-        .no_wait()
-        .start()
-        .await;
-    assert_refused(
-        &s,
-        "tls: client certificate refused by the server (its issuer is unknown to the server)",
-    )
-    .await;
+            format!("{verify}&{}", keys("stranger")),
+            "its issuer is unknown to the server",
+        ),
+    ] {
+        let s = Sidecar::builder()
+            .db(&pg.url(user, "localhost", &db, &params))
+            .no_wait()
+            .start()
+            .await;
+        let reason = format!("tls: client certificate refused by the server ({reason})");
+        assert_refused(&s, &reason).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
