@@ -71,14 +71,19 @@ impl Logs {
     }
     /// Waits until a line containing `needle` appears.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_for_line(needle, timeout).is_some()
+    }
+
+    /// The first line containing `needle`, once one has been written (None after `timeout`).
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> Option<String> {
         let until = Instant::now() + timeout;
         while Instant::now() < until {
-            if self.contains(needle) {
-                return true;
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return Some(line);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        false
+        None
     }
 }
 

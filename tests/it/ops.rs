@@ -426,16 +426,13 @@ async fn health_names_the_kind_of_failure_never_the_servers_words() {
             .expect("named in the log");
         assert!(!named.contains("at line"), "{named}");
         // And the start-up retries say why too, instead of an acquire timeout.
-        assert!(s.logs.wait_for(
-            "database not ready; retrying",
-            std::time::Duration::from_secs(5)
-        ));
         let retry = s
             .logs
-            .lines()
-            .into_iter()
-            .find(|l| l.contains("database not ready; retrying"))
-            .unwrap();
+            .wait_for_line(
+                "database not ready; retrying",
+                std::time::Duration::from_secs(5),
+            )
+            .expect("a retry line");
         assert!(
             retry.contains("_x7") && retry.contains("SQLSTATE"),
             "{retry}"
@@ -452,16 +449,13 @@ async fn refused_connections_are_named_at_start_up() {
         .no_wait()
         .start()
         .await;
-    assert!(s.logs.wait_for(
-        "database not ready; retrying",
-        std::time::Duration::from_secs(10)
-    ));
     let retry = s
         .logs
-        .lines()
-        .into_iter()
-        .find(|l| l.contains("database not ready; retrying"))
-        .unwrap();
+        .wait_for_line(
+            "database not ready; retrying",
+            std::time::Duration::from_secs(10),
+        )
+        .expect("a retry line");
     assert!(retry.contains("Connection refused"), "{retry}");
     // The monitor's first check waits on the pool; the next ones, with connections of their
     // own, see the refusal.
