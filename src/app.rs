@@ -236,6 +236,8 @@ impl Application {
             service_id,
             prometheus: telemetry.prometheus.clone(),
             log_dropped: telemetry.log_dropped.clone(),
+            guard: guard.clone(),
+            answers: answers.clone(),
         };
         let ops_router = crate::http::edge(
             ops::router(ops_state),

@@ -11,6 +11,8 @@ pub const HTTP_REQUESTS: &str = "pgsidecar_http_requests_total";
 pub const HTTP_DURATION: &str = "pgsidecar_http_request_duration_seconds";
 pub const HTTP_IN_FLIGHT: &str = "pgsidecar_http_requests_in_flight";
 pub const HTTP_SHED: &str = "pgsidecar_http_requests_shed_total";
+pub const HTTP_BODY_BYTES: &str = "pgsidecar_http_body_bytes_in_flight";
+pub const HTTP_ANSWER_BYTES: &str = "pgsidecar_http_answer_bytes_in_flight";
 pub const HTTP_BODY_BUDGET_SHED: &str = "pgsidecar_http_body_budget_exhausted_total";
 pub const HTTP_ANSWER_BUDGET_SHED: &str = "pgsidecar_http_answer_budget_exhausted_total";
 pub const HTTP_CONNECTIONS: &str = "pgsidecar_http_connections";
@@ -85,6 +87,16 @@ fn describe() {
     describe_counter!(
         HTTP_SHED,
         "Data API requests refused with 503 because max_concurrent_requests were in flight."
+    );
+    describe_gauge!(
+        HTTP_BODY_BYTES,
+        Unit::Bytes,
+        "Bytes of request bodies held right now, of server.max_body_bytes_in_flight."
+    );
+    describe_gauge!(
+        HTTP_ANSWER_BYTES,
+        Unit::Bytes,
+        "Bytes of _mget and session list answers held right now, of server.max_response_bytes_in_flight."
     );
     describe_counter!(
         HTTP_BODY_BUDGET_SHED,

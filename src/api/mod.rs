@@ -37,15 +37,19 @@ pub struct AppState {
 /// pages) held at once, all data threads together (`server.max_response_bytes_in_flight`).
 /// Clones share the budget.
 #[derive(Clone)]
-pub struct AnswerBudget(Arc<Semaphore>);
+pub struct AnswerBudget(Arc<Semaphore>, usize);
 
 impl AnswerBudget {
     pub fn new(settings: &crate::config::ServerSettings) -> Self {
-        Self(Arc::new(Semaphore::new(
-            settings
-                .max_response_bytes_in_flight
-                .min(Semaphore::MAX_PERMITS),
-        )))
+        let size = settings
+            .max_response_bytes_in_flight
+            .min(Semaphore::MAX_PERMITS);
+        Self(Arc::new(Semaphore::new(size)), size)
+    }
+
+    /// Bytes of answers held right now (read at scrape time, not kept as a gauge).
+    pub fn held(&self) -> usize {
+        self.1 - self.0.available_permits()
     }
 
     /// Bytes of the budget for one answer: an eighth of what is free, but at least `at_least`

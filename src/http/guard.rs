@@ -34,6 +34,7 @@ pub struct Guard {
     permits: Arc<Semaphore>,
     /// One permit per byte of request body held.
     body_bytes: Arc<Semaphore>,
+    body_budget: usize,
     max_body_bytes: usize,
     body_timeout: Duration,
     timeout: Duration,
@@ -45,13 +46,13 @@ pub struct Guard {
 
 impl Guard {
     pub fn new(settings: &ServerSettings) -> Self {
+        let body_budget = settings
+            .max_body_bytes_in_flight
+            .min(Semaphore::MAX_PERMITS);
         Self {
             permits: Arc::new(Semaphore::new(settings.max_concurrent_requests)),
-            body_bytes: Arc::new(Semaphore::new(
-                settings
-                    .max_body_bytes_in_flight
-                    .min(Semaphore::MAX_PERMITS),
-            )),
+            body_bytes: Arc::new(Semaphore::new(body_budget)),
+            body_budget,
             max_body_bytes: settings.max_body_bytes,
             body_timeout: Duration::from_millis(settings.body_read_timeout_ms),
             timeout: Duration::from_millis(settings.request_timeout_ms),
@@ -60,6 +61,11 @@ impl Guard {
             shed: metrics::counter!(m::HTTP_SHED),
             body_shed: metrics::counter!(m::HTTP_BODY_BUDGET_SHED),
         }
+    }
+
+    /// Bytes of request bodies held right now (read at scrape time, not kept as a gauge).
+    pub fn body_bytes_held(&self) -> usize {
+        self.body_budget - self.body_bytes.available_permits()
     }
 
     pub(super) async fn run<S>(&self, req: Request, inner: S) -> Response

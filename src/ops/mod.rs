@@ -45,6 +45,9 @@ pub struct OpsState {
     pub service_id: String,
     pub prometheus: Option<PrometheusHandle>,
     pub log_dropped: Option<DroppedLines>,
+    /// The data API's guard and answer budget, for the bytes they hold.
+    pub guard: crate::http::Guard,
+    pub answers: crate::api::AnswerBudget,
 }
 
 /// The ops routes' paths (all GET), for the route label of the access log and metrics.
@@ -205,6 +208,8 @@ async fn metrics_text(State(state): State<OpsState>) -> Response {
     metrics::gauge!(m::DB_POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
     metrics::gauge!(m::DB_POOL_CONNECTIONS, "state" => "in_use").set((open - idle) as f64);
     metrics::gauge!(m::DB_POOL_MAX).set(state.max_connections as f64);
+    metrics::gauge!(m::HTTP_BODY_BYTES).set(state.guard.body_bytes_held() as f64);
+    metrics::gauge!(m::HTTP_ANSWER_BYTES).set(state.answers.held() as f64);
     if let Some(c) = &state.log_dropped {
         metrics::counter!(m::LOG_DROPPED).absolute(c.get());
     }

@@ -169,37 +169,20 @@ async fn bodies_in_flight_are_bounded_by_a_byte_budget() {
         c.write_all(&req).unwrap();
         holders.push(c);
     }
-    // A third body of 1500 bytes does not fit: 503 + Retry-After (overload, not a client
-    // fault). The holders' bytes reach the sidecar in their own time: ask until they have.
-    let body = format!("\"{}\"", "b".repeat(1498));
+    // The holders' bytes reach the sidecar in their own time: wait until both are held. (A
+    // probe sent before then holds bytes of its own and could crowd out a holder instead.)
     let until = Instant::now() + Duration::from_secs(30);
-    let shed = loop {
-        let r = s.put_cache("third", &body, "").await;
-        if r.status() == 503 {
-            break r;
-        }
-        assert_eq!(r.status(), 204);
-        if Instant::now() >= until {
-            // What became of the holders tells why (closed by the sidecar, answered, or held).
-            let fates: Vec<String> = holders
-                .iter_mut()
-                .map(|c| {
-                    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-                    let mut buf = [0u8; 512];
-                    match c.read(&mut buf) {
-                        Ok(0) => "closed".to_string(),
-                        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-                        Err(e) => format!("still open ({e})"),
-                    }
-                })
-                .collect();
-            panic!(
-                "the body budget never ran out; holders: {fates:?}; logs:\n{}",
-                s.logs.lines().join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    while metric(&s, "pgsidecar_http_body_bytes_in_flight").await != 3000.0 {
+        assert!(
+            Instant::now() < until,
+            "the holders' 3000 bytes were never held: {}",
+            metric(&s, "pgsidecar_http_body_bytes_in_flight").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A third body of 1500 bytes does not fit: 503 + Retry-After (overload, not a client fault).
+    let body = format!("\"{}\"", "b".repeat(1498));
+    let shed = s.put_cache("third", &body, "").await;
     assert_eq!(shed.headers()["retry-after"], "1");
     assert_error(shed, 503, "overloaded").await;
     // Small bodies still fit, and requests without one need no budget.
@@ -209,10 +192,14 @@ async fn bodies_in_flight_are_bounded_by_a_byte_budget() {
     // Once the holders go, their bytes are free again.
     drop(holders);
     let until = Instant::now() + Duration::from_secs(30);
-    while s.put_cache("third", &body, "").await.status() != 204 {
-        assert!(Instant::now() < until, "the budget was never given back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    while metric(&s, "pgsidecar_http_body_bytes_in_flight").await != 0.0 {
+        assert!(
+            Instant::now() < until,
+            "the holders' bytes were never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(s.put_cache("third", &body, "").await.status(), 204);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -781,21 +768,20 @@ async fn answers_held_by_a_client_that_does_not_read_count_against_the_answer_bu
         c
     };
     let mut stalled = vec![stall("a"), stall("b")];
-    // Less than one largest value (9 MiB) is left: another _mget waits, then is shed.
+    // Wait until both answers are held (a probe sent before then would only compete with them).
     let until = Instant::now() + Duration::from_secs(60);
-    let r = loop {
-        let r = s
-            .post_json("/v1/cache/_mget", &json!({"keys": ["a"]}))
-            .await;
-        if r.status() == 503 {
-            break r;
-        }
+    while metric(&s, "pgsidecar_http_answer_bytes_in_flight").await < (16 * MIB) as f64 {
         assert!(
             Instant::now() < until,
-            "the stalled answers never held the budget"
+            "the stalled answers never held the budget: {}",
+            metric(&s, "pgsidecar_http_answer_bytes_in_flight").await
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Less than one largest value (9 MiB) is left: another _mget waits, then is shed.
+    let r = s
+        .post_json("/v1/cache/_mget", &json!({"keys": ["a"]}))
+        .await;
     assert_error(r, 503, "overloaded").await;
     assert!(metric(&s, "pgsidecar_http_answer_budget_exhausted_total").await >= 1.0);
     let first = stalled.remove(0);
