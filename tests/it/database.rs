@@ -61,7 +61,7 @@ async fn traffic(s: &Arc<Sidecar>, tag: &str, tasks: usize, each: usize) -> (usi
                 };
                 assert!(
                     started.elapsed() < Duration::from_secs(6),
-                    "a request hung past the request timeout"
+                    "a request hung: waits for a connection end at the acquire timeout"
                 );
                 match r.status().as_u16() {
                     200 | 204 | 404 => ok += 1,
@@ -95,6 +95,10 @@ async fn too_many_clients_keeps_serving_on_open_connections_and_recovers() {
             .env("PGSIDECAR_DATABASE__MIN_CONNECTIONS", 2)
             .env("PGSIDECAR_SERVER__WORKER_THREADS", 1)
             .env("PGSIDECAR_DATABASE__ACQUIRE_TIMEOUT_MS", 1000)
+            // The writes stuck on the lock below stay stuck until the test lets them go, however
+            // slow the machine: timeouts would free their connections (and open the circuit).
+            .env("PGSIDECAR_DATABASE__STATEMENT_TIMEOUT_MS", 60000)
+            .env("PGSIDECAR_SERVER__REQUEST_TIMEOUT_MS", 60000)
             .start()
             .await,
     );
