@@ -183,16 +183,32 @@ pub enum Lookup<T> {
     Bypass,
 }
 
-/// Weighs an entry by its key and value (plus a fixed overhead), so `max_bytes` bounds memory.
+/// Weighs an entry by what it holds in memory, so `max_bytes` bounds memory.
 #[derive(Clone)]
 struct ByWeight;
 
-/// Per-entry bookkeeping beyond key and value: the map's slot, the Arc, the entry's fields.
-const OVERHEAD: u64 = 160;
+/// What a cache entry holds beyond its key and value: the map's slot and index, the `Arc`d
+/// entry, the value's shared header. Measured with `bench/near_memory.rs`, which fills a near
+/// cache under the binary's allocator: 310 to 380 bytes per entry above key and value (the
+/// most for small values, whose numbers outgrow the map's first allocation), plus the
+/// allocator's rounding of the value to its size class (up to an eighth, counted in full).
+/// With 160 counted here and no rounding, 64 MiB of 1 KB entries took 77 MiB of memory, and of
+/// 50-byte entries 108 MiB (docs/performance.md).
+const ENTRY_OVERHEAD: u64 = 384;
+
+/// The same for a session (its token hash is the key, its answer the value), measured the same
+/// way: 220 to 260 bytes above the key and the answer, plus the answer's rounding. With 160
+/// counted and no rounding, 16 MiB of 350-byte answers took 18.4 MiB.
+const SESSION_OVERHEAD: u64 = 256;
+
+/// The bytes a value of `len` bytes takes: `len` rounded up to the allocator's size class.
+fn allocated(len: usize) -> u64 {
+    len as u64 + len as u64 / 8
+}
 
 impl Weighter<Box<str>, Arc<NearEntry>> for ByWeight {
     fn weight(&self, key: &Box<str>, v: &Arc<NearEntry>) -> u64 {
-        key.len() as u64 + v.weight
+        allocated(key.len()) + v.weight
     }
 }
 
@@ -298,15 +314,15 @@ impl NearCache {
                 checked.push((tags.into(), until, ticket.tags));
             }
         }
-        let weight = OVERHEAD
-            + entry.value.len() as u64
+        let weight = ENTRY_OVERHEAD
+            + allocated(entry.value.len())
             + match &entry.value {
                 super::CacheValue::Raw { content_type, .. } => content_type.len() as u64,
                 super::CacheValue::Json(_) => 0,
             }
             + checked
                 .iter()
-                .map(|(t, _, _)| t.len() as u64 + 24)
+                .map(|(t, _, _)| allocated(t.len()) + 48)
                 .sum::<u64>();
         let near = Arc::new(NearEntry {
             entry: CacheEntry {
@@ -409,7 +425,7 @@ impl NearSessions {
             self.map.remove(hash.as_bytes());
             return;
         }
-        let weight = OVERHEAD + json.len() as u64;
+        let weight = SESSION_OVERHEAD + allocated(json.len());
         let near = Arc::new(NearSession {
             json,
             until,
