@@ -5,16 +5,52 @@
 //! serves on a schema a newer one has migrated: the ledger may hold versions this binary does
 //! not know, which it accepts and reports in one log line.
 
-use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
+use std::borrow::Cow;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row, SqlSafeStr};
 
 use super::{DbError, Store, pool};
 
-/// The migrations in `migrations/`, embedded in the binary.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+/// Every file of `migrations/`, embedded in the binary, oldest first (a unit test checks that
+/// none is left out).
+macro_rules! embed {
+    ($($file:literal),* $(,)?) => {
+        [$(($file, include_str!(concat!("../../migrations/", $file)))),*]
+    };
+}
+const FILES: [(&str, &str); 4] = embed![
+    "20261123000001_init.sql",
+    "20261124160001_cache_byte_size.sql",
+    "20261129001400_cache_values_and_tag_records.sql",
+    "20261130000001_notifications_and_leases.sql",
+];
+
+/// The embedded migrations, as `sqlx::migrate!("./migrations")` would make them: version and
+/// description from the file name, sqlx's checksum of the text (what the ledger of a database
+/// migrated by any earlier binary holds). Built here rather than by the macro, whose crate
+/// compiles sqlx, tokio and rustls a second time for the build host (about 30 s of CPU in each
+/// build, CI's included).
+pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
+    Migrator::with_migrations(
+        FILES
+            .iter()
+            .map(|(file, sql)| {
+                let (version, rest) = file.split_once('_').expect("VERSION_DESCRIPTION.sql");
+                Migration::new(
+                    version.parse().expect("a numeric migration version"),
+                    Cow::Owned(rest.trim_end_matches(".sql").replace('_', " ")),
+                    MigrationType::Simple,
+                    AssertSqlSafe(*sql).into_sql_str(),
+                    sql.starts_with("-- no-transaction"),
+                )
+            })
+            .collect(),
+    )
+});
 
 /// The embedded migrations as this binary applies them: creating the schema under the
 /// migration lock (so sidecars starting together do not race on it), and accepting versions in
@@ -165,5 +201,24 @@ fn log_newer(applied: &[i64]) {
             "the schema has migrations this binary does not know (applied by a newer pgsidecar); \
              serving with the tables and columns it knows (migrations are additive)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A migration added to `migrations/` must be added to [`super::FILES`] too, in order.
+    #[test]
+    fn every_migration_file_is_embedded_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.ends_with(".sql"))
+            .collect();
+        on_disk.sort();
+        let embedded: Vec<&str> = super::FILES.iter().map(|(file, _)| *file).collect();
+        assert_eq!(on_disk, embedded);
+        let versions: Vec<i64> = super::MIGRATOR.iter().map(|m| m.version).collect();
+        assert!(versions.is_sorted(), "{versions:?}");
     }
 }

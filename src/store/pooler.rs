@@ -177,18 +177,6 @@ impl<'c> Executor<'c> for Exec<'c> {
     {
         self.conn.prepare_with(sql, parameters)
     }
-
-    // Part of the trait while sqlx-core's `offline` feature is on, which sqlx's `macros`
-    // feature turns on.
-    fn describe<'e>(
-        self,
-        sql: SqlStr,
-    ) -> BoxFuture<'e, Result<sqlx::Describe<Postgres>, sqlx::Error>>
-    where
-        'c: 'e,
-    {
-        self.conn.describe(sql)
-    }
 }
 
 #[cfg(test)]
