@@ -49,7 +49,7 @@ impl AnswerBudget {
 
     /// Bytes of answers held right now (read at scrape time, not kept as a gauge).
     pub fn held(&self) -> usize {
-        self.1 - self.0.available_permits()
+        self.1.saturating_sub(self.0.available_permits())
     }
 
     /// Bytes of the budget for one answer: an eighth of what is free, but at least `at_least`

@@ -65,7 +65,8 @@ impl Guard {
 
     /// Bytes of request bodies held right now (read at scrape time, not kept as a gauge).
     pub fn body_bytes_held(&self) -> usize {
-        self.body_budget - self.body_bytes.available_permits()
+        self.body_budget
+            .saturating_sub(self.body_bytes.available_permits())
     }
 
     pub(super) async fn run<S>(&self, req: Request, inner: S) -> Response

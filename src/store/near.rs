@@ -187,23 +187,35 @@ pub enum Lookup<T> {
 #[derive(Clone)]
 struct ByWeight;
 
-/// What a cache entry holds beyond its key and value: the map's slot and index, the `Arc`d
-/// entry, the value's shared header. Measured with `bench/near_memory.rs`, which fills a near
-/// cache under the binary's allocator: 310 to 380 bytes per entry above key and value (the
-/// most for small values, whose numbers outgrow the map's first allocation), plus the
-/// allocator's rounding of the value to its size class (up to an eighth, counted in full).
-/// With 160 counted here and no rounding, 64 MiB of 1 KB entries took 77 MiB of memory, and of
-/// 50-byte entries 108 MiB (docs/performance.md).
+/// What a cache entry holds beyond its key and value as allocated: the map's slot and index,
+/// the `Arc`d entry, the value's shared header. Measured with `bench/near_memory.rs`, which
+/// fills a near cache under the binary's allocator: 320 to 360 bytes per entry (more for
+/// values of a few KB, whose allocator pages have unusable tails). With 160 counted here and
+/// no rounding, 64 MiB of 1 KB entries took 77 MiB of memory, and of 50-byte entries 108 MiB;
+/// now 61 and 54 MiB (docs/performance.md).
 const ENTRY_OVERHEAD: u64 = 384;
 
 /// The same for a session (its token hash is the key, its answer the value), measured the same
-/// way: 220 to 260 bytes above the key and the answer, plus the answer's rounding. With 160
-/// counted and no rounding, 16 MiB of 350-byte answers took 18.4 MiB.
+/// way: 180 to 250 bytes above the answer as allocated, for answers of 100 bytes to 1 KB. With
+/// 160 counted and no rounding, 16 MiB of 350-byte answers took 18.4 MiB; now 13.2 MiB.
 const SESSION_OVERHEAD: u64 = 256;
 
-/// The bytes a value of `len` bytes takes: `len` rounded up to the allocator's size class.
+/// The map's first allocation, in entries per byte of `max_bytes`: sized for 8 KB entries, so
+/// that a near cache of larger ones does not hold slots it never uses (uncounted); a map of
+/// smaller entries grows as it fills. (Sized for 1 KB entries, a full 64 MiB near cache took
+/// 1 to 4 MiB more: 64.9 MiB rather than 60.6 with 1 KB values.)
+const FIRST_ALLOCATION_BYTES_PER_ENTRY: u64 = 8192;
+
+/// The bytes a block of `len` bytes takes: size-class allocators (mimalloc, jemalloc) keep four
+/// classes per doubling, so a block is rounded up to a quarter of the power of two below it
+/// (1,025 bytes take 1,280), and to 16 bytes when small.
 fn allocated(len: usize) -> u64 {
-    len as u64 + len as u64 / 8
+    let len = len as u64;
+    if len <= 64 {
+        return len.next_multiple_of(16);
+    }
+    let below = 63 - (len - 1).leading_zeros();
+    len.next_multiple_of(1 << (below - 2))
 }
 
 impl Weighter<Box<str>, Arc<NearEntry>> for ByWeight {
@@ -240,8 +252,11 @@ pub struct NearCache {
 impl NearCache {
     pub fn new(max_bytes: u64, window: Arc<Window>) -> Self {
         Self {
-            // About 1 KiB per entry; the estimate only sizes the map's first allocation.
-            map: Cache::with_weighter((max_bytes / 1024).max(64) as usize, max_bytes, ByWeight),
+            map: Cache::with_weighter(
+                (max_bytes / FIRST_ALLOCATION_BYTES_PER_ENTRY).max(64) as usize,
+                max_bytes,
+                ByWeight,
+            ),
             gate: Gate::default(),
             window,
         }
@@ -385,7 +400,11 @@ pub struct NearSessions {
 impl NearSessions {
     pub fn new(max_bytes: u64, window: Arc<Window>) -> Self {
         Self {
-            map: Cache::with_weighter((max_bytes / 1024).max(64) as usize, max_bytes, ByWeight),
+            map: Cache::with_weighter(
+                (max_bytes / FIRST_ALLOCATION_BYTES_PER_ENTRY).max(64) as usize,
+                max_bytes,
+                ByWeight,
+            ),
             gate: Gate::default(),
             window,
         }
@@ -457,6 +476,25 @@ impl NearSessions {
 mod tests {
     use super::*;
     use crate::store::cache::{CacheValue, Version};
+
+    #[test]
+    fn blocks_are_rounded_to_four_classes_per_doubling() {
+        let cases = [
+            (0, 0),
+            (1, 16),
+            (64, 64),
+            (65, 80),
+            (100, 112),
+            (129, 160),
+            (1000, 1024),
+            (1024, 1024),
+            (1025, 1280),
+            (20_000, 20_480),
+        ];
+        for (len, took) in cases {
+            assert_eq!(allocated(len), took, "{len}");
+        }
+    }
 
     fn entry(v: &str, xmin: u32) -> CacheEntry {
         CacheEntry {

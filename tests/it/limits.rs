@@ -173,11 +173,26 @@ async fn bodies_in_flight_are_bounded_by_a_byte_budget() {
     // probe sent before then holds bytes of its own and could crowd out a holder instead.)
     let until = Instant::now() + Duration::from_secs(30);
     while metric(&s, "pgsidecar_http_body_bytes_in_flight").await != 3000.0 {
-        assert!(
-            Instant::now() < until,
-            "the holders' 3000 bytes were never held: {}",
-            metric(&s, "pgsidecar_http_body_bytes_in_flight").await
-        );
+        if Instant::now() >= until {
+            // What became of the holders tells why (closed by the sidecar, answered, or held).
+            let fates: Vec<String> = holders
+                .iter_mut()
+                .map(|c| {
+                    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                    let mut buf = [0u8; 512];
+                    match c.read(&mut buf) {
+                        Ok(0) => "closed".to_string(),
+                        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+                        Err(e) => format!("still open ({e})"),
+                    }
+                })
+                .collect();
+            panic!(
+                "the holders' 3000 bytes were never held ({} were); holders: {fates:?}; logs:\n{}",
+                metric(&s, "pgsidecar_http_body_bytes_in_flight").await,
+                s.logs.lines().join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A third body of 1500 bytes does not fit: 503 + Retry-After (overload, not a client fault).
