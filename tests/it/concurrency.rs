@@ -466,6 +466,10 @@ async fn a_deadlock_victim_is_run_again_instead_of_failing() {
     let s = Sidecar::builder()
         .env("PGSIDECAR_DATABASE__STATEMENT_TIMEOUT_MS", "20000")
         .env("PGSIDECAR_SERVER__REQUEST_TIMEOUT_MS", "30000")
+        // While the invalidation waits, nothing else succeeds: on a starved machine three slow
+        // health probes in a row (1 s each by default) would open the circuit and refuse the
+        // rerun with 503 (seen once under a load of four busy loops on two cores).
+        .env("PGSIDECAR_HEALTH__CHECK_TIMEOUT_MS", "10000")
         .start()
         .await;
     // "b" first, so the invalidation (in physical order) locks "b", then waits for "a".
@@ -503,7 +507,7 @@ async fn a_deadlock_victim_is_run_again_instead_of_failing() {
         .unwrap();
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     let (status, body) = invalidation.await.unwrap();
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 200, "{body}; logs:\n{}", s.logs.lines().join("\n"));
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap()["deleted"],
         json!(2)
