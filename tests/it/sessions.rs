@@ -423,18 +423,14 @@ async fn user_ids_and_data_are_stored_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_number_written_with_a_fraction_or_exponent_is_an_integer_ttl() {
     let s = Sidecar::start().await;
+    // Raw bodies: the numbers must reach the sidecar exactly as written.
+    let create = |body: &'static str| s.http.post(s.url("/v1/sessions")).body(body).send();
     for body in [
         r#"{"user_id":"u","ttl_seconds":7200.0}"#,
         r#"{"user_id":"u","ttl_seconds":7.2e3}"#,
         r#"{"user_id":"u","ttl_seconds":72E2}"#,
     ] {
-        let r = s
-            .http
-            .post(s.url("/v1/sessions"))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let r = create(body).await.unwrap();
         assert_eq!(r.status(), 201, "{body}");
         let v: Value = r.json().await.unwrap();
         let at = |k: &str| {
@@ -451,13 +447,7 @@ async fn a_whole_number_written_with_a_fraction_or_exponent_is_an_integer_ttl() 
         r#"{"user_id":"u","ttl_seconds":3.2e7}"#,
         r#"{"user_id":"u","ttl_seconds":-0.0}"#,
     ] {
-        let r = s
-            .http
-            .post(s.url("/v1/sessions"))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let r = create(body).await.unwrap();
         assert_error(r, 400, "invalid_ttl").await;
     }
 }
